@@ -1,0 +1,19 @@
+"""kseed_kernels: Philox-seeded Gaussian perturbations and fused K-seed updates (docs/SPEC.md)."""
+from .ops import (
+    apply_seeds_,
+    apply_seeds_multi_,
+    backends,
+    gaussian,
+    philox4x32_10,
+    stream_id,
+)
+
+__all__ = [
+    "apply_seeds_",
+    "apply_seeds_multi_",
+    "backends",
+    "gaussian",
+    "philox4x32_10",
+    "stream_id",
+]
+__version__ = "0.1.0"

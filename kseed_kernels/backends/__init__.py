@@ -1,0 +1,83 @@
+"""The backend registry: the one place that knows which backends exist and picks one.
+
+A backend is a module with:
+  NAME: str
+  available() -> bool                      usable in this process
+  serves(device: torch.device) -> bool     can work on tensors of this device
+  gaussian(seed, numel, stream, offset, device) -> float32 tensor [numel]
+  apply_seeds_(tensor, seeds, coefs, stream, rounding, sr_key) -> None
+  apply_seeds_multi_(tensors, streams, seeds, coefs, rounding, sr_key) -> None
+Inputs reaching a backend are already validated by kseed_kernels.ops: tensors contiguous, float32 / bf16
+/ fp16, all on one device the backend serves, non-empty; seeds an int64 CPU tensor [K >= 1] holding the
+uint64 bit patterns; coefs a finite float32 CPU tensor [K]; stream a uint32 int; rounding "nearest" or
+"stochastic"; sr_key the uint64 stochastic-rounding key (an int).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# Order of preference per device type, fastest first (issue #3 refines the GPU choice per case).
+_PREFERENCE = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+_MODULES = {
+    "reference": "kseed_kernels.backends.reference",
+    "cpu": "kseed_kernels.backends.cpu",
+    "triton": "kseed_kernels.backends.triton",
+    "cuda": "kseed_kernels.backends.cuda",
+}
+_loaded: dict = {}
+
+
+def known() -> tuple:
+    return tuple(_MODULES)
+
+
+def get(name: str):
+    """The backend module called ``name``; ValueError naming the choices if unknown or unusable."""
+    if not isinstance(name, str) or name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_MODULES)}")
+    mod = _loaded.get(name)
+    if mod is None:
+        try:
+            mod = importlib.import_module(_MODULES[name])
+        except ImportError as exc:  # a backend whose module is missing is simply not available
+            raise ValueError(f"backend {name!r} is not available here: {exc}") from exc
+        _loaded[name] = mod
+    if not mod.available():
+        raise ValueError(f"backend {name!r} is not available here; usable: {', '.join(usable())}")
+    return mod
+
+
+def usable() -> list:
+    out = []
+    for name, path in _MODULES.items():
+        try:
+            mod = _loaded.get(name) or importlib.import_module(path)
+        except ImportError:
+            continue
+        _loaded[name] = mod
+        if mod.available():
+            out.append(name)
+    return out
+
+
+def pick(device: torch.device, name=None):
+    """The backend to use for tensors on ``device``: ``name`` if given (checked), else the fastest."""
+    device = torch.device(device)
+    if name is not None:
+        mod = get(name)
+        if not mod.serves(device):
+            raise ValueError(f"backend {name!r} cannot serve tensors on device {device}")
+        return mod
+    for cand in _PREFERENCE.get(device.type, ("reference",)):
+        try:
+            mod = get(cand)
+        except ValueError:
+            continue
+        if mod.serves(device):
+            return mod
+    raise ValueError(f"no kseed backend can serve tensors on device {device}")

@@ -1,0 +1,266 @@
+"""The public ops of kseed_kernels: argument checking, then one call into the chosen backend.
+
+Every function here validates its inputs and raises TypeError / ValueError with a message that names the
+argument and the problem.  Backends (kseed_kernels.backends) only ever see normalised inputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import numbers
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import _spec as S
+from . import backends as _backends
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROUNDINGS = ("nearest", "stochastic")
+_U64 = 1 << 64
+_U32 = 1 << 32
+# Element indices must fit a signed 64-bit integer in every kernel.
+MAX_INDEX = 1 << 62
+
+
+# ------------------------------------------------------------------------------------ helpers
+def stream_id(name: str) -> int:
+    """The stream id of a parameter name: the first 4 bytes of SHA-256(UTF-8 name), little-endian.
+
+    A pure function of the name, the same in every process and on every machine.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"stream_id: name must be a str, got {type(name).__name__}")
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "little")
+
+
+def backends() -> list:
+    """Names of the backends usable in this process, e.g. ["reference", "cpu"]."""
+    return _backends.usable()
+
+
+def _check_uint(name: str, value, bound: int, what: str) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer, got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not 0 <= value < bound:
+        raise ValueError(f"{name} must be in {what}, got {value}")
+    return value
+
+
+def _check_stream(stream) -> int:
+    return _check_uint("stream", stream, _U32, "[0, 2^32)")
+
+
+def _check_seed(seed) -> int:
+    return _check_uint("seed", seed, _U64, "[0, 2^64)")
+
+
+def normalize_seeds(seeds) -> torch.Tensor:
+    """seeds -> int64 CPU tensor [K] of uint64 bit patterns (an int64 tensor's bits are kept as is)."""
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
+            raise TypeError(f"seeds must be integers, got a {seeds.dtype} tensor")
+        if seeds.dim() != 1:
+            raise ValueError(f"seeds must be 1-d [K], got shape {tuple(seeds.shape)}")
+        seeds = seeds.detach().cpu()
+        if seeds.dtype == torch.int64:
+            return seeds.contiguous()
+        if seeds.dtype == torch.uint64:
+            return seeds.view(torch.int64).contiguous()
+        if seeds.numel() and int(seeds.min()) < 0:
+            raise ValueError("seeds must be in [0, 2^64); a negative seed was given in a "
+                             f"{seeds.dtype} tensor")
+        return seeds.to(torch.int64).contiguous()
+    if isinstance(seeds, np.ndarray):
+        if seeds.ndim != 1:
+            raise ValueError(f"seeds must be 1-d [K], got shape {seeds.shape}")
+        if seeds.dtype == np.uint64:
+            return torch.from_numpy(seeds.view(np.int64).copy())
+        seeds = seeds.tolist()
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+        raise TypeError(f"seeds must be an integer tensor or a sequence of ints, got "
+                        f"{type(seeds).__name__}")
+    out = []
+    for i, s in enumerate(seeds):
+        if isinstance(s, (list, tuple)):
+            raise ValueError("seeds must be 1-d [K]; element %d is a sequence" % i)
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"seeds[{i}] must be an int, got {type(s).__name__} {s!r}")
+        s = int(s)
+        if not 0 <= s < _U64:
+            raise ValueError(f"seeds[{i}] = {s} is outside [0, 2^64)")
+        out.append(s - _U64 if s >= (1 << 63) else s)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def normalize_coefs(coefs, k: int) -> torch.Tensor:
+    """coefs -> finite float32 CPU tensor [K] (rounded to nearest float32)."""
+    if isinstance(coefs, torch.Tensor):
+        if not coefs.dtype.is_floating_point:
+            raise TypeError(f"coefs must be a floating-point tensor, got {coefs.dtype}")
+        if coefs.dim() != 1:
+            raise ValueError(f"coefs must be 1-d [K], got shape {tuple(coefs.shape)}")
+        c = coefs.detach().cpu().to(torch.float32).contiguous()
+    else:
+        if isinstance(coefs, np.ndarray):
+            if coefs.ndim != 1:
+                raise ValueError(f"coefs must be 1-d [K], got shape {coefs.shape}")
+            coefs = coefs.tolist()
+        if isinstance(coefs, (str, bytes)) or not isinstance(coefs, Sequence):
+            raise TypeError(f"coefs must be a float tensor or a sequence of numbers, got "
+                            f"{type(coefs).__name__}")
+        for i, c in enumerate(coefs):
+            if isinstance(c, (bool, np.bool_)) or not isinstance(c, numbers.Real):
+                raise TypeError(f"coefs[{i}] must be a real number, got {type(c).__name__} {c!r}")
+        c = torch.tensor([float(x) for x in coefs], dtype=torch.float32)
+    if c.numel() != k:
+        raise ValueError(f"seeds and coefs must have the same length, got {k} seeds and "
+                         f"{c.numel()} coefs")
+    if k and not bool(torch.isfinite(c).all()):
+        bad = int((~torch.isfinite(c)).nonzero()[0])
+        raise ValueError(f"coefs must be finite (after rounding to float32); coefs[{bad}] = "
+                         f"{c[bad].item()}")
+    return c
+
+
+def _check_rounding(rounding) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding
+
+
+def _check_tensor(t, what: str = "tensor") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16 or float16, got {t.dtype}")
+    return t
+
+
+def _sr_key(seeds: torch.Tensor, coefs: torch.Tensor, rounding: str, dtypes) -> int:
+    if rounding != "stochastic" or all(d == torch.float32 for d in dtypes):
+        return 0
+    return S.sr_key(seeds.numpy().view(np.uint64), coefs.numpy().view(np.uint32))
+
+
+def _run_contiguous(fn, tensors):
+    """Call fn(list of contiguous tensors) and write results back into any non-contiguous inputs."""
+    work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+    fn(work)
+    for t, w in zip(tensors, work):
+        if w is not t:
+            t.copy_(w)
+
+
+# --------------------------------------------------------------------------------------- ops
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 of counter [..., 4] and key [..., 2] (int64 tensors of uint32 values).
+
+    Returns an int64 tensor [..., 4] of the uint32 outputs.  Shapes broadcast over the leading dims.
+    """
+    for name, x, last in (("counter", counter, 4), ("key", key, 2)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != torch.int64:
+            raise TypeError(f"{name} must be an int64 tensor, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != last:
+            raise ValueError(f"{name} must have shape [..., {last}], got {tuple(x.shape)}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= _U32):
+            raise ValueError(f"{name} must hold uint32 values in [0, 2^32)")
+    if counter.device != key.device:
+        raise ValueError(f"counter and key must be on one device, got {counter.device} and "
+                         f"{key.device}")
+    lead = torch.broadcast_shapes(counter.shape[:-1], key.shape[:-1])
+    c = counter.expand(*lead, 4).contiguous()
+    k = key.expand(*lead, 2).contiguous()
+    if c.device.type == "cpu" and "cpu" in backends():
+        return torch.ops.kseed.philox4x32_10(c, k)
+    from . import reference
+
+    return reference.philox4x32_10(c, k)
+
+
+def gaussian(seed, numel, *, stream=0, offset=0, device=None, backend=None) -> torch.Tensor:
+    """float32 tensor [numel] whose element j is z(seed, stream, offset + j) (docs/SPEC.md)."""
+    seed = _check_seed(seed)
+    if isinstance(numel, (bool, np.bool_)) or not isinstance(numel, numbers.Integral):
+        raise TypeError(f"numel must be an int, got {type(numel).__name__} {numel!r}")
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    stream = _check_stream(stream)
+    offset = _check_uint("offset", offset, MAX_INDEX, "[0, 2^62)")
+    if offset + numel > MAX_INDEX:
+        raise ValueError(f"offset + numel must be <= 2^62, got {offset + numel}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    mod = _backends.pick(device, backend)
+    return mod.gaussian(seed, int(numel), stream, offset, device)
+
+
+def apply_seeds_(tensor, seeds, coefs, *, stream=0, backend=None, rounding="nearest"):
+    """In place: tensor <- round(float32(tensor) + sum_k coefs[k] * z(seeds[k], stream, i)).
+
+    The sum runs in float32 in ascending k; the result is rounded once to the tensor's dtype, to
+    nearest even or (bf16 / fp16, rounding="stochastic") stochastically with Philox bits.  Works on any
+    float32 / bf16 / fp16 tensor; element i is the row-major index, so non-contiguous tensors are
+    handled through a contiguous copy.  K = 0 is a no-op.  Returns ``tensor``.
+    """
+    _check_tensor(tensor)
+    stream = _check_stream(stream)
+    rounding = _check_rounding(rounding)
+    s = normalize_seeds(seeds)
+    c = normalize_coefs(coefs, s.numel())
+    mod = _backends.pick(tensor.device, backend)
+    if s.numel() == 0 or tensor.numel() == 0:
+        return tensor
+    key = _sr_key(s, c, rounding, (tensor.dtype,))
+    with torch.no_grad():
+        _run_contiguous(lambda ts: mod.apply_seeds_(ts[0], s, c, stream, rounding, key), [tensor])
+    return tensor
+
+
+def apply_seeds_multi_(tensors, streams, seeds, coefs, *, backend=None, rounding="nearest"):
+    """apply_seeds_ on every tensor of a list, each with its own stream id, in one (or a few) launches.
+
+    ``tensors``: a sequence of float32 / bf16 / fp16 tensors on one device (each at most once);
+    ``streams``: one stream id per tensor.  Returns ``tensors``.
+    """
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError("tensors must be a sequence of tensors")
+    if isinstance(streams, (str, bytes)) or not isinstance(streams, Sequence):
+        raise TypeError("streams must be a sequence of ints")
+    if len(streams) != len(tensors):
+        raise ValueError(f"tensors and streams must have the same length, got {len(tensors)} "
+                         f"tensors and {len(streams)} streams")
+    for i, t in enumerate(tensors):
+        _check_tensor(t, f"tensors[{i}]")
+    st = [_check_uint(f"streams[{i}]", x, _U32, "[0, 2^32)") for i, x in enumerate(streams)]
+    rounding = _check_rounding(rounding)
+    s = normalize_seeds(seeds)
+    c = normalize_coefs(coefs, s.numel())
+    if not tensors:
+        return tensors
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    seen = {}
+    for i, t in enumerate(tensors):
+        if t.numel() and t.data_ptr() in seen:
+            raise ValueError(f"tensors[{i}] shares its storage with tensors[{seen[t.data_ptr()]}]; "
+                             "list each tensor once")
+        seen[t.data_ptr()] = i
+    mod = _backends.pick(tensors[0].device, backend)
+    live = [(t, x) for t, x in zip(tensors, st) if t.numel()]
+    if s.numel() == 0 or not live:
+        return tensors
+    key = _sr_key(s, c, rounding, [t.dtype for t, _ in live])
+    with torch.no_grad():
+        _run_contiguous(
+            lambda ts: mod.apply_seeds_multi_(ts, [x for _, x in live], s, c, rounding, key),
+            [t for t, _ in live])
+    return tensors

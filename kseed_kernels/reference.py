@@ -1,0 +1,222 @@
+"""The pure-PyTorch reference: the executable form of docs/SPEC.md and the tests' oracle.
+
+Everything here is vectorised over elements (the only Python loops run over seeds, tensors or the ten
+Philox rounds).  Integers are uint32 values held in int64 tensors; no product ever exceeds 2^63.  Floats
+are float32 and every operation is a single IEEE add, sub, mul or sqrt, so the result is bitwise the
+same as the C++, CUDA and Triton backends.
+
+This module knows nothing of input validation: ``kseed_kernels.ops`` validates and normalises the
+arguments, then calls into a backend.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _spec as S
+
+_M32 = S.MASK32
+# Rows per chunk when the reference generates noise for a large tensor (bounds its memory).
+_CHUNK = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------- Philox
+def _mulhilo(a: torch.Tensor, m: int):
+    """(hi, lo) 32-bit halves of the 64-bit product a * m, a uint32 values in int64, m a uint32."""
+    a_lo = a & 0xFFFF
+    a_hi = a >> 16
+    p_lo = a_lo * m  # < 2^48
+    p_hi = a_hi * m  # < 2^48
+    s = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2^49
+    lo = s & _M32
+    hi = (p_hi >> 16) + (s >> 32)
+    return hi & _M32, lo
+
+
+def philox_rounds(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on int64 tensors (or ints for the key) holding uint32 values."""
+    for _ in range(S.PHILOX_ROUNDS):
+        hi0, lo0 = _mulhilo(c0, S.PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, S.PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + S.PHILOX_W0) & _M32
+        k1 = (k1 + S.PHILOX_W1) & _M32
+    return c0, c1, c2, c3
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 of int64 tensors counter [..., 4] and key [..., 2] (uint32 values)."""
+    c = [counter[..., i] for i in range(4)]
+    k0, k1 = key[..., 0], key[..., 1]
+    out = philox_rounds(*c, k0, k1)
+    return torch.stack(out, dim=-1)
+
+
+def _blocks(seed: int, stream: int, first_block: int, nblocks: int, word3: int, device):
+    """The four output words of Philox blocks first_block .. first_block + nblocks - 1."""
+    b = torch.arange(first_block, first_block + nblocks, dtype=torch.int64, device=device)
+    c0 = b & _M32
+    c1 = b >> 32
+    c2 = torch.full_like(b, stream & _M32)
+    c3 = torch.full_like(b, word3)
+    return philox_rounds(c0, c1, c2, c3, seed & _M32, (seed >> 32) & _M32)
+
+
+# ------------------------------------------------------------------------------ normal transform
+def _f32(x: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32, device=like.device)
+
+
+def _horner(coefs, x: torch.Tensor) -> torch.Tensor:
+    """sum_k coefs[k] x^k by Horner's rule, one rounded mul then one rounded add per step."""
+    acc = torch.full_like(x, coefs[-1])
+    for c in reversed(coefs[:-1]):
+        acc = acc * x
+        acc = acc + c
+    return acc
+
+
+def _log_uniform(xa: torch.Tensor) -> torch.Tensor:
+    """log(u1) in float32 for u1 = (2 * (xa >> 9) + 1) * 2^-24, by the spec's exact range reduction."""
+    n1 = ((xa >> 9) << 1) | 1  # odd, < 2^24: exact in float32
+    v = n1.to(torch.float32)
+    bits = v.view(torch.int32).to(torch.int64)
+    mant = bits & 0x7FFFFF
+    big = mant > S.SQRT2_MANT
+    e = ((bits >> 23) - 127 - 24) + big.to(torch.int64)  # in [-24, 0]
+    f = (mant | 0x3F800000).to(torch.int32).view(torch.float32)
+    f = torch.where(big, f * 0.5, f)
+    t = f - 1.0  # exact (Sterbenz)
+    logf = t * _horner(S.LOG_COEFS, t)
+    ef = e.to(torch.float32)
+    return ef * S.LN2_HI + (ef * S.LN2_LO + logf)
+
+
+def _sincos_uniform(xb: torch.Tensor):
+    """(cos, sin) of 2 pi u2 for u2 = (2 * (xb >> 9) + 1) * 2^-24, exact reduction to [-pi/4, pi/4]."""
+    m2 = xb >> 9
+    k = (m2 + (1 << 20)) >> 21
+    j = ((m2 << 1) | 1) - (k << 22)  # odd, |j| < 2^21
+    y = j.to(torch.float32) * (2.0 ** -21)  # exact
+    w = y * y
+    s = y * _horner(S.SIN_COEFS, w)
+    c = _horner(S.COS_COEFS, w)
+    q = k & 3
+    cos_t = torch.where(q == 0, c, torch.where(q == 1, -s, torch.where(q == 2, -c, s)))
+    sin_t = torch.where(q == 0, s, torch.where(q == 1, c, torch.where(q == 2, -s, -c)))
+    return cos_t, sin_t
+
+
+def box_muller(xa: torch.Tensor, xb: torch.Tensor):
+    """The spec's two normals (r cos, r sin) from two uint32 Philox words."""
+    log_u = _log_uniform(xa)
+    r = torch.sqrt(log_u * -2.0)
+    cos_t, sin_t = _sincos_uniform(xb)
+    return r * cos_t, r * sin_t
+
+
+def _normals_of_blocks(x0, x1, x2, x3) -> torch.Tensor:
+    """[nblocks, 4] float32 normals: lanes (0, 1) from (x0, x1), lanes (2, 3) from (x2, x3)."""
+    z0, z1 = box_muller(x0, x1)
+    z2, z3 = box_muller(x2, x3)
+    return torch.stack((z0, z1, z2, z3), dim=-1)
+
+
+def _element_span(offset: int, numel: int):
+    first_block = offset >> 2
+    last_block = (offset + numel + 3) >> 2
+    return first_block, last_block - first_block, offset & 3
+
+
+def gaussian(seed: int, numel: int, stream: int = 0, offset: int = 0, device=None) -> torch.Tensor:
+    """float32 tensor of z(seed, stream, offset + j) for j in [0, numel)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    for start in range(0, numel, _CHUNK * 4):
+        n = min(_CHUNK * 4, numel - start)
+        fb, nb, skip = _element_span(offset + start, n)
+        words = _blocks(seed, stream, fb, nb, S.COUNTER_GAUSSIAN, device)
+        out[start:start + n] = _normals_of_blocks(*words).reshape(-1)[skip:skip + n]
+    return out
+
+
+def random_bits(key: int, numel: int, stream: int = 0, offset: int = 0, device=None) -> torch.Tensor:
+    """int64 tensor of the uint32 stochastic-rounding words of elements offset .. offset + numel - 1."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    fb, nb, skip = _element_span(offset, numel)
+    words = _blocks(key, stream, fb, nb, S.COUNTER_STOCHASTIC_ROUNDING, device)
+    return torch.stack(words, dim=-1).reshape(-1)[skip:skip + numel]
+
+
+# ----------------------------------------------------------------------------------- rounding
+def round_stochastic(v: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stochastically round float32 ``v`` to ``dtype`` with uint32 random words ``bits`` (spec)."""
+    if dtype == torch.bfloat16:
+        vb = v.view(torch.int32).to(torch.int64) & _M32
+        r = (vb + (bits >> 16)) & 0xFFFF0000  # < 2^32: never carries past the sign bit
+        r = torch.where(r >= (1 << 31), r - (1 << 32), r)  # back to the signed int32 range
+        out = r.to(torch.int32).view(torch.float32)  # exactly a bfloat16 value
+        return torch.where(torch.isnan(v), v, out).to(torch.bfloat16)
+    if dtype == torch.float16:
+        a = v.abs()
+        e = ((a.view(torch.int32).to(torch.int64) >> 23) & 0xFF) - 127
+        e = torch.clamp(e, min=-14)
+        q = ((e - 10 + 127) << 23).to(torch.int32).view(torch.float32)  # 2^(e - 10)
+        inv_q = ((10 - e + 127) << 23).to(torch.int32).view(torch.float32)  # 2^(10 - e)
+        y = a * inv_q
+        fl = torch.floor(y)
+        fr = y - fl
+        u = (bits >> 8).to(torch.float32) * (2.0 ** -24)
+        up = (u < fr).to(torch.float32)
+        res = (fl + up) * q
+        return torch.copysign(res, v).to(torch.float16)
+    raise ValueError(f"stochastic rounding is defined for bfloat16 and float16, not {dtype}")
+
+
+# -------------------------------------------------------------------------------------- apply
+def noise_sum(seeds, coefs: torch.Tensor, numel: int, stream: int, offset: int, device) -> torch.Tensor:
+    """acc = sum_k c_k z_k in float32, ascending k, starting from +0.0 (one mul then one add a term)."""
+    acc = torch.zeros(numel, dtype=torch.float32, device=device)
+    cf = coefs.to(device=device, dtype=torch.float32)
+    for k, s in enumerate(seeds):
+        acc = acc + cf[k] * gaussian(int(s), numel, stream, offset, device)
+    return acc
+
+
+def apply_flat_(flat: torch.Tensor, seeds, coefs: torch.Tensor, stream: int, rounding: str,
+                sr_key: int) -> torch.Tensor:
+    """Apply the update to a contiguous 1-d tensor in place (chunked to bound memory)."""
+    n = flat.numel()
+    for start in range(0, n, _CHUNK):
+        part = flat[start:start + _CHUNK]
+        m = part.numel()
+        v = part.to(torch.float32) + noise_sum(seeds, coefs, m, stream, start, flat.device)
+        if flat.dtype == torch.float32:
+            part.copy_(v)
+        elif rounding == "stochastic":
+            part.copy_(round_stochastic(v, random_bits(sr_key, m, stream, start, flat.device),
+                                        flat.dtype))
+        else:
+            part.copy_(v.to(flat.dtype))
+    return flat
+
+
+def apply_seeds_(tensor: torch.Tensor, seeds, coefs: torch.Tensor, stream: int = 0,
+                 rounding: str = "nearest", sr_key: int = 0) -> torch.Tensor:
+    """Reference apply_seeds_ on normalised inputs: seeds a list of uint64 ints, coefs float32 [K]."""
+    if len(seeds) == 0 or tensor.numel() == 0:
+        return tensor
+    if tensor.is_contiguous():
+        apply_flat_(tensor.view(-1), seeds, coefs, stream, rounding, sr_key)
+    else:
+        flat = tensor.contiguous().view(-1)
+        apply_flat_(flat, seeds, coefs, stream, rounding, sr_key)
+        tensor.copy_(flat.view(tensor.shape))
+    return tensor
+
+
+def apply_seeds_multi_(tensors, streams, seeds, coefs: torch.Tensor, rounding: str = "nearest",
+                       sr_key: int = 0):
+    """apply_seeds_ on each tensor with its own stream id and the same (seeds, coefs)."""
+    for t, st in zip(tensors, streams):
+        apply_seeds_(t, seeds, coefs, st, rounding, sr_key)
+    return tensors

@@ -1,0 +1,63 @@
+"""Build kseed: the kseed_kernels package with its compiled extension kseed_kernels._C, and the driver.
+
+The extension is built against the torch already installed (pip install --no-build-isolation): a CPU
+torch gives a CppExtension, a CUDA torch a CUDAExtension that adds csrc/cuda.  KSEED_BUILD_CUDA=0 forces
+a CPU-only build.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+except ImportError:  # an isolated build env has no torch: say how to build instead
+    sys.exit("kseed builds against the torch you have installed. Install torch first "
+             "(pip install torch==2.13.0 gives the CPU build), then: "
+             "pip install --no-build-isolation .")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def extension():
+    want_cuda = os.environ.get("KSEED_BUILD_CUDA", "1") != "0"
+    use_cuda = want_cuda and torch.version.cuda is not None and CUDA_HOME is not None
+    sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    # Floats must be the spec's IEEE operations: no contraction into fma, no fast-math.
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
+    if use_cuda:
+        sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+        sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
+        nvcc = ["-O3", "-std=c++17", "--fmad=false", "-DKSEED_WITH_CUDA"]
+        return CUDAExtension("kseed_kernels._C", sources,
+                             extra_compile_args={"cxx": cxx + ["-DKSEED_WITH_CUDA"], "nvcc": nvcc},
+                             extra_link_args=["-fopenmp"])
+    return CppExtension("kseed_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                        extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="kseed",
+    version="0.1.0",
+    description="Seed-based zeroth-order federated fine-tuning (FedKSeed) with fused Philox kernels",
+    packages=["kseed_kernels", "kseed_kernels.backends", "kseed"],
+    package_dir={"kseed_kernels": "kseed_kernels", "kseed_kernels.backends": "kseed_kernels/backends",
+                 "kseed": "python/kseed"},
+    include_package_data=True,
+    package_data={"kseed_kernels": ["data/*"], "kseed": ["data/*", "data/**/*"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton==3.9.0"],
+        "test": ["pytest", "scipy", "triton==3.9.0"],
+    },
+    zip_safe=False,
+)
