@@ -1,6 +1,6 @@
 """Constants of the kseed noise spec (docs/SPEC.md), as exact float32 bit patterns.
 
-Every backend uses exactly these numbers.  csrc/kseed_spec.h holds the same values for C++ and CUDA;
+Every backend uses exactly these numbers.  csrc/kseed_spec.h holds the same values for C++ and CUDA (LOG_C0.., SIN_C0.., COS_C0..);
 tests/test_spec_constants.py checks that the two copies agree.
 """
 import struct
