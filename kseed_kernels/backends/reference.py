@@ -14,7 +14,7 @@ def available() -> bool:
 
 
 def serves(device: torch.device) -> bool:
-    return True
+    return device.type != "meta"  # any device with data
 
 
 def _seed_list(seeds: torch.Tensor):

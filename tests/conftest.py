@@ -1,0 +1,27 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "python")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+@pytest.fixture
+def gen(request):
+    """A torch.Generator seeded from the test's name: fresh inputs per test, reproducible runs."""
+    import zlib
+
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(request.node.nodeid.encode()) ^ int(os.environ.get("KSEED_TEST_SEED", "0")))
+    return g
+
+
+def cpu_backends():
+    """Usable backends that serve CPU tensors, the reference excluded (triton runs in its own tests)."""
+    import kseed_kernels
+
+    return [b for b in kseed_kernels.backends() if b not in ("reference", "triton", "cuda")]
