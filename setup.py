@@ -51,7 +51,7 @@ setup(
                  "kseed": "python/kseed"},
     include_package_data=True,
     package_data={"kseed_kernels": ["data/*"], "kseed": ["data/*", "data/**/*"]},
-    ext_modules=[extension()],
+    ext_modules=[extension()] if glob.glob(os.path.join(HERE, "csrc", "*.cpp")) else [],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
