@@ -1,6 +1,10 @@
 """Generate tests/data/spec_vectors.json from the reference (run once; the file is committed).
 
-    python tests/make_spec_vectors.py
+    python tests/make_spec_vectors.py              # regenerate the JSON and its text form
+    python tests/make_spec_vectors.py --txt-only   # rewrite only the text form from the JSON
+
+It also writes tests/data/spec_vectors.txt, the same vectors for the C++ test (tests/cpp): one line
+per vector, "seed stream offset bits0 bits1 ...", seed/stream/offset in decimal, bits in hex.
 """
 import json
 import os
@@ -17,7 +21,24 @@ OFFSETS = [0, 5, 1021, (1 << 32) - 6, (1 << 40) + 3]
 SPAN = 8  # consecutive indices from each offset: every lane, two blocks or more
 
 
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def write_txt(rows):
+    out = os.path.join(DATA, "spec_vectors.txt")
+    with open(out, "w") as fh:
+        fh.write("# kseed spec vectors (generated from spec_vectors.json by tests/make_spec_vectors.py)\n")
+        fh.write("# seed stream offset bits(offset) bits(offset+1) ...\n")
+        for r in rows:
+            fh.write("%s %d %d %s\n" % (r["seed"], r["stream"], r["offset"], " ".join(r["bits"])))
+    print(f"wrote {len(rows)} rows to {out}")
+
+
 def main():
+    if "--txt-only" in sys.argv[1:]:
+        with open(os.path.join(DATA, "spec_vectors.json")) as fh:
+            write_txt(json.load(fh)["vectors"])
+        return
     rows = []
     for seed in SEEDS:
         for stream in STREAMS:
@@ -33,6 +54,7 @@ def main():
                    "vectors": rows}, fh, indent=0)
         fh.write("\n")
     print(f"wrote {len(rows)} rows to {out}")
+    write_txt(rows)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from kseed_kernels import reference as R
 
 def test_radius_all_uniforms():
     m = torch.arange(1 << 23, dtype=torch.int64)
-    r = torch.sqrt(R._log_uniform(m << 9) * -2.0).double()
+    r = R.sqrt_rn(R._log_uniform(m << 9) * -2.0).double()
     u = (2 * m + 1).double() * 2.0 ** -24
     exact = torch.sqrt(-2.0 * torch.log(u))
     err = (r - exact).abs().max().item()
@@ -38,3 +38,14 @@ def test_box_muller_within_2e6(gen):
     eb = r * torch.sin(2 * math.pi * u2)
     assert (za.double() - ea).abs().max().item() < 2e-6
     assert (zb.double() - eb).abs().max().item() < 2e-6
+
+
+def test_reference_sqrt_is_correctly_rounded(gen):
+    """numpy's float32 sqrt is the hardware's IEEE square root; the reference must agree with it."""
+    import numpy as np
+
+    x = torch.rand(1 << 20, generator=gen) * 40
+    x[:3] = torch.tensor([0.0, 33.27106857299805, 2.0 ** -20])
+    x[3] = torch.tensor([0x3F11C37A], dtype=torch.int32).view(torch.float32)
+    want = torch.from_numpy(np.sqrt(x.numpy()))
+    assert torch.equal(R.sqrt_rn(x).view(torch.int32), want.view(torch.int32))
