@@ -1,0 +1,176 @@
+"""apply_seeds_ throughput on the GPU: element-seed updates per second vs K, triton and cuda against
+the per-seed loop of MeZO / FedKSeed and against the "floor" (a kernel that only generates and sums the
+normals, reading and writing no tensor).
+
+    python bench/bench_gpu_apply.py                 # H100 / H200: a few minutes
+    python bench/bench_gpu_apply.py --smoke         # CPU syntax check: tiny shapes, cpu/reference/triton
+
+Workload: the parameters of a LLaMA-shaped 1.1B model (bench/_llama_shapes.py) in float32 or bfloat16,
+updated with one apply_seeds_multi_ call (one launch per dtype).  At large K a call over the whole model
+takes seconds, so each K uses a prefix of the parameter list (layer tensors first) holding about
+--work element-seed updates; the throughput is per element-seed and does not depend on the prefix once
+the GPU is full.  The baseline is the per-seed loop
+    torch.manual_seed(seed); for p in params: z = torch.normal(0, 1, p.shape, dtype, device); p.add_(z, alpha=c)
+timed over --baseline-seeds seeds and extrapolated per seed to K (the table says so).
+Times are medians of --reps calls after a warm-up call (CUDA events on the GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import kseed_kernels as kk  # noqa: E402
+from _llama_shapes import LLAMA_TINY, llama_shapes, numel_of  # noqa: E402
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def timed(fn, reps: int, device) -> float:
+    """Median seconds of fn() over reps calls, after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def layer_first(shapes):
+    """Layer tensors first (representative of the bulk), then embeddings, final norm and lm_head."""
+    return [s for s in shapes if ".layers." in s[0]] + [s for s in shapes if ".layers." not in s[0]]
+
+
+def prefix_for(shapes, budget_elems: int):
+    out, n = [], 0
+    for name, shape in shapes:
+        if out and n >= budget_elems:
+            break
+        out.append((name, shape))
+        m = 1
+        for d in shape:
+            m *= d
+        n += m
+    return out
+
+
+def baseline_loop(params, seeds, coefs, dtype, device):
+    for s, c in zip(seeds, coefs):
+        torch.manual_seed(s)
+        for p in params:
+            z = torch.normal(0.0, 1.0, p.shape, dtype=dtype, device=device)
+            p.add_(z, alpha=c)
+
+
+def floor_fn(backend: str):
+    if backend == "triton":
+        from kseed_kernels.backends import triton as m
+    elif backend == "cuda":
+        from kseed_kernels.backends import cuda as m
+    else:
+        return None
+    return m.noise_floor if hasattr(m, "noise_floor") else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (syntax check)")
+    ap.add_argument("--ks", default=None, help="comma-separated K values")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--backends", default=None, help="comma-separated (default: all usable)")
+    ap.add_argument("--work", type=float, default=None, help="element-seed updates per timed call")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--baseline-seeds", type=int, default=3)
+    args = ap.parse_args()
+
+    if args.smoke:
+        device = torch.device("cpu")
+        shapes = layer_first(llama_shapes(**LLAMA_TINY))
+        ks = [int(k) for k in (args.ks or "1,2,16").split(",")]
+        work = args.work or 1e5
+        reps = args.reps or 1
+        default_backends = [b for b in ("cpu", "triton", "reference") if b in kk.backends()]
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA GPU: run with --smoke for a CPU syntax check")
+        device = torch.device("cuda")
+        shapes = layer_first(llama_shapes())
+        ks = [int(k) for k in (args.ks or "1,2,16,256,1024,4096").split(",")]
+        work = args.work or 2e11
+        reps = args.reps or 3
+        default_backends = [b for b in ("triton", "cuda") if b in kk.backends()]
+    backends = args.backends.split(",") if args.backends else default_backends
+    total = numel_of(shapes)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+          f"model: {len(shapes)} tensors, {total:,} elements; backends: {backends}", flush=True)
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for dname in args.dtypes.split(","):
+        dtype = DT[dname]
+        for K in ks:
+            sub = prefix_for(shapes, int(work / K))
+            n = numel_of(sub)
+            params = [torch.empty(s, dtype=dtype, device=device).normal_(0, 0.02) for _, s in sub]
+            streams = [kk.stream_id(name) for name, _ in sub]
+            seeds = torch.randint(0, 2**62, (K,), generator=g, dtype=torch.int64)
+            coefs = (torch.randn(K, generator=g) * 1e-6).float()
+
+            # baseline: per-seed loop, a few seeds, extrapolated per seed
+            nb = min(K, args.baseline_seeds)
+            bl = timed(lambda: baseline_loop(params, seeds[:nb].tolist(), coefs[:nb].tolist(), dtype,
+                                             device), reps, device)
+            t_base = bl / nb * K
+            rows.append((dname, K, "baseline" + (" (extrap.)" if nb < K else ""), n, t_base))
+            print(f"  {dname} K={K} n={n:,}: baseline {t_base * 1e3:.2f} ms", flush=True)
+
+            for b in backends:
+                t = timed(lambda: kk.apply_seeds_multi_(params, streams, seeds, coefs, backend=b),
+                          reps, device)
+                rows.append((dname, K, b, n, t))
+                print(f"  {dname} K={K}: {b} {t * 1e3:.2f} ms", flush=True)
+                ff = floor_fn(b)
+                if ff is not None and dname == args.dtypes.split(",")[0]:
+                    tf = timed(lambda: ff(n, seeds, coefs, 7, device), reps, device)
+                    rows.append(("-", K, b + " floor", n, tf))
+                    print(f"  K={K}: {b} floor {tf * 1e3:.2f} ms", flush=True)
+            del params
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------ table (last)
+    base = {(r[0], r[1]): r[4] for r in rows if r[2].startswith("baseline")}
+    floor = {(r[1], r[2][:-6]): r[4] / r[3] for r in rows if r[2].endswith(" floor")}
+    print()
+    print(f"{'dtype':5} {'K':>5} {'method':22} {'elements':>13} {'time ms':>11} {'Gupd/s':>9} "
+          f"{'x baseline':>10} {'% of floor':>10}")
+    for dname, K, meth, n, t in rows:
+        ups = n * K / t / 1e9
+        sp = f"{base[(dname, K)] / t:.2f}" if (dname, K) in base else "-"
+        fl = floor.get((K, meth))
+        pf = f"{100 * fl / (t / n):.0f}%" if fl is not None and not meth.endswith("floor") else "-"
+        print(f"{dname:5} {K:>5} {meth:22} {n:>13,} {t * 1e3:>11.3f} {ups:>9.2f} {sp:>10} {pf:>10}")
+    print("Gupd/s: 1e9 element-seed updates per second (elements x K / time). Baseline at K > "
+          f"{args.baseline_seeds}: timed over {args.baseline_seeds} seeds, extrapolated per seed.")
+
+
+if __name__ == "__main__":
+    main()

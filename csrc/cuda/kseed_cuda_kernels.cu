@@ -1,0 +1,288 @@
+// Torch-free CUDA kernels of the kseed noise spec; see kseed_cuda.cuh for the API.
+//
+// apply: one CTA per tile of kTileElems consecutive elements of one tensor (the tensor found by a
+// binary search of the device-side table, so one launch serves a whole parameter list).  Each thread
+// owns kBlocksPerThread Philox blocks, i.e. 4 * kBlocksPerThread elements in float32 registers.  The
+// seeds are staged kSeedTile at a time in shared memory together with their ten precomputed round
+// keys and their coefficient; the K loop then costs, per seed and thread, five broadcast 16-byte
+// shared loads plus the Philox rounds and the transform of each owned block.  The tensor is read and
+// written once, after the whole K loop, with 16-byte (float32) or 8-byte (16-bit types) accesses.
+#include <cuda_fp16.h>
+
+#include "../kseed_core.h"
+#include "kseed_cuda.cuh"
+#include "kseed_cuda_device.cuh"
+
+namespace kseed {
+namespace cuda {
+namespace {
+
+constexpr int kMinBlocksPerSM = 3;
+
+// One staged seed: the 20 round-key words (k0, k1 of rounds 0..9) and the coefficient.  96 bytes.
+struct __align__(16) SeedRec {
+  uint32_t rk[20];
+  float coef;
+  uint32_t pad[3];
+};
+
+// Stage seeds [k0, k0 + cnt) into shared memory (all threads take part).
+__device__ __forceinline__ void stage_seeds(SeedRec* recs, const uint64_t* __restrict__ seeds,
+                                            const float* __restrict__ coefs, int64_t k0, int cnt) {
+  for (int i = threadIdx.x; i < cnt; i += blockDim.x) {
+    uint32_t rk[20];
+    round_keys(seeds[k0 + i], rk);
+#pragma unroll
+    for (int j = 0; j < 20; ++j) recs[i].rk[j] = rk[j];
+    recs[i].coef = coefs[k0 + i];
+  }
+}
+
+// acc[v][lane] += c_k * z(s_k, stream, 4 * blk[v] + lane) for all K seeds, ascending k.
+__device__ __forceinline__ void accumulate(float (&acc)[kBlocksPerThread][4],
+                                           const uint64_t (&blk)[kBlocksPerThread], uint32_t stream,
+                                           const uint64_t* __restrict__ seeds,
+                                           const float* __restrict__ coefs, int64_t K,
+                                           SeedRec* recs) {
+  // Round-0 products of each owned block (key-independent, so outside the K loop).
+  const uint64_t p1 = uint64_t(spec::PHILOX_M1) * stream;
+  uint32_t hi0[kBlocksPerThread], lo0[kBlocksPerThread];
+#pragma unroll
+  for (int v = 0; v < kBlocksPerThread; ++v) {
+    const uint64_t p0 = uint64_t(spec::PHILOX_M0) * uint32_t(blk[v]);
+    hi0[v] = uint32_t(p0 >> 32);
+    lo0[v] = uint32_t(p0);
+  }
+  for (int64_t kb = 0; kb < K; kb += kSeedTile) {
+    const int cnt = int(K - kb < kSeedTile ? K - kb : kSeedTile);
+    __syncthreads();  // the previous tile has been consumed
+    stage_seeds(recs, seeds, coefs, kb, cnt);
+    __syncthreads();
+#pragma unroll 1
+    for (int i = 0; i < cnt; ++i) {
+      uint32_t rk[20];
+      const uint4* src = reinterpret_cast<const uint4*>(recs[i].rk);
+#pragma unroll
+      for (int q = 0; q < 5; ++q) {
+        const uint4 w = src[q];
+        rk[4 * q] = w.x;
+        rk[4 * q + 1] = w.y;
+        rk[4 * q + 2] = w.z;
+        rk[4 * q + 3] = w.w;
+      }
+      const float c = recs[i].coef;
+#pragma unroll
+      for (int v = 0; v < kBlocksPerThread; ++v) {
+        const Block x = philox_rk(hi0[v], lo0[v], uint32_t(p1 >> 32), uint32_t(p1),
+                                  uint32_t(blk[v] >> 32), spec::COUNTER_GAUSSIAN, rk);
+        float z[4];
+        normals4(x, z);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) acc[v][l] = fadd(acc[v][l], fmul(c, z[l]));
+      }
+    }
+  }
+}
+
+template <DType DT>
+struct Vec4;
+template <>
+struct Vec4<DType::F32> {
+  using V = float4;
+};
+template <>
+struct Vec4<DType::BF16> {
+  using V = uint2;
+};
+template <>
+struct Vec4<DType::F16> {
+  using V = uint2;
+};
+
+template <typename T, typename V>
+__device__ __forceinline__ void unpack4(const V& v, T (&x)[4]) {
+  static_assert(sizeof(V) == 4 * sizeof(T), "vector size");
+  memcpy(x, &v, sizeof v);
+}
+template <typename T, typename V>
+__device__ __forceinline__ V pack4(const T (&x)[4]) {
+  V v;
+  memcpy(&v, x, sizeof v);
+  return v;
+}
+
+// Binary search: the last table row whose first_tile <= tile.
+__device__ __forceinline__ int find_work(const TensorWork* __restrict__ works, int n, int64_t tile) {
+  int lo = 0, size = n;
+  while (size > 1) {
+    const int half = size >> 1;
+    if (works[lo + half].first_tile <= tile) lo += half;
+    size -= half;
+  }
+  return lo;
+}
+
+// ------------------------------------------------------------------------------------ kernels
+template <DType DT, int ROUND, bool ALIGNED>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    apply_kernel(const TensorWork* __restrict__ works, int num_works,
+                 const uint64_t* __restrict__ seeds, const float* __restrict__ coefs, int64_t K,
+                 uint64_t sr_key) {
+  using T = typename Elem<DT>::T;
+  __shared__ SeedRec recs[kSeedTile];
+  __shared__ TensorWork w_sh;
+  const int64_t tile = blockIdx.x;
+  if (threadIdx.x == 0) w_sh = works[find_work(works, num_works, tile)];
+  __syncthreads();
+  const TensorWork w = w_sh;
+  const int64_t blk0 = (tile - w.first_tile) * (int64_t(kThreads) * kBlocksPerThread);
+
+  uint64_t blk[kBlocksPerThread];
+  float acc[kBlocksPerThread][4];
+#pragma unroll
+  for (int v = 0; v < kBlocksPerThread; ++v) {
+    blk[v] = uint64_t(blk0 + threadIdx.x + int64_t(v) * kThreads);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) acc[v][l] = 0.0f;
+  }
+  accumulate(acc, blk, w.stream, seeds, coefs, K, recs);
+
+  T* data = static_cast<T*>(w.data);
+  const Key srk = key_of(sr_key);
+#pragma unroll
+  for (int v = 0; v < kBlocksPerThread; ++v) {
+    const int64_t e0 = int64_t(blk[v]) * 4;
+    if (e0 >= w.numel) continue;
+    uint32_t rb[4] = {0u, 0u, 0u, 0u};
+    if (ROUND == 1 && DT != DType::F32) {
+      const Block r = philox_block(srk, blk[v], w.stream, spec::COUNTER_STOCHASTIC_ROUNDING);
+      rb[0] = r.x0;
+      rb[1] = r.x1;
+      rb[2] = r.x2;
+      rb[3] = r.x3;
+    }
+    if (ALIGNED && e0 + 4 <= w.numel) {
+      using V = typename Vec4<DT>::V;
+      V* p = reinterpret_cast<V*>(data + e0);
+      T x[4];
+      unpack4(*p, x);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) x[l] = finish<DT, ROUND>(x[l], acc[v][l], rb[l]);
+      *p = pack4<T, V>(x);
+    } else {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        if (e0 + l < w.numel) data[e0 + l] = finish<DT, ROUND>(data[e0 + l], acc[v][l], rb[l]);
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) gaussian_kernel(float* __restrict__ out, int64_t numel,
+                                                            uint64_t seed, uint32_t stream,
+                                                            uint64_t offset) {
+  const uint64_t b = (offset >> 2) + uint64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const uint64_t end = offset + uint64_t(numel);
+  if (4 * b >= end) return;
+  float z[4];
+  normals4(philox_block(key_of(seed), b, stream, spec::COUNTER_GAUSSIAN), z);
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {
+    const uint64_t i = 4 * b + l;
+    if (i >= offset && i < end) out[i - offset] = z[l];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    noise_floor_kernel(float* __restrict__ out, const uint64_t* __restrict__ seeds,
+                       const float* __restrict__ coefs, int64_t K, uint32_t stream) {
+  __shared__ SeedRec recs[kSeedTile];
+  __shared__ float warp_sums[kThreads / 32];
+  const int64_t blk0 = int64_t(blockIdx.x) * (int64_t(kThreads) * kBlocksPerThread);
+  uint64_t blk[kBlocksPerThread];
+  float acc[kBlocksPerThread][4];
+#pragma unroll
+  for (int v = 0; v < kBlocksPerThread; ++v) {
+    blk[v] = uint64_t(blk0 + threadIdx.x + int64_t(v) * kThreads);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) acc[v][l] = 0.0f;
+  }
+  accumulate(acc, blk, stream, seeds, coefs, K, recs);
+  float s = 0.0f;
+#pragma unroll
+  for (int v = 0; v < kBlocksPerThread; ++v)
+#pragma unroll
+    for (int l = 0; l < 4; ++l) s += acc[v][l];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, o);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.0f;
+    for (int i = 0; i < kThreads / 32; ++i) t += warp_sums[i];
+    out[blockIdx.x] = t;
+  }
+}
+
+template <DType DT, int ROUND>
+cudaError_t launch_typed(const TensorWork* works, int num_works, int64_t total_tiles,
+                         const uint64_t* seeds, const float* coefs, int64_t K, uint64_t sr_key,
+                         bool aligned, cudaStream_t s) {
+  if (aligned) {
+    apply_kernel<DT, ROUND, true>
+        <<<dim3(unsigned(total_tiles)), kThreads, 0, s>>>(works, num_works, seeds, coefs, K, sr_key);
+  } else {
+    apply_kernel<DT, ROUND, false>
+        <<<dim3(unsigned(total_tiles)), kThreads, 0, s>>>(works, num_works, seeds, coefs, K, sr_key);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_gaussian(float* out, int64_t numel, uint64_t seed, uint32_t stream,
+                            uint64_t offset, cudaStream_t cu_stream) {
+  if (numel <= 0) return cudaSuccess;
+  const uint64_t first = offset >> 2;
+  const uint64_t last = (offset + uint64_t(numel) + 3) >> 2;
+  const uint64_t grid = (last - first + kThreads - 1) / kThreads;
+  if (grid > 0x7FFFFFFFull) return cudaErrorInvalidValue;
+  gaussian_kernel<<<dim3(unsigned(grid)), kThreads, 0, cu_stream>>>(out, numel, seed, stream,
+                                                                     offset);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_apply(DType dtype, const TensorWork* works, int num_works, int64_t total_tiles,
+                         const uint64_t* seeds, const float* coefs, int64_t K, int rounding,
+                         uint64_t sr_key, bool aligned, cudaStream_t cu_stream) {
+  if (total_tiles <= 0 || K <= 0 || num_works <= 0) return cudaSuccess;
+  if (total_tiles > 0x7FFFFFFFll) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::F32:  // nothing to narrow: stochastic rounding is nearest
+      return launch_typed<DType::F32, 0>(works, num_works, total_tiles, seeds, coefs, K, sr_key,
+                                         aligned, cu_stream);
+    case DType::BF16:
+      return rounding == 1 ? launch_typed<DType::BF16, 1>(works, num_works, total_tiles, seeds,
+                                                          coefs, K, sr_key, aligned, cu_stream)
+                           : launch_typed<DType::BF16, 0>(works, num_works, total_tiles, seeds,
+                                                          coefs, K, sr_key, aligned, cu_stream);
+    case DType::F16:
+      return rounding == 1 ? launch_typed<DType::F16, 1>(works, num_works, total_tiles, seeds,
+                                                         coefs, K, sr_key, aligned, cu_stream)
+                           : launch_typed<DType::F16, 0>(works, num_works, total_tiles, seeds,
+                                                         coefs, K, sr_key, aligned, cu_stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_noise_floor(float* out, int64_t numel, const uint64_t* seeds, const float* coefs,
+                               int64_t K, uint32_t stream, cudaStream_t cu_stream) {
+  const int64_t tiles = tiles_of(numel);
+  if (tiles <= 0 || K <= 0) return cudaSuccess;
+  if (tiles > 0x7FFFFFFFll) return cudaErrorInvalidValue;
+  noise_floor_kernel<<<dim3(unsigned(tiles)), kThreads, 0, cu_stream>>>(out, seeds, coefs, K, stream);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace kseed

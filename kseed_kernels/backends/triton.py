@@ -1,0 +1,217 @@
+"""Backend "triton": the Triton kernels of kseed_kernels.triton_kernels.
+
+Serves CUDA tensors when a GPU is present.  Under TRITON_INTERPRET=1 (set before triton is imported) it
+also serves CPU tensors: the same kernels then run through Triton's interpreter, which is how the tests
+check them bit for bit without a GPU (slow: keep sizes small).
+
+Long histories: one launch sums up to K_CHUNK seeds.  For K > K_CHUNK the tensor is processed in slabs of
+at most SLAB elements; each slab's partial sums are kept in a float32 scratch buffer (at most SLAB * 4
+bytes) across the K chunks and only the last chunk adds them to the weights and rounds: the running sum
+is never rounded to the tensor's dtype in between.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+except ImportError:  # the backend is then simply unavailable
+    triton = None
+
+NAME = "triton"
+_ROUNDING = {"nearest": 0, "stochastic": 1}
+
+# Philox blocks per program (4 * BLOCK elements) and warps per program.
+BLOCK = 256
+NUM_WARPS = 4
+GAUSS_BLOCK = 256
+# Seeds per launch before chunking, and elements per slab of a chunked tensor.
+K_CHUNK = 1 << 16
+SLAB = 1 << 20
+
+_tk = None
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels():
+    global _tk
+    if _tk is None:
+        from .. import triton_kernels
+
+        _tk = triton_kernels
+    return _tk
+
+
+def available() -> bool:
+    if triton is None:
+        return False
+    return torch.cuda.is_available() or _interpret()
+
+
+def serves(device: torch.device) -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and _interpret()
+
+
+# Launch options: never contract a*b + c into an fma (Triton's default on the GPU would); no
+# flush-to-zero in libdevice calls (only floor is used, on values that are never subnormal, but the
+# option keeps it exact by construction).
+def _opts(num_warps: int = NUM_WARPS) -> dict:
+    return {"num_warps": num_warps, "enable_fp_fusion": False, "enable_reflect_ftz": False}
+
+
+def _i32(x: int) -> int:
+    """A uint32 value as the signed int32 with the same bits (how 32-bit words are passed)."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= (1 << 31) else x
+
+
+def _w(x: int):
+    """A 64-bit value as its (lo, hi) 32-bit words, each as a signed int32."""
+    return _i32(x), _i32(x >> 32)
+
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _kernel_view(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def _device_args(seeds: torch.Tensor, coefs: torch.Tensor, device):
+    """Seeds as int32 [2K] (lo, hi words, little-endian) and coefs float32 [K] on ``device``."""
+    s32 = seeds.contiguous().view(torch.int32)
+    return (s32.to(device, non_blocking=True), coefs.to(device=device, dtype=torch.float32,
+                                                        non_blocking=True))
+
+
+def gaussian(seed, numel, stream, offset, device):
+    tk = _kernels()
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    if numel == 0:
+        return out
+    first = offset >> 2
+    last = (offset + numel + 3) >> 2
+    grid = (triton.cdiv(last - first, GAUSS_BLOCK),)
+    with _on(device):
+        tk.gaussian_kernel[grid](out, *_w(numel), *_w(seed), _i32(stream), *_w(offset),
+                                 BLOCK=GAUSS_BLOCK, **_opts())
+    return out
+
+
+class _on:
+    """torch.cuda.device context for CUDA tensors; nothing for CPU tensors (interpreter)."""
+
+    def __init__(self, device):
+        self.ctx = torch.cuda.device(device) if torch.device(device).type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _launch_apply(x, n, elem_base, acc, s32, cf, k_begin, k_end, stream, sr_key, dcode, rcode,
+                  acc_in, final):
+    tk = _kernels()
+    grid = (triton.cdiv(n, 4 * BLOCK),)
+    tk.apply_kernel[grid](x, *_w(n), *_w(elem_base), acc, s32, cf, k_begin, k_end, _i32(stream),
+                          *_w(sr_key), DTYPE=dcode, ROUNDING=rcode, ACC_IN=acc_in,
+                          FINAL=final, BLOCK=BLOCK, **_opts())
+
+
+def _apply_one(tensor, s32, cf, K, stream, rcode, sr_key):
+    dcode = _DTYPE_CODE[tensor.dtype]
+    flat = _kernel_view(tensor.view(-1))
+    n = flat.numel()
+    if K <= K_CHUNK:
+        _launch_apply(flat, n, 0, cf, s32, cf, 0, K, stream, sr_key, dcode, rcode, False, True)
+        return
+    # Long history: per slab, K chunks accumulate into a float32 scratch, the last one rounds.
+    slab = min(SLAB, n)
+    scratch = torch.empty(slab, dtype=torch.float32, device=tensor.device)
+    for start in range(0, n, slab):  # slab is a multiple of 4 unless it is the whole tensor
+        part = flat[start:start + slab]
+        m = part.numel()
+        for kb in range(0, K, K_CHUNK):
+            ke = min(K, kb + K_CHUNK)
+            _launch_apply(part, m, start, scratch, s32, cf, kb, ke, stream, sr_key, dcode, rcode,
+                          kb > 0, ke == K)
+
+
+def apply_seeds_(tensor, seeds, coefs, stream, rounding, sr_key):
+    s32, cf = _device_args(seeds, coefs, tensor.device)
+    with _on(tensor.device):
+        _apply_one(tensor, s32, cf, seeds.numel(), stream, _ROUNDING[rounding], sr_key)
+
+
+def apply_seeds_multi_(tensors, streams, seeds, coefs, rounding, sr_key):
+    """One launch per dtype over all tensors (device-side table of addresses, sizes, streams)."""
+    tk = _kernels()
+    device = tensors[0].device
+    K = seeds.numel()
+    rcode = _ROUNDING[rounding]
+    s32, cf = _device_args(seeds, coefs, device)
+    with _on(device):
+        if K > K_CHUNK:  # long histories: chunked, tensor by tensor
+            for t, st in zip(tensors, streams):
+                _apply_one(t, s32, cf, K, st, rcode, sr_key)
+            return
+        groups: dict = {}
+        for t, st in zip(tensors, streams):
+            groups.setdefault(t.dtype, []).append((t, st))
+        per_prog = 4 * BLOCK
+        for dtype, items in groups.items():
+            T = len(items)
+            rows = [[], [], [], []]
+            first = 0
+            for t, st in items:
+                n = t.numel()
+                rows[0].append(t.data_ptr())
+                rows[1].append(n)
+                rows[2].append(st)
+                rows[3].append(first)
+                first += -(-n // per_prog)
+            table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+            steps = max(1, math.ceil(math.log2(T))) if T > 1 else 0
+            tk.apply_multi_kernel[(first,)](table, T, s32, cf, K, *_w(sr_key),
+                                            DTYPE=_DTYPE_CODE[dtype], ROUNDING=rcode, BLOCK=BLOCK,
+                                            SEARCH_STEPS=steps, **_opts())
+            # `table` may be freed when this returns: the CUDA caching allocator only hands its block
+            # to work queued later on the same stream, after this kernel.
+
+
+def noise_floor(n, seeds, coefs, stream, device):
+    """Benchmark helper: the generate-and-sum work of an apply over n elements, one float per program."""
+    tk = _kernels()
+    s32, cf = _device_args(seeds, coefs, device)
+    progs = triton.cdiv(n, 4 * BLOCK)
+    out = torch.empty(progs, dtype=torch.float32, device=device)
+    with _on(device):
+        tk.noise_floor_kernel[(progs,)](out, s32, cf, seeds.numel(), _i32(stream), BLOCK=BLOCK,
+                                        **_opts())
+    return out
+
+
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Philox of int64 counter [n, 4] / key [n, 2] (uint32 values) through the Triton kernel (tests)."""
+    tk = _kernels()
+    n = counter.shape[0]
+    c = counter.to(torch.int64).view(-1).to(torch.int32)  # wraps to the same low 32 bits
+    k = key.to(torch.int64).view(-1).to(torch.int32)
+    out = torch.empty(n * 4, dtype=torch.int32, device=counter.device)
+    with _on(counter.device):
+        tk.philox_kernel[(triton.cdiv(n, 128),)](c, k, out, n, BLOCK=128, **_opts())
+    return out.view(n, 4).to(torch.int64) & 0xFFFFFFFF
+

@@ -1,0 +1,382 @@
+"""Triton kernels of the kseed noise spec (docs/SPEC.md): Philox4x32-10, the exact-reduction Box-Muller
+transform, the fused K-seed update with nearest / stochastic rounding, and its multi-tensor form.
+
+Every float operation is one IEEE binary32 operation in the spec's order.  Launch these kernels with
+``enable_fp_fusion=False`` (kseed_kernels.backends.triton does): otherwise Triton contracts a*b + c into
+an fma on the GPU and the bits change.  Square roots use ``tl.sqrt_rn`` (``tl.sqrt`` may be approximate);
+no fma, no libdevice transcendental is used.  Under TRITON_INTERPRET=1 the same kernels run on CPU
+tensors through numpy, which is how the test suite checks them without a GPU.
+
+Layout of the work: a program owns BLOCK consecutive Philox blocks (4 * BLOCK consecutive elements of
+one tensor).  For each seed it loads the seed's two key words and its coefficient once (scalars: the
+per-round key bumps are scalar work, once per seed per program, never per element), runs Philox once
+per block and adds c_k * z to four float32 accumulators (one per lane).  The accumulators stay in fp32
+registers across the whole K loop; the tensor is read and written once, after the loop.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import _spec as S
+
+# Spec constants as compile-time values (Python floats are the exact float32 values; Triton rounds a
+# float literal to float32, which leaves them unchanged).
+_M0 = tl.constexpr(S.PHILOX_M0)
+_M1 = tl.constexpr(S.PHILOX_M1)
+_W0 = tl.constexpr(S.PHILOX_W0)
+_W1 = tl.constexpr(S.PHILOX_W1)
+_SQRT2_MANT = tl.constexpr(S.SQRT2_MANT)
+_LOG_C0, _LOG_C1, _LOG_C2, _LOG_C3, _LOG_C4, _LOG_C5, _LOG_C6, _LOG_C7, _LOG_C8, _LOG_C9 = (
+    tl.constexpr(c) for c in S.LOG_COEFS)
+_SIN_C0, _SIN_C1, _SIN_C2, _SIN_C3, _SIN_C4 = (tl.constexpr(c) for c in S.SIN_COEFS)
+_COS_C0, _COS_C1, _COS_C2, _COS_C3, _COS_C4 = (tl.constexpr(c) for c in S.COS_COEFS)
+_LN2_HI = tl.constexpr(S.LN2_HI)
+_LN2_LO = tl.constexpr(S.LN2_LO)
+_TWO_M21 = tl.constexpr(2.0 ** -21)
+_TWO_M24 = tl.constexpr(2.0 ** -24)
+
+# dtype codes (constexpr DTYPE of the apply kernels)
+DT_F32 = 0
+DT_BF16 = 1  # handled through its 16-bit pattern (uint16 / int16 pointer)
+DT_F16 = 2
+# rounding codes (constexpr ROUNDING)
+RN = 0
+SR = 1
+
+
+# ------------------------------------------------------------------------------------------ Philox
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of uint32 counter words (tensors) and key words (uint32 scalars or tensors)."""
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, _M0)
+        lo0 = c0 * _M0
+        hi1 = tl.umulhi(c2, _M1)
+        lo1 = c2 * _M1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + _W0
+        k1 = k1 + _W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _u32(x):
+    """A signed int32 scalar (how the host passes 32-bit words) as its uint32 bit pattern."""
+    return x.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _i64(lo, hi):
+    """The int64 whose two 32-bit words the host passed as signed int32 scalars (lo, hi).
+
+    64-bit quantities always travel as two int32 words: a Python int argument's Triton type depends on
+    its value (int32, uint32 or int64), which would otherwise change the kernel's arithmetic."""
+    return (hi.to(tl.int64) << 32) | lo.to(tl.uint32, bitcast=True).to(tl.int64)
+
+
+@triton.jit
+def _counter(gb, stream, word3):
+    """Counter words of the int64 block indices gb: (b & 0xffffffff, b >> 32, stream, word3)."""
+    c0 = (gb & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (gb >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + stream
+    c3 = tl.zeros_like(c0) + word3
+    return c0, c1, c2, c3
+
+
+# ------------------------------------------------------------------------------ normal transform
+@triton.jit
+def _log_uniform(xa):
+    """log(u1), u1 = (2 * (xa >> 9) + 1) * 2^-24, by the spec's exact range reduction (3.2)."""
+    n1 = ((xa >> 9) << 1) | 1
+    v = n1.to(tl.float32)  # exact: n1 < 2^24
+    bits = v.to(tl.uint32, bitcast=True)
+    mant = bits & 0x7FFFFF
+    big = mant > _SQRT2_MANT
+    e = (bits >> 23).to(tl.int32) - 151 + big.to(tl.int32)  # E - 24, in [-24, 0]
+    f = (mant | 0x3F800000).to(tl.float32, bitcast=True)
+    f = tl.where(big, f * 0.5, f)
+    t = f - 1.0
+    p = _LOG_C9 * t
+    p = p + _LOG_C8
+    p = p * t
+    p = p + _LOG_C7
+    p = p * t
+    p = p + _LOG_C6
+    p = p * t
+    p = p + _LOG_C5
+    p = p * t
+    p = p + _LOG_C4
+    p = p * t
+    p = p + _LOG_C3
+    p = p * t
+    p = p + _LOG_C2
+    p = p * t
+    p = p + _LOG_C1
+    p = p * t
+    p = p + _LOG_C0
+    logf = t * p
+    ef = e.to(tl.float32)
+    lo = ef * _LN2_LO
+    lo = lo + logf
+    hi = ef * _LN2_HI
+    return hi + lo
+
+
+@triton.jit
+def _sincos_uniform(xb):
+    """(cos, sin) of 2 pi u2, u2 = (2 * (xb >> 9) + 1) * 2^-24, exact quarter-turn reduction (3.3)."""
+    m2 = (xb >> 9).to(tl.int32)
+    k = (m2 + (1 << 20)) >> 21
+    j = ((m2 << 1) | 1) - (k << 22)
+    y = j.to(tl.float32) * _TWO_M21  # exact
+    w = y * y
+    s = _SIN_C4 * w
+    s = s + _SIN_C3
+    s = s * w
+    s = s + _SIN_C2
+    s = s * w
+    s = s + _SIN_C1
+    s = s * w
+    s = s + _SIN_C0
+    c = _COS_C4 * w
+    c = c + _COS_C3
+    c = c * w
+    c = c + _COS_C2
+    c = c * w
+    c = c + _COS_C1
+    c = c * w
+    c = c + _COS_C0
+    s = y * s
+    q = k & 3
+    # Branch-free quadrant select; the negations are exact (s and c are never zero).
+    swap = (q & 1) == 1
+    cos_t = tl.where(swap, s, c)
+    sin_t = tl.where(swap, c, s)
+    cos_t = tl.where((q == 1) | (q == 2), -cos_t, cos_t)
+    sin_t = tl.where(q >= 2, -sin_t, sin_t)
+    return cos_t, sin_t
+
+
+@triton.jit
+def _box_muller(xa, xb):
+    lg = _log_uniform(xa)
+    r = tl.sqrt_rn(lg * -2.0)
+    cos_t, sin_t = _sincos_uniform(xb)
+    return r * cos_t, r * sin_t
+
+
+@triton.jit
+def _normals4(c0, c1, c2, c3, k0, k1):
+    """The four normals (lanes 0..3) of the Philox blocks with counters (c0, c1, c2, c3)."""
+    x0, x1, x2, x3 = _philox(c0, c1, c2, c3, k0, k1)
+    z0, z1 = _box_muller(x0, x1)
+    z2, z3 = _box_muller(x2, x3)
+    return z0, z1, z2, z3
+
+
+@triton.jit
+def _interleave4(a0, a1, a2, a3, BLOCK: tl.constexpr):
+    """[BLOCK] x4 lanes -> [4 * BLOCK] in element order (block-major, lane-minor)."""
+    return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [4 * BLOCK])
+
+
+# ------------------------------------------------------------------------------------ gaussian
+@triton.jit(do_not_specialize=["numel_lo", "numel_hi", "seed_lo", "seed_hi", "stream", "off_lo",
+                               "off_hi"])
+def gaussian_kernel(out_ptr, numel_lo, numel_hi, seed_lo, seed_hi, stream, off_lo, off_hi,
+                    BLOCK: tl.constexpr):
+    """out[j] = z(seed, stream, offset + j) for j < numel (float32 out)."""
+    pid = tl.program_id(0).to(tl.int64)
+    numel = _i64(numel_lo, numel_hi)
+    offset = _i64(off_lo, off_hi)
+    gb = (offset >> 2) + pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    c0, c1, c2, c3 = _counter(gb, _u32(stream), 0)
+    z0, z1, z2, z3 = _normals4(c0, c1, c2, c3, _u32(seed_lo), _u32(seed_hi))
+    z = _interleave4(z0, z1, z2, z3, BLOCK)
+    idx = ((offset >> 2) + pid * BLOCK) * 4 + tl.arange(0, 4 * BLOCK).to(tl.int64) - offset
+    mask = (idx >= 0) & (idx < numel)
+    tl.store(out_ptr + idx, z, mask=mask)
+
+
+# ------------------------------------------------------------------------------------ apply tile
+@triton.jit
+def _load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
+    if DTYPE == 1:
+        bits = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True)
+        v = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _round_store(ptr, offs, mask, v, gb0, stream, sr0, sr1, DTYPE: tl.constexpr,
+                 ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+    """Round the float32 values v (elements of the Philox blocks gb0 + [0, BLOCK)) and store them."""
+    if DTYPE == 0:
+        tl.store(ptr + offs, v, mask=mask)
+    else:
+        vb = v.to(tl.uint32, bitcast=True)
+        if ROUNDING == 1:
+            gb = gb0 + tl.arange(0, BLOCK).to(tl.int64)
+            c0, c1, c2, c3 = _counter(gb, stream, 1)
+            r0, r1, r2, r3 = _philox(c0, c1, c2, c3, sr0, sr1)
+            rb = _interleave4(r0, r1, r2, r3, BLOCK)
+            if DTYPE == 1:
+                out = (vb + (rb >> 16)) >> 16
+                out = tl.where(v != v, 0x7FC0, out)
+                tl.store(ptr + offs, out.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+            else:
+                sign = vb & 0x80000000
+                a = (vb & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+                e = ((vb >> 23) & 0xFF).to(tl.int32) - 127
+                e = tl.maximum(e, -14)
+                q = ((e + 117) << 23).to(tl.float32, bitcast=True)  # 2^(e - 10)
+                inv_q = ((137 - e) << 23).to(tl.float32, bitcast=True)  # 2^(10 - e)
+                y = a * inv_q
+                fl = tl.floor(y)
+                fr = y - fl
+                u = (rb >> 8).to(tl.float32) * _TWO_M24
+                up = tl.where(u < fr, 1.0, 0.0)
+                res = fl + up
+                res = res * q
+                res = (res.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+                tl.store(ptr + offs, res.to(tl.float16), mask=mask)
+        else:
+            if DTYPE == 1:
+                out = (vb + 0x7FFF + ((vb >> 16) & 1)) >> 16
+                out = tl.where(v != v, 0x7FC0, out)
+                tl.store(ptr + offs, out.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+            else:
+                tl.store(ptr + offs, v.to(tl.float16), mask=mask)
+
+
+@triton.jit
+def _apply_tile(x_ptr, n, tile, elem_base, acc_ptr, seeds_ptr, coefs_ptr, k_begin, k_end, stream,
+                sr0, sr1, DTYPE: tl.constexpr, ROUNDING: tl.constexpr, ACC_IN: tl.constexpr,
+                FINAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One program's tile: elements [4 * BLOCK * tile, +4 * BLOCK) of x (n elements); the noise index of
+    local element e is elem_base + e (elem_base a multiple of 4).  Seeds k_begin .. k_end - 1.
+
+    ACC_IN: start from the float32 partial sums in acc_ptr (instead of +0.0).  FINAL: add to x, round and
+    store; otherwise store the partial sums to acc_ptr (never rounded to x's dtype).
+    """
+    tile = tile.to(tl.int64)
+    lb = tile * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # local Philox block
+    gb0 = (elem_base >> 2) + tile * BLOCK
+    c0, c1, c2, c3 = _counter(gb0 + tl.arange(0, BLOCK).to(tl.int64), stream, 0)
+    if ACC_IN:
+        e0 = lb * 4
+        acc0 = tl.load(acc_ptr + e0, mask=e0 < n, other=0.0)
+        acc1 = tl.load(acc_ptr + e0 + 1, mask=e0 + 1 < n, other=0.0)
+        acc2 = tl.load(acc_ptr + e0 + 2, mask=e0 + 2 < n, other=0.0)
+        acc3 = tl.load(acc_ptr + e0 + 3, mask=e0 + 3 < n, other=0.0)
+    else:
+        acc0 = tl.zeros([BLOCK], tl.float32)
+        acc1 = tl.zeros([BLOCK], tl.float32)
+        acc2 = tl.zeros([BLOCK], tl.float32)
+        acc3 = tl.zeros([BLOCK], tl.float32)
+    for k in range(k_begin, k_end):
+        k0 = tl.load(seeds_ptr + 2 * k).to(tl.uint32, bitcast=True)
+        k1 = tl.load(seeds_ptr + 2 * k + 1).to(tl.uint32, bitcast=True)
+        cf = tl.load(coefs_ptr + k)
+        z0, z1, z2, z3 = _normals4(c0, c1, c2, c3, k0, k1)
+        acc0 = acc0 + cf * z0
+        acc1 = acc1 + cf * z1
+        acc2 = acc2 + cf * z2
+        acc3 = acc3 + cf * z3
+    if FINAL:
+        offs = tile * (4 * BLOCK) + tl.arange(0, 4 * BLOCK).to(tl.int64)
+        mask = offs < n
+        acc = _interleave4(acc0, acc1, acc2, acc3, BLOCK)
+        v = _load_f32(x_ptr, offs, mask, DTYPE) + acc
+        _round_store(x_ptr, offs, mask, v, gb0, stream, sr0, sr1, DTYPE, ROUNDING, BLOCK)
+    else:
+        e0 = lb * 4
+        tl.store(acc_ptr + e0, acc0, mask=e0 < n)
+        tl.store(acc_ptr + e0 + 1, acc1, mask=e0 + 1 < n)
+        tl.store(acc_ptr + e0 + 2, acc2, mask=e0 + 2 < n)
+        tl.store(acc_ptr + e0 + 3, acc3, mask=e0 + 3 < n)
+
+
+@triton.jit(do_not_specialize=["n_lo", "n_hi", "base_lo", "base_hi", "k_begin", "k_end", "stream",
+                               "sr_lo", "sr_hi"])
+def apply_kernel(x_ptr, n_lo, n_hi, base_lo, base_hi, acc_ptr, seeds_ptr, coefs_ptr, k_begin, k_end,
+                 stream, sr_lo, sr_hi, DTYPE: tl.constexpr, ROUNDING: tl.constexpr,
+                 ACC_IN: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One tensor (x_ptr, n elements; bf16 passed as int16).  seeds_ptr: int32 [2K] (lo, hi words)."""
+    _apply_tile(x_ptr, _i64(n_lo, n_hi), tl.program_id(0), _i64(base_lo, base_hi), acc_ptr, seeds_ptr,
+                coefs_ptr, k_begin, k_end, _u32(stream), _u32(sr_lo), _u32(sr_hi), DTYPE, ROUNDING, ACC_IN,
+                FINAL, BLOCK)
+
+
+@triton.jit(do_not_specialize=["T", "K", "sr_lo", "sr_hi"])
+def apply_multi_kernel(table_ptr, T, seeds_ptr, coefs_ptr, K, sr_lo, sr_hi, DTYPE: tl.constexpr,
+                       ROUNDING: tl.constexpr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """Many tensors of one dtype in one launch, through the int64 table [4, T] (device-side):
+    row 0 the data addresses, row 1 the element counts, row 2 the stream ids, row 3 the first program of
+    each tensor (ascending, starting at 0).  Program pid finds its tensor by binary search."""
+    pid = tl.program_id(0).to(tl.int64)
+    lo = pid * 0
+    size = pid * 0 + T
+    for _ in tl.static_range(SEARCH_STEPS):
+        half = size // 2
+        first = tl.load(table_ptr + 3 * T + lo + half)
+        lo = tl.where(first <= pid, lo + half, lo)
+        size = size - half
+    addr = tl.load(table_ptr + lo)
+    n = tl.load(table_ptr + T + lo)
+    stream = tl.load(table_ptr + 2 * T + lo).to(tl.uint32)
+    tile = pid - tl.load(table_ptr + 3 * T + lo)
+    if DTYPE == 0:
+        x_ptr = addr.to(tl.pointer_type(tl.float32))
+    elif DTYPE == 1:
+        x_ptr = addr.to(tl.pointer_type(tl.int16))
+    else:
+        x_ptr = addr.to(tl.pointer_type(tl.float16))
+    _apply_tile(x_ptr, n, tile, n * 0, coefs_ptr, seeds_ptr, coefs_ptr, 0, K, stream, _u32(sr_lo),
+                _u32(sr_hi), DTYPE, ROUNDING, False, True, BLOCK)
+
+
+@triton.jit(do_not_specialize=["K", "stream"])
+def noise_floor_kernel(out_ptr, seeds_ptr, coefs_ptr, K, stream, BLOCK: tl.constexpr):
+    """Benchmark floor: generate and sum the K normals of n elements like apply_kernel, but read no
+    tensor and write one float per program (so the work cannot be optimised away)."""
+    pid = tl.program_id(0).to(tl.int64)
+    gb = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    c0, c1, c2, c3 = _counter(gb, _u32(stream), 0)
+    acc0 = tl.zeros([BLOCK], tl.float32)
+    acc1 = tl.zeros([BLOCK], tl.float32)
+    acc2 = tl.zeros([BLOCK], tl.float32)
+    acc3 = tl.zeros([BLOCK], tl.float32)
+    for k in range(0, K):
+        k0 = tl.load(seeds_ptr + 2 * k).to(tl.uint32, bitcast=True)
+        k1 = tl.load(seeds_ptr + 2 * k + 1).to(tl.uint32, bitcast=True)
+        cf = tl.load(coefs_ptr + k)
+        z0, z1, z2, z3 = _normals4(c0, c1, c2, c3, k0, k1)
+        acc0 = acc0 + cf * z0
+        acc1 = acc1 + cf * z1
+        acc2 = acc2 + cf * z2
+        acc3 = acc3 + cf * z3
+    tot = tl.sum(acc0 + acc1 + acc2 + acc3, axis=0)
+    tl.store(out_ptr + pid, tot)
+
+
+@triton.jit
+def philox_kernel(ctr_ptr, key_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Philox4x32-10 of n counters (int32 [n, 4]) and keys (int32 [n, 2]) -> int32 [n, 4] (tests)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    c0 = tl.load(ctr_ptr + 4 * i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    c1 = tl.load(ctr_ptr + 4 * i + 1, mask=m, other=0).to(tl.uint32, bitcast=True)
+    c2 = tl.load(ctr_ptr + 4 * i + 2, mask=m, other=0).to(tl.uint32, bitcast=True)
+    c3 = tl.load(ctr_ptr + 4 * i + 3, mask=m, other=0).to(tl.uint32, bitcast=True)
+    k0 = tl.load(key_ptr + 2 * i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    k1 = tl.load(key_ptr + 2 * i + 1, mask=m, other=0).to(tl.uint32, bitcast=True)
+    x0, x1, x2, x3 = _philox(c0, c1, c2, c3, k0, k1)
+    tl.store(out_ptr + 4 * i, x0.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + 4 * i + 1, x1.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + 4 * i + 2, x2.to(tl.int32, bitcast=True), mask=m)
+    tl.store(out_ptr + 4 * i + 3, x3.to(tl.int32, bitcast=True), mask=m)

@@ -1,0 +1,306 @@
+"""Backend "triton" checked bit for bit against the reference (and the CPU backend when built).
+
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1), which must be set
+before triton is imported.  Pytest may already have imported triton through another test module, so
+every check runs in one child process started with the variable set (``python tests/test_triton.py``);
+each test below reports one of its cases.  Sizes are small: the interpreter is slow.  With a GPU the same
+cases also run on CUDA tensors in the child (TRITON_INTERPRET unset), the CPU results as the oracle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+CASES = ("registry", "philox_kat", "spec_vectors", "gaussian", "apply", "special_values", "multi",
+         "chunking", "public_api")
+
+
+# ----------------------------------------------------------------------------------- the child
+def _child_main(device_name: str) -> dict:
+    import numpy as np
+    import torch
+
+    import kseed_kernels as kk
+    from kseed_kernels import _spec as S
+    from kseed_kernels import reference as R
+    from kseed_kernels.backends import reference as bref
+    from kseed_kernels.backends import triton as bt
+
+    dev = torch.device(device_name)
+    gen = torch.Generator().manual_seed(20240611)
+    has_cpu = "cpu" in kk.backends()
+    results = {}
+
+    def bits(t):
+        t = t.detach().cpu()
+        return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+    def same(a, b):
+        """Bitwise equal, except that any NaN equals any NaN (payloads are not specified)."""
+        a, b = a.detach().cpu(), b.detach().cpu()
+        na, nb = torch.isnan(a.float()), torch.isnan(b.float())
+        if not torch.equal(na, nb):
+            return False
+        return torch.equal(bits(a)[~na], bits(b)[~nb])
+
+    def seeds_of(k):
+        s = torch.randint(-2**63, 2**63 - 1, (k,), dtype=torch.int64, generator=gen)
+        if k >= 2:
+            s[0] = -1  # 2^64 - 1
+            s[1] = 0
+        return s
+
+    def coefs_of(k, scale=1e-2):
+        return (torch.randn(k, generator=gen) * scale).float()
+
+    def key(seeds, coefs, rounding):
+        if rounding != "stochastic":
+            return 0
+        return S.sr_key(seeds.numpy().view(np.uint64), coefs.numpy().view(np.uint32))
+
+    def oracle_apply(x_cpu, seeds, coefs, stream, rounding, sk):
+        out = x_cpu.clone()
+        bref.apply_seeds_(out, seeds, coefs, stream, rounding, sk)
+        return out
+
+    def case(name):
+        def deco(fn):
+            try:
+                fn()
+                results[name] = "ok"
+            except Exception:  # noqa: BLE001  (reported to the parent)
+                results[name] = traceback.format_exc()
+            return fn
+        return deco
+
+    @case("registry")
+    def _():
+        assert bt.available(), "triton backend not available"
+        assert bt.serves(dev), f"triton backend does not serve {dev}"
+        assert "triton" in kk.backends(), kk.backends()
+
+    @case("philox_kat")
+    def _():
+        c = torch.tensor([[0, 0, 0, 0], [0xFFFFFFFF] * 4,
+                          [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]], dtype=torch.int64)
+        k = torch.tensor([[0, 0], [0xFFFFFFFF] * 2, [0xA4093822, 0x299F31D0]], dtype=torch.int64)
+        want = [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8, 0x408F276D, 0x41C83B0E, 0xA20BC7C6,
+                0x6D5451FD, 0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+        got = bt.philox4x32_10(c.to(dev, copy=True), k.to(dev, copy=True)).view(-1).tolist()
+        assert got == want, [hex(x) for x in got]
+        # random counters and keys against the reference
+        c = torch.randint(0, 2**32, (300, 4), dtype=torch.int64, generator=gen)
+        k = torch.randint(0, 2**32, (300, 2), dtype=torch.int64, generator=gen)
+        got = bt.philox4x32_10(c.to(dev, copy=True), k.to(dev, copy=True)).cpu()
+        assert torch.equal(got, R.philox4x32_10(c, k))
+
+    @case("spec_vectors")
+    def _():
+        with open(os.path.join(HERE, "data", "spec_vectors.json")) as f:
+            data = json.load(f)
+        bad = []
+        for v in data["vectors"]:
+            n = len(v["bits"])
+            z = bt.gaussian(int(v["seed"]), n, v["stream"], v["offset"], dev).cpu()
+            got = [format(x & 0xFFFFFFFF, "08x") for x in z.view(torch.int32).tolist()]
+            for j, (a, b) in enumerate(zip(got, v["bits"])):
+                if a != b:
+                    bad.append((v["seed"], v["stream"], v["offset"] + j, a, b))
+        assert not bad, f"{len(bad)} spec vectors differ, e.g. {bad[:5]}"
+
+    @case("gaussian")
+    def _():
+        for seed, stream, offset, n in [(0, 0, 0, 1), (1, 0, 0, 37), (2**64 - 1, 2**32 - 1, 3, 50),
+                                        (12345678901234567, 77, 2**33 + 1, 19),
+                                        (2**63, 5, 2**31 - 2, 13), (99, 2**31, 2**62 - 9, 9),
+                                        (7, 3, 6, 700)]:
+            a = bt.gaussian(seed, n, stream, offset, dev)
+            assert a.dtype == torch.float32 and a.shape == (n,) and a.device.type == dev.type
+            b = R.gaussian(seed, n, stream, offset)
+            assert same(a, b), (seed, stream, offset, n)
+            if has_cpu:
+                assert same(a, kk.gaussian(seed, n, stream=stream, offset=offset, backend="cpu"))
+
+    @case("apply")
+    def _():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for rounding in ("nearest", "stochastic"):
+                for k, n in [(1, 1), (1, 6), (2, 1029), (5, 333), (3, 4096 + 3)]:
+                    seeds, coefs = seeds_of(k), coefs_of(k)
+                    x = torch.randn(n, generator=gen).to(dtype)
+                    stream = int(torch.randint(0, 2**32, (1,), generator=gen))
+                    sk = key(seeds, coefs, rounding)
+                    got = x.to(dev, copy=True)
+                    bt.apply_seeds_(got, seeds, coefs, stream, rounding, sk)
+                    want = oracle_apply(x, seeds, coefs, stream, rounding, sk)
+                    assert same(got, want), (dtype, rounding, k, n)
+                    assert not torch.equal(bits(got), bits(x)) or n == 1, "nothing was written"
+                    if has_cpu:
+                        c = x.clone()
+                        kk.apply_seeds_(c, seeds, coefs, stream=stream, rounding=rounding,
+                                        backend="cpu")
+                        assert same(got, c), ("cpu", dtype, rounding, k, n)
+
+    @case("special_values")
+    def _():
+        n = 64
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            fmax = torch.finfo(dtype).max
+            tiny = torch.finfo(dtype).tiny
+            x = torch.randn(n, generator=gen) * 1e-3
+            x[:8] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, fmax, -fmax,
+                                  tiny])
+            x[8:16] = tiny * torch.rand(8, generator=gen)  # subnormals of the dtype
+            x = x.to(dtype)
+            for rounding in ("nearest", "stochastic"):
+                for scale in (1e-3, 1e-39, 3e4):  # 1e-39: float32 subnormal products and sums
+                    seeds, coefs = seeds_of(3), coefs_of(3, scale)
+                    sk = key(seeds, coefs, rounding)
+                    got = x.to(dev, copy=True)
+                    bt.apply_seeds_(got, seeds, coefs, 11, rounding, sk)
+                    want = oracle_apply(x, seeds, coefs, 11, rounding, sk)
+                    assert same(got, want), (dtype, rounding, scale)
+
+    @case("multi")
+    def _():
+        sizes = [1, 3, 4, 5, 1024, 1025, 7, 2100, 16, 2, 300]
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        for k in (1, 2, 4):
+            for rounding in ("nearest", "stochastic"):
+                seeds, coefs = seeds_of(k), coefs_of(k)
+                xs = [torch.randn(n, generator=gen).to(dtypes[i % 3]) for i, n in enumerate(sizes)]
+                streams = [int(s) for s in torch.randint(0, 2**32, (len(xs),), generator=gen)]
+                sk = key(seeds, coefs, rounding)
+                got = [x.to(dev, copy=True) for x in xs]
+                bt.apply_seeds_multi_(got, streams, seeds, coefs, rounding, sk)
+                for g, x, st in zip(got, xs, streams):
+                    assert same(g, oracle_apply(x, seeds, coefs, st, rounding, sk)), (k, rounding)
+        # one tensor only; and a single dtype
+        seeds, coefs = seeds_of(2), coefs_of(2)
+        x = torch.randn(77, generator=gen)
+        got = [x.to(dev, copy=True)]
+        bt.apply_seeds_multi_(got, [5], seeds, coefs, "nearest", 0)
+        assert same(got[0], oracle_apply(x, seeds, coefs, 5, "nearest", 0))
+
+    @case("chunking")
+    def _():
+        # Force tiny chunks: K split over several launches and the tensor over several slabs; the
+        # float32 running sum must never be rounded to the dtype in between.
+        old = bt.K_CHUNK, bt.SLAB
+        bt.K_CHUNK, bt.SLAB = 3, 8
+        try:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for rounding in ("nearest", "stochastic"):
+                    seeds, coefs = seeds_of(8), coefs_of(8)
+                    x = torch.randn(37, generator=gen).to(dtype)
+                    sk = key(seeds, coefs, rounding)
+                    got = x.to(dev, copy=True)
+                    bt.apply_seeds_(got, seeds, coefs, 9, rounding, sk)
+                    assert same(got, oracle_apply(x, seeds, coefs, 9, rounding, sk)), (dtype, rounding)
+                    ys = [torch.randn(n, generator=gen).to(dtype) for n in (5, 19)]
+                    got = [y.to(dev, copy=True) for y in ys]
+                    bt.apply_seeds_multi_(got, [1, 2], seeds, coefs, rounding, sk)
+                    for g, y, st in zip(got, ys, (1, 2)):
+                        assert same(g, oracle_apply(y, seeds, coefs, st, rounding, sk))
+        finally:
+            bt.K_CHUNK, bt.SLAB = old
+
+    @case("public_api")
+    def _():
+        seeds = [3, 2**64 - 1, 2**40 + 7]
+        coefs = [0.5, -1e-3, 2e-2]
+        base = torch.randn(6, 10, generator=gen).to(torch.bfloat16)
+        got = base.clone().to(dev, copy=True)
+        kk.apply_seeds_(got, seeds, coefs, stream=kk.stream_id("w"), backend="triton",
+                        rounding="stochastic")
+        want = base.clone()
+        kk.apply_seeds_(want, seeds, coefs, stream=kk.stream_id("w"), backend="reference",
+                        rounding="stochastic")
+        assert same(got, want)
+        # non-contiguous tensor: element i is the row-major index
+        nc = base.clone().to(dev, copy=True).t()
+        kk.apply_seeds_(nc, seeds, coefs, stream=4, backend="triton")
+        ref = base.clone().t()
+        kk.apply_seeds_(ref, seeds, coefs, stream=4, backend="reference")
+        assert same(nc, ref)
+        z = kk.gaussian(2**63 + 1, 21, stream=8, offset=5, device=dev, backend="triton")
+        assert same(z, kk.gaussian(2**63 + 1, 21, stream=8, offset=5, backend="reference"))
+        ts = [torch.randn(9, generator=gen).to(dev, copy=True),
+              torch.randn(4, 4, generator=gen).half().to(dev, copy=True)]
+        refs = [t.cpu().clone() for t in ts]
+        kk.apply_seeds_multi_(ts, [1, 2], seeds, coefs, backend="triton")
+        kk.apply_seeds_multi_(refs, [1, 2], seeds, coefs, backend="reference")
+        assert all(same(a, b) for a, b in zip(ts, refs))
+        # K = 0 is a no-op
+        t = base.clone().to(dev, copy=True)
+        kk.apply_seeds_(t, [], [], backend="triton")
+        assert same(t, base)
+
+    return results
+
+
+# ---------------------------------------------------------------------------------- the parent
+def _run_child(env_extra: dict, device_name: str) -> dict:
+    env = dict(os.environ)
+    env.update(env_extra)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), device_name], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("KSEED_RESULTS "):
+            return json.loads(line[len("KSEED_RESULTS "):])
+    raise RuntimeError(f"the Triton check process failed (rc {proc.returncode}):\n"
+                       f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+
+
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+pytestmark = pytest.mark.skipif(not _triton_installed(), reason="triton is not installed")
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    return _run_child({"TRITON_INTERPRET": "1"}, "cpu")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_interpreter(interp_results, name):
+    res = interp_results.get(name, "case did not run")
+    assert res == "ok", res
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def gpu_results():
+    env = {"TRITON_INTERPRET": "0"}
+    return _run_child(env, "cuda")
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU")
+@pytest.mark.parametrize("name", CASES)
+def test_gpu(gpu_results, name):
+    res = gpu_results.get(name, "case did not run")
+    assert res == "ok", res
+
+
+if __name__ == "__main__":
+    dev_name = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    out = _child_main(dev_name)
+    print("KSEED_RESULTS " + json.dumps(out))
