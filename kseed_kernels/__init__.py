@@ -7,8 +7,10 @@ from .ops import (
     philox4x32_10,
     stream_id,
 )
+from .model import ModelSeeds
 
 __all__ = [
+    "ModelSeeds",
     "apply_seeds_",
     "apply_seeds_multi_",
     "backends",

@@ -1,0 +1,252 @@
+"""ModelSeeds: seed-based perturbations and updates of a whole model's trainable parameters.
+
+A ``ModelSeeds`` fixes, once, the list of trainable tensors of a model (``requires_grad=True`` only; a
+tensor shared by several names, e.g. tied input/output embeddings, is listed once under its first name)
+and each tensor's stream id ``stream_id(name)``.  Every operation is then one call of
+``apply_seeds_multi_`` over that list:
+
+* ``perturb(seed, scale)``: w <- w + scale * z(seed)
+* ``apply(seeds, coefs)``: w <- w + sum_k coefs[k] * z(seeds[k]) in one fused pass (rebuilding a global
+  model from w0, or catching up)
+* ``zo_step(seed, loss_fn, eps=, lr=, next_seed=)``: one two-point zeroth-order (SPSA) step in two passes
+  over the weights instead of MeZO's four: +eps (skipped when the previous step already applied it),
+  L+, -2 eps, L-, then ONE pass that restores and updates (coefficient eps - lr g) and, when
+  ``next_seed`` is given, also applies the next step's +eps perturbation.
+
+The noise of a tensor depends only on (seed, stream id of its name, element index): two processes that
+list the same names rebuild bitwise the same weights, on any backend.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .ops import _check_rounding, _check_seed, apply_seeds_multi_, normalize_seeds, stream_id
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+class ZOStepResult(NamedTuple):
+    """Outcome of one zeroth-order step: the projected gradient g, the two losses, and whether the
+    update was skipped (g not finite: the weights were only restored)."""
+
+    g: float
+    loss_plus: float
+    loss_minus: float
+    skipped: bool
+
+
+def _as_float(x, what: str) -> float:
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{what} must be a scalar, got a tensor of shape {tuple(x.shape)}")
+        return float(x.detach().float().item())
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{what} must be a real number or a 1-element tensor, got "
+                        f"{type(x).__name__}")
+    return float(x)
+
+
+def _positive_finite(name: str, x) -> float:
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+    x = float(x)
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {x}")
+    return x
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except Exception:  # pragma: no cover - exotic tensors
+        return (t.device, t.data_ptr())
+
+
+class ModelSeeds:
+    """The trainable parameters of a model with their stream ids, and seed-based updates on them.
+
+    Parameters
+    ----------
+    model_or_named_params:
+        a ``torch.nn.Module`` (its parameters with ``requires_grad=True``), or an iterable of
+        ``(name, tensor)`` pairs (an ``nn.Parameter`` with ``requires_grad=False`` is skipped; plain
+        tensors are taken as given).
+    backend:
+        a kseed_kernels backend name, or None for the default choice per device.
+    rounding:
+        "nearest" (default) or "stochastic" (bf16 / fp16 weights).
+    """
+
+    def __init__(self, model_or_named_params, *, backend: Optional[str] = None,
+                 rounding: str = "nearest"):
+        self.rounding = _check_rounding(rounding)
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+        self.backend = backend
+        if isinstance(model_or_named_params, torch.nn.Module):
+            pairs = list(model_or_named_params.named_parameters(remove_duplicate=False))
+        elif isinstance(model_or_named_params, (str, bytes, torch.Tensor)) or not isinstance(
+                model_or_named_params, Iterable):
+            raise TypeError("model_or_named_params must be an nn.Module or an iterable of "
+                            f"(name, tensor) pairs, got {type(model_or_named_params).__name__}")
+        else:
+            pairs = list(model_or_named_params)
+        names: List[str] = []
+        params: List[torch.Tensor] = []
+        seen = {}  # storage key -> index in params
+        by_stream = {}
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise TypeError(f"model_or_named_params[{i}] must be a (name, tensor) pair")
+            name, t = pair
+            if not isinstance(name, str):
+                raise TypeError(f"parameter name #{i} must be a str, got {type(name).__name__}")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"parameter {name!r} must be a tensor, got {type(t).__name__}")
+            if isinstance(t, torch.nn.Parameter) and not t.requires_grad:
+                continue  # frozen
+            if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"parameter {name!r} must be float32, bfloat16 or float16, got "
+                                f"{t.dtype}")
+            key = _storage_key(t)
+            if t.numel() and key in seen:
+                j = seen[key]
+                other = params[j]
+                if (t.data_ptr(), t.shape, t.stride(), t.dtype) == (
+                        other.data_ptr(), other.shape, other.stride(), other.dtype):
+                    continue  # tied: the same weights under a second name
+                raise ValueError(f"parameter {name!r} shares storage with {names[j]!r} but is a "
+                                 "different view of it; list overlapping tensors once")
+            if any(n == name for n in names):
+                raise ValueError(f"parameter name {name!r} is listed twice")
+            sid = stream_id(name)
+            if sid in by_stream:
+                raise ValueError(f"stream id collision: parameters {by_stream[sid]!r} and {name!r} "
+                                 f"both map to stream {sid}; rename one of them")
+            by_stream[sid] = name
+            seen[key] = len(params)
+            names.append(name)
+            params.append(t)
+        if not params:
+            raise ValueError("no trainable parameters (requires_grad=True) were found")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"all trainable parameters must be on one device, got "
+                             f"{sorted(map(str, devices))}")
+        self._names: Tuple[str, ...] = tuple(names)
+        self._params: Tuple[torch.Tensor, ...] = tuple(params)
+        self._streams: Tuple[int, ...] = tuple(stream_id(n) for n in names)
+        self._pending: Optional[Tuple[int, float]] = None  # (seed, eps) of an applied +eps
+
+    # ------------------------------------------------------------------------------- properties
+    @property
+    def params(self) -> Tuple[torch.Tensor, ...]:
+        return self._params
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return self._names
+
+    @property
+    def streams(self) -> Tuple[int, ...]:
+        return self._streams
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self._params)
+
+    @property
+    def pending(self) -> Optional[Tuple[int, float]]:
+        """(seed, eps) of a +eps perturbation applied by zo_step(next_seed=...) and not yet used."""
+        return self._pending
+
+    # -------------------------------------------------------------------------------------- ops
+    def _apply(self, seeds, coefs) -> None:
+        apply_seeds_multi_(list(self._params), list(self._streams), seeds, coefs,
+                           backend=self.backend, rounding=self.rounding)
+
+    def perturb(self, seed, scale) -> None:
+        """w <- w + scale * z(seed) on every parameter (one fused pass)."""
+        seed = _check_seed(seed)
+        self._apply([seed], [_as_float(scale, "scale")])
+
+    def apply(self, seeds, coefs) -> None:
+        """w <- w + sum_k coefs[k] * z(seeds[k]) on every parameter, in one fused pass."""
+        self._apply(normalize_seeds(seeds), coefs)
+
+    def restore_pending(self) -> None:
+        """Remove a pending +eps perturbation left by zo_step(..., next_seed=...). No-op if none."""
+        if self._pending is not None:
+            seed, eps = self._pending
+            self._apply([seed], [-eps])
+            self._pending = None
+
+    def zo_step(self, seed, loss_fn: Callable[[], object], *, eps, lr,
+                next_seed=None) -> ZOStepResult:
+        """One two-point zeroth-order step along z(seed): g = (L(w + eps z) - L(w - eps z)) / (2 eps),
+        w <- w - lr g z.
+
+        ``loss_fn()`` evaluates the loss at the current weights (a float or a 1-element tensor).  If the
+        previous step was called with ``next_seed == seed`` (and the same eps), its +eps perturbation is
+        already in place and is not applied again.  The final pass restores and updates with the
+        coefficient (eps - lr g); with ``next_seed`` it also applies +eps along z(next_seed) (seeds
+        [seed, next_seed], coefs [eps - lr g, eps]), which the next call then uses.  A g that is not
+        finite (or does not fit a float32), or a non-finite update coefficient, skips the update: the
+        weights are only restored (coefficient eps) and ``skipped`` is True.
+        """
+        seed = _check_seed(seed)
+        eps = _positive_finite("eps", eps)
+        if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, numbers.Real) or \
+                not math.isfinite(float(lr)):
+            raise ValueError(f"lr must be a finite real number, got {lr!r}")
+        lr = float(lr)
+        if next_seed is not None:
+            next_seed = _check_seed(next_seed)
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable")
+        if self._pending is not None:
+            if self._pending != (seed, eps):
+                raise RuntimeError(
+                    f"a +eps perturbation along seed {self._pending[0]} (eps {self._pending[1]}) is "
+                    f"pending but this step is for seed {seed} (eps {eps}); call "
+                    "restore_pending() first or pass the same seed as the previous next_seed")
+        else:
+            self._apply([seed], [eps])
+            self._pending = (seed, eps)
+        # Weights are at w + eps z.
+        try:
+            loss_plus = _as_float(loss_fn(), "loss_fn()")
+        except BaseException:
+            self.restore_pending()
+            raise
+        self._apply([seed], [-2.0 * eps])
+        self._pending = None
+        try:
+            loss_minus = _as_float(loss_fn(), "loss_fn()")
+        except BaseException:
+            self._apply([seed], [eps])
+            raise
+        g = (loss_plus - loss_minus) / (2.0 * eps)
+        coef = eps - lr * g if math.isfinite(g) else math.nan
+        skipped = not (math.isfinite(g) and abs(g) <= _F32_MAX and math.isfinite(coef)
+                       and abs(coef) <= _F32_MAX)
+        if skipped:
+            coef = eps
+        if next_seed is None:
+            self._apply([seed], [coef])
+        else:
+            self._apply([seed, next_seed], [coef, eps])
+            self._pending = (next_seed, eps)
+        return ZOStepResult(g, loss_plus, loss_minus, skipped)
+
+    def __repr__(self) -> str:
+        return (f"ModelSeeds({len(self._params)} tensors, {self.numel} elements, "
+                f"backend={self.backend!r}, rounding={self.rounding!r})")
+
+
+__all__ = ["ModelSeeds", "ZOStepResult"]

@@ -1,0 +1,223 @@
+"""kseed-fed: federated full-parameter fine-tuning of a causal LM, the FedKSeed way.
+
+    kseed-fed                                  # the embedded default: small LLaMA, synthetic data
+    kseed-fed --model DIR --data dolly.jsonl --dataset dolly --out runs/dolly
+    kseed-fed --out runs/x --resume            # continue DIR's checkpoint
+    kseed-fed export --out runs/x --to hf_dir  # the final model as a Hugging Face directory
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from .config import FedConfig
+
+_D = FedConfig()
+# (flag(s), field, type, help); defaults come from FedConfig and are shown in --help.
+_OPTIONS = [
+    (("--rounds",), "rounds", int, "number of federated rounds"),
+    (("--num-clients",), "num_clients", int,
+     "number of clients the training data is split into (NI: must equal the usable training tasks)"),
+    (("--clients-per-round",), "clients_per_round", int,
+     "clients sampled per round (seeded from --seed; at most --num-clients)"),
+    (("--local-steps",), "local_steps", int,
+     "tau: zeroth-order steps per client per round (= (index, g) pairs uploaded)"),
+    (("--num-seeds", "-K"), "num_seeds", int, "K: size of the candidate seed pool"),
+    (("--lr",), "lr", float, "learning rate of the local zeroth-order steps"),
+    (("--eps",), "eps", float, "perturbation scale of the two-point estimate"),
+    (("--sampling",), "sampling", str,
+     "seed choice per step: uniform (FedKSeed) or pro (FedKSeed-Pro, by the seeds' mean |g|)"),
+    (("--model",), "model", str,
+     "local Hugging Face causal-LM directory (default: the embedded small LLaMA model)"),
+    (("--data",), "data", str,
+     "data path: Dolly jsonl file or Natural Instructions 2.x directory (default: embedded "
+     "synthetic data)"),
+    (("--dataset",), "dataset", str,
+     "embedded | dolly | ni (default: embedded, or dolly when --data is a file and ni when a "
+     "directory)"),
+    (("--dtype",), "dtype", str, "weight dtype: fp32 | bf16 | fp16"),
+    (("--seed",), "seed", int, "run seed: seed pool, partition, client sampling, local batches"),
+    (("--batch-size",), "batch_size", int, "examples per zeroth-order loss evaluation"),
+    (("--max-length",), "max_length", int, "max tokens per example (prompt cut first)"),
+    (("--partition",), "partition", str, "dirichlet (over categories) | iid; NI: one client per task"),
+    (("--alpha",), "alpha", float, "Dirichlet concentration of the non-IID partition"),
+    (("--min-per-client",), "min_per_client", int, "minimum examples per client (Dirichlet)"),
+    (("--eval-category",), "eval_category", str,
+     "held-out category (default: the 8th of the sorted categories, as in the paper's code)"),
+    (("--eval-size",), "eval_size", int, "held-out examples used for the eval loss"),
+    (("--eval-every",), "eval_every", int, "held-out loss every N rounds (0: last round only)"),
+    (("--rouge-every",), "rouge_every", int, "Rouge-L every N rounds (0: only at the end)"),
+    (("--rouge-size",), "rouge_size", int, "held-out examples generated for Rouge-L (0: none)"),
+    (("--max-new-tokens",), "max_new_tokens", int, "greedy generation length for Rouge-L"),
+    (("--min-replies",), "min_replies", int, "valid uploads needed to apply a round"),
+    (("--pro-clip",), "pro_clip", float, "C: |g| clip of the FedKSeed-Pro statistics"),
+    (("--embedded-examples",), "embedded_examples", int, "size of the embedded synthetic data set"),
+    (("--rounding",), "rounding", str, "nearest | stochastic rounding of bf16/fp16 weights"),
+]
+_FLAGS = [
+    ("--equal-weights", "equal_weights", "aggregate clients with equal weights instead of by "
+                                         "example count"),
+    ("--clientwise-lr", "clientwise_lr", "FedMeZO-style client-wise learning rates from the "
+                                         "clients' last losses"),
+]
+# Fields a resumed run may change; anything else must match the checkpoint.
+_RESUME_MAY_CHANGE = {"rounds", "eval_every", "rouge_every", "rouge_size", "max_new_tokens"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="kseed-fed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Subcommand: kseed-fed export --out DIR --to HFDIR [--model DIR] rebuilds the final "
+               "model from DIR's checkpoint and writes it with safetensors.")
+    for flags, name, typ, help_ in _OPTIONS:
+        default = getattr(_D, name)
+        kw = {}
+        if name == "sampling":
+            kw["choices"] = ["uniform", "pro"]
+        elif name == "dataset":
+            kw["choices"] = ["embedded", "dolly", "ni"]
+        elif name == "dtype":
+            kw["choices"] = ["fp32", "bf16", "fp16"]
+        elif name == "partition":
+            kw["choices"] = ["dirichlet", "iid"]
+        elif name == "rounding":
+            kw["choices"] = ["nearest", "stochastic"]
+        if "(default" not in help_:
+            help_ = f"{help_} (default: {default})"
+        ap.add_argument(*flags, dest=name, type=typ, default=None, help=help_, **kw)
+    for flag, name, help_ in _FLAGS:
+        ap.add_argument(flag, dest=name, action="store_const", const=True, default=None,
+                        help=f"{help_} (default: off)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    ap.add_argument("--backend", default=None,
+                    help="kseed_kernels backend (reference, cpu, triton, cuda; default: fastest "
+                         "available)")
+    ap.add_argument("--out", default=None,
+                    help="output directory: metrics.jsonl, checkpoint.json, summary.json, plots "
+                         "(default: a new runs/kseed-DATE-TIME)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the checkpoint in --out (default: off; a run refuses to "
+                         "overwrite an existing checkpoint)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (default: 0 = 1 thread for the embedded model, whose "
+                         "ops are too small to gain from more, else torch's default)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    return ap
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kseed-fed export",
+                                 description="Rebuild the final global model from a run's checkpoint "
+                                             "and save it as a Hugging Face directory (safetensors).")
+    ap.add_argument("--out", required=True, help="the run directory holding checkpoint.json")
+    ap.add_argument("--to", required=True, help="the Hugging Face directory to write")
+    ap.add_argument("--model", default=None,
+                    help="base model directory (default: the one recorded in the checkpoint); its "
+                         "hash must match")
+    ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ap.add_argument("--backend", default=None, help="kseed_kernels backend (default: fastest)")
+    return ap
+
+
+def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
+    """FedConfig from the parsed flags over ``base`` (a checkpoint's config on --resume)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FedConfig)
+             if getattr(args, f.name, None) is not None}
+    if base is not None:
+        for name, v in given.items():
+            if name not in _RESUME_MAY_CHANGE and v != getattr(base, name):
+                raise ValueError(f"--{name.replace('_', '-')} {v} differs from the checkpoint's "
+                                 f"{getattr(base, name)}; a resumed run keeps its configuration")
+        return dataclasses.replace(base, **given)
+    cfg = dataclasses.replace(FedConfig(), **given)
+    if "dataset" not in given:
+        if cfg.data is None:
+            cfg.dataset = "embedded"
+        else:
+            cfg.dataset = "ni" if os.path.isdir(cfg.data) else "dolly"
+    if cfg.dataset == "embedded" and cfg.data is not None:
+        raise ValueError("--data was given with --dataset embedded; choose dolly or ni")
+    if cfg.data is not None and not os.path.exists(cfg.data):
+        raise ValueError(f"--data {cfg.data}: no such file or directory")
+    if cfg.model is not None:
+        cfg.model = os.path.abspath(cfg.model)
+    if cfg.data is not None:
+        cfg.data = os.path.abspath(cfg.data)
+    if cfg.dataset == "ni" and "num_clients" not in given:
+        from .datasets import load_natural_instructions
+        cfg.num_clients = len(load_natural_instructions(cfg.data, seed=cfg.seed)[0])
+        if "clients_per_round" not in given:
+            cfg.clients_per_round = min(cfg.clients_per_round, cfg.num_clients)
+    return cfg.validate()
+
+
+def _fail(msg: str) -> int:
+    print(f"kseed-fed: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="kseed-fed: %(message)s")
+    for name in ("transformers", "transformers.modeling_utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from .datasets import DataError
+    from .modeling import ModelError
+    from .protocol import ProtocolError
+    from .simulation import CheckpointError, checkpoint_config, export, run
+    errors = (DataError, ModelError, CheckpointError, ProtocolError, ValueError, OSError)
+    try:
+        if argv and argv[0] == "export":
+            a = _export_parser().parse_args(argv[1:])
+            info = export(a.out, a.to, model_path=a.model, device=a.device, backend=a.backend)
+            print(f"kseed-fed: exported round {info['round']} of {a.out} to {a.to}")
+            return 0
+        args = _parser().parse_args(argv)
+        try:
+            import transformers
+            transformers.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+        except Exception:  # pragma: no cover
+            pass
+        if args.out is None:
+            if args.resume:
+                raise ValueError("--resume needs --out DIR (the run to continue)")
+            import time as _time
+            stem = os.path.join("runs", "kseed-" + _time.strftime("%Y%m%d-%H%M%S"))
+            args.out, n = stem, 1
+            while os.path.exists(args.out):
+                n += 1
+                args.out = f"{stem}-{n}"
+        base = checkpoint_config(args.out) if args.resume else None
+        cfg = resolve_config(args, base)
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {args.threads}")
+        if args.threads or cfg.model is None:
+            import torch
+            torch.set_num_threads(args.threads or 1)
+        s = run(cfg, args.out, resume=args.resume, device=args.device, backend=args.backend,
+                progress=not args.quiet)
+    except errors as exc:
+        return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted; the last completed round's checkpoint is kept (--resume)")
+    first, last = s["eval_loss_first"], s["eval_loss_last"]
+    msg = f"kseed-fed: {s['rounds']} rounds; held-out loss ({s['held_out']})"
+    if first is not None and last is not None:
+        msg += f" {first:.4f} -> {last:.4f} ({s['eval_loss_drop_pct']:+.1f}% drop)"
+    if s["rouge_l"] is not None:
+        msg += f"; Rouge-L {s['rouge_l']:.4f} on {s['rouge_examples']} examples"
+    msg += (f"; bytes down {s['bytes_down_total']}, up {s['bytes_up_total']}; "
+            f"{s['seconds_this_process']:.1f}s; outputs in {args.out}")
+    print(msg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

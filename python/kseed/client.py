@@ -1,0 +1,110 @@
+"""FedKSeedClient: one federated client as a plain object over bytes (no engine inside).
+
+``fit(down_bytes) -> up_bytes``: decode and check the server's message (round, seed-pool fingerprint,
+K), rebuild the global model w0 + sum_k A_k z_k from a pristine copy of w0 with ONE fused pass, run tau
+zeroth-order steps (seed index uniform or by the FedKSeed-Pro probabilities; two passes over the
+weights per step), and return the (index, g) list with the example count.  ``evaluate(down_bytes)``
+rebuilds and returns the response loss on the client's data.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+from . import protocol as P
+from .config import FedConfig
+from .modeling import Workspace, batch_loss, collate, eval_loss, tokenize_examples
+
+
+class FedKSeedClient:
+    """A client: ``config`` (the run's FedConfig: seed and K give the seed pool), ``model_loader`` (a
+    callable returning a ``kseed.modeling.Workspace``; it is called once, lazily), ``partition`` (this
+    client's examples: dicts with instruction / input / output)."""
+
+    def __init__(self, config: FedConfig, model_loader: Callable[[], Workspace],
+                 partition: Sequence[dict], *, client_id: Optional[int] = None):
+        if not partition:
+            raise ValueError("a client needs at least one example")
+        self.config = config
+        self.client_id = client_id
+        self._loader = model_loader
+        self.partition = list(partition)
+        self.seeds = P.seed_pool(config.seed, config.num_seeds)
+        self.fingerprint = P.fingerprint(self.seeds)
+        self._ws: Optional[Workspace] = None
+        self._items = None
+        self.last_stats: dict = {}
+
+    @property
+    def workspace(self) -> Workspace:
+        if self._ws is None:
+            self._ws = self._loader()
+        return self._ws
+
+    def _tokenized(self):
+        if self._items is None:
+            self._items = tokenize_examples(self.workspace.tok, self.partition, self.config.max_length)
+        return self._items
+
+    def _decode(self, down_bytes) -> P.DownMessage:
+        m = P.decode_down(down_bytes, expected_k=self.config.num_seeds,
+                          expected_fingerprint=self.fingerprint)
+        if self.client_id is not None and m.client_id != self.client_id:
+            raise P.ProtocolError(f"down message is for client {m.client_id}, this is client "
+                                  f"{self.client_id}")
+        return m
+
+    def rebuild(self, coefs: np.ndarray) -> None:
+        self.workspace.rebuild(self.seeds, coefs)
+
+    def fit(self, down_bytes: bytes) -> bytes:
+        m = self._decode(down_bytes)
+        ws = self.workspace
+        ws.rebuild(self.seeds, m.coefs)
+        items = self._tokenized()
+        k, tau = m.k, m.local_steps
+        rng = np.random.Generator(np.random.PCG64(m.client_seed))
+        if m.probs is not None:
+            p = m.probs.astype(np.float64)
+            idx = rng.choice(k, size=tau, p=p / p.sum())
+        else:
+            idx = rng.integers(0, k, size=tau)
+        bs = min(m.batch_size, len(items))
+        order = [rng.choice(len(items), size=bs, replace=False) for _ in range(tau)]
+        kept_idx: List[int] = []
+        kept_g: List[float] = []
+        losses: List[float] = []
+        skipped = 0
+        for t in range(tau):
+            batch = collate([items[i] for i in order[t]], ws.pad_id, ws.device)
+            nxt = int(self.seeds[idx[t + 1]]) if t + 1 < tau else None
+            res = ws.ms.zo_step(int(self.seeds[idx[t]]), lambda: batch_loss(ws.model, batch),
+                                eps=m.eps, lr=m.lr, next_seed=nxt)
+            if res.skipped:
+                skipped += 1
+                continue
+            kept_idx.append(int(idx[t]))
+            kept_g.append(res.g)
+            losses.append(0.5 * (res.loss_plus + res.loss_minus))
+        ws.ms.restore_pending()
+        train_loss = float(np.mean(losses)) if losses else float("nan")
+        self.last_stats = {"round": m.round, "steps": tau, "skipped": skipped,
+                           "train_loss": train_loss}
+        up = P.UpMessage(round=m.round, client_id=m.client_id, num_examples=len(self.partition),
+                         indices=np.array(kept_idx, dtype=np.uint32),
+                         grads=np.array(kept_g, dtype=np.float32), train_loss=train_loss)
+        return P.encode_up(up, k=k)
+
+    def evaluate(self, down_bytes: Optional[bytes] = None, examples: Optional[Sequence[dict]] = None,
+                 batch_size: int = 16) -> dict:
+        """Response loss of the global model (rebuilt from ``down_bytes`` if given) on ``examples``
+        (default: this client's partition)."""
+        if down_bytes is not None:
+            self.rebuild(self._decode(down_bytes).coefs)
+        items = (self._tokenized() if examples is None else
+                 tokenize_examples(self.workspace.tok, examples, self.config.max_length))
+        loss = eval_loss(self.workspace.model, items, self.workspace.pad_id, self.workspace.device,
+                         batch_size)
+        return {"loss": loss, "num_examples": len(items)}

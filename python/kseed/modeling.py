@@ -1,0 +1,203 @@
+"""Model side of the driver: loading a local Hugging Face causal LM, its identity hash, tokenising the
+instruction examples, losses on response tokens, greedy generation, and the Workspace that rebuilds the
+global model w0 + sum_k A_k z_k from a pristine copy of w0 with one fused pass."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from kseed_kernels import ModelSeeds
+
+from .datasets import format_prompt
+
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "embedded")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be used (the message names the problem)."""
+
+
+def check_model_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ModelError(f"model directory not found: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"model directory {path} has no config.json")
+    pats = ["*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json"]
+    if not any(glob.glob(os.path.join(path, p)) for p in pats):
+        raise ModelError(f"model directory {path} holds no weights (*.safetensors or *.bin)")
+
+
+def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
+    """(model, tokenizer) from a local directory; nothing is fetched from a hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_model_dir(path)
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        import transformers
+        major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+        kw = {"dtype" if major_minor >= (4, 56) else "torch_dtype": DTYPES[dtype]}
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw)
+    except Exception as exc:  # transformers raises many kinds
+        raise ModelError(f"cannot load the model in {path}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)  # marks the trainable set for ModelSeeds; autograd is never used
+    return model, tok
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's tensors (names, dtypes, shapes and bytes, sorted by name)."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(name.encode() + b"\0" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------- tokenising
+def tokenize_examples(tok, examples: Sequence[dict], max_length: int) -> List[tuple]:
+    """[(input_ids, n_prompt)] with the response (plus EOS) after the prompt, cut to max_length
+    (the response keeps at most half, the prompt loses its beginning first)."""
+    out = []
+    eos = tok.eos_token_id
+    for ex in examples:
+        p = tok(format_prompt(ex), add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None:
+            p = [tok.bos_token_id] + p
+        r = tok(ex["output"], add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            r = r + [eos]
+        r = r[: max(1, max_length // 2)] if len(p) + len(r) > max_length else r
+        p = p[-(max_length - len(r)):] if len(p) + len(r) > max_length else p
+        out.append((p + r, len(p)))
+    return out
+
+
+def collate(items: Sequence[tuple], pad_id: int, device):
+    n = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), n), -100, dtype=torch.long)
+    att = torch.zeros((len(items), n), dtype=torch.long)
+    for i, (seq, npr) in enumerate(items):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        labels[i, npr:len(seq)] = torch.tensor(seq[npr:])
+        att[i, :len(seq)] = 1
+    return ids.to(device), att.to(device), labels.to(device)
+
+
+@torch.no_grad()
+def batch_loss(model, batch) -> float:
+    """Mean cross-entropy over the response tokens of a collated batch (float64 result)."""
+    ids, att, labels = batch
+    logits = model(input_ids=ids, attention_mask=att).logits.float()
+    lg = logits[:, :-1].reshape(-1, logits.shape[-1])
+    lb = labels[:, 1:].reshape(-1)
+    n = int((lb != -100).sum())
+    if n == 0:
+        return 0.0
+    return float(torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100, reduction="sum")) / n
+
+
+@torch.no_grad()
+def eval_loss(model, items: Sequence[tuple], pad_id: int, device, batch_size: int = 16) -> float:
+    """Token-weighted mean response loss over ``items`` (fixed order, fixed batches)."""
+    tot, cnt = 0.0, 0
+    for i in range(0, len(items), batch_size):
+        ids, att, labels = collate(items[i:i + batch_size], pad_id, device)
+        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        lg = logits[:, :-1].reshape(-1, logits.shape[-1])
+        lb = labels[:, 1:].reshape(-1)
+        tot += float(torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100, reduction="sum"))
+        cnt += int((lb != -100).sum())
+    return tot / max(cnt, 1)
+
+
+@torch.no_grad()
+def rouge_l(model, tok, examples: Sequence[dict], max_length: int, device,
+            max_new_tokens: int = 128) -> float:
+    """Mean Rouge-L F1 of greedy generations against the references."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = []
+    for ex in examples:
+        p = tok(format_prompt(ex), add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None:
+            p = [tok.bos_token_id] + p
+        p = p[-max(1, max_length - max_new_tokens):]
+        ids = torch.tensor([p], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        text = tok.decode(out[0, len(p):], skip_special_tokens=True).strip()
+        scores.append(scorer.score(ex["output"], text)["rougeL"].fmeasure)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+# --------------------------------------------------------------------------------- workspace
+class Workspace:
+    """A model, its tokenizer, the ModelSeeds over its trainable tensors, and a pristine copy of w0.
+
+    ``rebuild(seeds, coefs)`` sets the weights to w0 + sum_k coefs[k] z(seeds[k]) with one fused pass
+    over the nonzero coefficients (in ascending k; a zero term adds nothing under the spec's float32
+    sum, see docs/SPEC.md section 4).  With ``cache=True`` a second rebuild with the same seeds and
+    coefficients copies the cached result instead of recomputing it (bitwise the same bytes): in-process
+    simulation shares one rebuild between the server's evaluation and all clients of a round.
+    """
+
+    def __init__(self, model, tok, *, backend: Optional[str] = None, rounding: str = "nearest",
+                 identity: Optional[dict] = None, cache: bool = False):
+        self.model = model
+        self.tok = tok
+        self.ms = ModelSeeds(model, backend=backend, rounding=rounding)
+        self.w0 = [p.detach().clone() for p in self.ms.params]
+        self.identity = identity or {}
+        self.device = self.ms.params[0].device
+        self.cache = cache
+        self._cache_key = None
+        self._cached = None
+        self.rebuilds = 0
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tok.pad_token_id)
+
+    def rebuild(self, seeds: np.ndarray, coefs: np.ndarray) -> None:
+        c = np.ascontiguousarray(coefs, dtype=np.float32)
+        key = None
+        if self.cache:
+            key = hashlib.sha256(np.ascontiguousarray(seeds, dtype=np.uint64).tobytes()
+                                 + c.tobytes()).digest()
+            if key == self._cache_key:
+                with torch.no_grad():
+                    for p, s in zip(self.ms.params, self._cached):
+                        p.copy_(s)
+                self.ms._pending = None
+                return
+        self.ms.restore_pending()
+        with torch.no_grad():
+            for p, w in zip(self.ms.params, self.w0):
+                p.copy_(w)
+        nz = np.flatnonzero(c != 0)
+        if nz.size:
+            self.ms.apply(np.ascontiguousarray(seeds, dtype=np.uint64)[nz], c[nz].tolist())
+        self.rebuilds += 1
+        if self.cache:
+            self._cache_key = key
+            self._cached = [p.detach().clone() for p in self.ms.params]
+
+    def weights(self) -> List[torch.Tensor]:
+        return [p.detach() for p in self.ms.params]
