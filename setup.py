@@ -56,7 +56,8 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "transformers>=4.40", "tokenizers", "safetensors",
                       "tqdm", "matplotlib", "rouge-score"],
-    entry_points={"console_scripts": ["kseed-fed=kseed.cli:main"]},
+    entry_points={"console_scripts": ["kseed-fed=kseed.cli:main",
+                                      "kseed-flower=kseed.flower.__main__:main"]},
     extras_require={
         "triton": ["triton==3.9.0"],
         "flower": ["flwr==1.41.0"],

@@ -1,0 +1,260 @@
+"""kseed on Flower's deployment engine: real SuperLink / SuperNode processes on 127.0.0.1.
+
+One module-scoped deployment (SuperLink + 2 SuperNodes) serves the deployment test and, last, the fault
+test (which kills one of its SuperNodes); the TLS + authentication test brings up its own.  Every
+process runs in its own session and is stopped by process group; the fixtures assert nothing is left.
+Select with `pytest -k flower`.
+"""
+import json
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from kseed import simulation as S  # noqa: E402
+from kseed.config import FedConfig  # noqa: E402
+from kseed.flower import app_dir  # noqa: E402
+from kseed.flower.deploy import (Deployment, group_processes, make_certificates,  # noqa: E402
+                                 make_node_key)
+from kseed.flower.runconfig import default_run_config, fed_config  # noqa: E402
+
+# Small settings on the embedded default model: a few seconds of client work per round.
+SMALL = {"num-clients": 2, "clients-per-round": 2, "local-steps": 4, "num-seeds": 64, "eval-size": 16,
+         "embedded-examples": 200, "rouge-size": 0, "seed": 7}
+
+
+def _metrics(out):
+    return S.read_metrics(str(out))
+
+
+def _checkpoint_server(out):
+    return S.read_checkpoint(str(out))["server"]
+
+
+@pytest.fixture(scope="module")
+def flower_deployment(tmp_path_factory):
+    d = Deployment(tmp_path_factory.mktemp("flower-plain"))
+    try:
+        d.start_superlink()
+        for pid in range(2):
+            d.start_supernode(pid, 2, max_wait_time=120)
+        d.wait_nodes(2)
+        yield d
+    finally:
+        d.close()
+        assert d.leftover() == [], "processes left behind after teardown"
+
+
+# ------------------------------------------------------------------------------------------ no processes
+
+def test_flower_app_dir_config_matches_driver():
+    """The shipped app's [tool.flwr.app.config] has every driver option with the driver's default."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11: flwr depends on tomli
+        import tomli as tomllib
+
+    pyproject = app_dir() / "pyproject.toml"
+    doc = tomllib.loads(pyproject.read_text())
+    assert "_" not in app_dir().name  # flwr build rejects app dir names with underscores
+    assert "federations" not in doc["tool"]["flwr"]
+    comps = doc["tool"]["flwr"]["app"]["components"]
+    assert comps == {"serverapp": "kseed.flower.server_app:app", "clientapp": "kseed.flower.client_app:app"}
+    # after adding a FedConfig field: python -m kseed.flower.runconfig
+    assert doc["tool"]["flwr"]["app"]["config"] == default_run_config()
+    assert fed_config(doc["tool"]["flwr"]["app"]["config"]) == FedConfig()
+
+
+def test_flower_run_config_errors():
+    with pytest.raises(ValueError, match="local-steps"):
+        fed_config({"local-steps": "many"})
+    with pytest.raises(ValueError, match="rounds"):
+        fed_config({"rounds": 2.5})
+    with pytest.raises(ValueError, match="clients-per-round"):
+        fed_config({"num-clients": 2, "clients-per-round": 3})
+    cfg = fed_config({"model": "", "lr": 1, "rounds": 3})
+    assert cfg.model is None and cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.rounds == 3
+
+
+def test_flower_exchange_drops_bad_replies():
+    """Error replies, replies without bytes, oversized ones and missing ones are dropped; the driver
+    then rejects a malformed upload and aggregates the rest (no processes: a fake Grid)."""
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from kseed.flower.exchange import exchange
+    from kseed.protocol import UpMessage, encode_up
+    from kseed.server import FedKSeedServer
+
+    cfg = FedConfig(num_clients=7, clients_per_round=7, num_seeds=16, local_steps=3, min_replies=1)
+    server = FedKSeedServer(cfg)
+    rng = np.random.default_rng(5)
+    good = encode_up(UpMessage(round=1, client_id=0, num_examples=10, indices=rng.integers(0, 16, 3),
+                               grads=rng.standard_normal(3).astype(np.float32)), k=16)
+    malformed = good[:-3]  # wrong length: only the driver can tell
+
+    class FakeGrid:
+        def __init__(self):
+            self.timeout = None
+
+        def send_and_receive(self, msgs, *, timeout=None):
+            self.timeout = timeout
+            replies = []
+            for m in msgs:
+                cid = m.metadata.dst_node_id - 100
+                m.metadata.__dict__["_message_id"] = m.object_id
+                m.metadata.__dict__["_src_node_id"] = 1
+                if cid == 0:
+                    body = RecordDict({"kseed": ConfigRecord({"up": good})})
+                elif cid == 1:
+                    body = RecordDict({"kseed": ConfigRecord({"up": "not bytes"})})
+                elif cid == 2:
+                    body = RecordDict({"kseed": ConfigRecord({"up": b"\0" * 5000})})
+                elif cid == 3:
+                    r = Message(Error(code=1, reason="node unavailable"), reply_to=m)
+                    r.metadata.__dict__["_src_node_id"] = 0  # made by the SuperLink
+                    replies.append(r)
+                    continue
+                elif cid == 4:
+                    continue  # never answers
+                elif cid == 6:  # claims to come from a node the message did not go to
+                    r = Message(RecordDict({"kseed": ConfigRecord({"up": good})}), reply_to=m)
+                    r.metadata.__dict__["_src_node_id"] = 999
+                    replies.append(r)
+                    continue
+                else:
+                    body = RecordDict({"kseed": ConfigRecord({"up": malformed})})
+                r = Message(body, reply_to=m)
+                r.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+                replies.append(r)
+            return replies
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    try:
+        grid = FakeGrid()
+        ids = server.sample_clients(1)
+        downs = {c: server.make_down(1, c) for c in ids}
+        res = exchange(grid, downs, {c: 100 + c for c in ids}, 1, timeout=7.0, max_upload_bytes=4096)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    assert grid.timeout == 7.0
+    assert sorted(res.uploads) == [0, 5]
+    assert "not bytes" in res.failed[1] and "max-upload-bytes" in res.failed[2]
+    assert "node unavailable" in res.failed[3] and "no reply" in res.failed[4]
+    assert "reply from node 999" in res.failed[6]
+    assert res.payload_down == sum(len(b) for b in downs.values()) < res.wire_down
+    stats = server.aggregate(1, res.uploads)
+    assert stats["accepted"] == [0] and "wrong length" in stats["rejected"][5]
+
+
+# ------------------------------------------------------------------------------------------ deployment
+
+def test_flower_deployment_matches_simulation(flower_deployment, tmp_path):
+    """3 rounds on SuperLink + 2 SuperNodes end with the in-process simulation's accumulators, bitwise;
+    the payloads are the driver's messages; wire bytes and rebuild times are in metrics.jsonl."""
+    d = flower_deployment
+    rc = dict(SMALL, rounds=3, out=str(tmp_path / "flower"), **{"round-timeout": 300.0})
+    run_id = d.start_run(app_dir(), rc)
+
+    # The in-process simulation of the same config, while the deployment runs.
+    sim_out = tmp_path / "sim"
+    S.run(fed_config(rc), str(sim_out), progress=False)
+
+    info = d.wait_run(run_id, timeout=600)
+    assert info["status"] == "finished:completed", d.run_log(run_id)[-4000:]
+    fl, sim = _checkpoint_server(tmp_path / "flower"), _checkpoint_server(sim_out)
+    assert fl["round"] == sim["round"] == 3
+    for key in ("acc", "pro_sum", "pro_count", "seeds", "client_loss"):
+        assert fl[key] == sim[key], key  # hex of the float64 bytes: bitwise
+    assert np.any(np.frombuffer(bytes.fromhex(fl["acc"]), dtype="<f8") != 0)
+
+    rows, sim_rows = _metrics(tmp_path / "flower"), _metrics(sim_out)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for r, s in zip(rows, sim_rows):
+        for key in ("train_loss", "eval_loss", "clients", "steps", "bytes_down_per_client",
+                    "bytes_up_per_client"):
+            if key in s:
+                assert r[key] == s[key], (r["round"], key)
+        if r["round"] == 0:
+            continue
+        assert r["payload_bytes_down"] == s["bytes_down"] and r["payload_bytes_up"] == s["bytes_up"]
+        n = len(r["clients"])
+        # what crossed the wire: the driver's bytes plus Flower's framing (well under 2 KiB a message)
+        assert s["bytes_down"] < r["bytes_down"] < s["bytes_down"] + 2048 * n
+        assert s["bytes_up"] < r["bytes_up"] < s["bytes_up"] + 2048 * n
+        assert r["rejected"] == {}
+        assert set(r["rebuild_seconds_per_client"]) == {str(c) for c in r["clients"]}
+        assert all(0 < v < 60 for v in r["rebuild_seconds_per_client"].values())
+        assert r["rebuild_seconds"] > 0
+    assert "kseed.flower: round 3:" in d.run_log(run_id)  # the ServerApp's log reaches `flwr log`
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["engine"] == "flower" and summary["rounds"] == 3
+    assert info["network-traffic"]["total-bytes"] > 0
+
+
+def test_flower_tls_and_node_auth(tmp_path):
+    """TLS with a CA made here; SuperNode authentication: the registered node takes part, the
+    unregistered one is refused."""
+    certs = make_certificates(tmp_path / "certs")
+    good_key, good_pub = make_node_key(tmp_path / "keys" / "registered")
+    bad_key, _ = make_node_key(tmp_path / "keys" / "unregistered")
+    d = Deployment(tmp_path / "deploy", tls=certs, supernode_auth=True)
+    try:
+        d.start_superlink()
+        assert "registered successfully" in d.flwr("supernode", "register", str(good_pub), d.connection).stdout
+        d.start_supernode(0, 1, private_key=good_key, max_wait_time=120)
+        bad = d.start_supernode(0, 1, name="unregistered", private_key=bad_key, max_wait_time=10,
+                                may_exit=True)
+        assert len(d.wait_nodes(1)) == 1
+        # the unregistered node gives up: the SuperLink refused to activate it
+        bad.popen.wait(timeout=120)
+        assert bad.popen.returncode != 0
+        assert "No SuperNode found with the given public key" in (d.logs / "superlink.log").read_text()
+        assert len(d.online_nodes()) == 1
+
+        rc = dict(SMALL, rounds=1, **{"num-clients": 1, "clients-per-round": 1, "local-steps": 2,
+                                      "out": str(tmp_path / "out"), "round-timeout": 300.0})
+        run_id = d.start_run(app_dir(), rc)
+        info = d.wait_run(run_id, timeout=600)
+        assert info["status"] == "finished:completed", d.run_log(run_id)[-4000:]
+        rows = _metrics(tmp_path / "out")
+        assert rows[-1]["round"] == 1 and rows[-1]["accepted"] == [0]
+    finally:
+        d.close()
+    assert d.leftover() == []
+
+
+def test_flower_fault_supernode_killed_mid_round(flower_deployment, tmp_path):
+    """Kill one SuperNode while its ClientApp is working on round 2: the round goes on with the other
+    reply (Flower reports the dead node unavailable, or round-timeout passes), and the run completes.
+    Runs last: it takes a node of the shared deployment down."""
+    d = flower_deployment
+    out = tmp_path / "out"
+    rc = dict(SMALL, rounds=2, out=str(out), **{"min-replies": 1, "round-timeout": 60.0})
+    run_id = d.start_run(app_dir(), rc)
+    victim = d.supernodes["supernode-1"]
+    seen = set()  # the victim's ClientApp processes up to round 1
+    end, polls = time.monotonic() + 300, 0
+    while time.monotonic() < end and len(_metrics(out)) < 2:  # round 0 and round 1 written
+        seen.update(group_processes(victim.pgid, "flwr-clientapp"))
+        polls += 1
+        if polls % 20 == 0:  # a run that failed early would never write round 1
+            assert d.run_status(run_id)["status"].startswith(("pending", "starting", "running")), \
+                d.run_log(run_id)[-4000:]
+        time.sleep(0.2)
+    assert len(_metrics(out)) >= 2, "round 1 never finished"
+    end = time.monotonic() + 60  # catch its ClientApp process at work on round 2
+    while time.monotonic() < end and not set(group_processes(victim.pgid, "flwr-clientapp")) - seen:
+        time.sleep(0.1)
+    killed_during_client = bool(set(group_processes(victim.pgid, "flwr-clientapp")) - seen)
+    d.stop(victim)
+    info = d.wait_run(run_id, timeout=600)
+    assert info["status"] == "finished:completed", d.run_log(run_id)[-4000:]
+    rows = _metrics(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["accepted"] == [0, 1]
+    assert rows[2]["accepted"] == [0] and "1" in rows[2]["rejected"], rows[2]
+    assert killed_during_client, "the SuperNode was killed before its ClientApp started"
