@@ -1,4 +1,10 @@
-"""Backend "cpu": the compiled C++ kernels (csrc/), reached through the torch.ops.kseed dispatcher ops."""
+"""Backend "cpu": the compiled C++ kernels (csrc/), reached through the torch.ops.kseed dispatcher ops.
+
+The kernels pick a SIMD path at run time (AVX-512, AVX2 or portable scalar code); every path writes
+bitwise the same results.  ``set_isa("scalar" | "avx2" | "avx512" | None)`` forces one for this process
+(None: automatic); without it the environment variable KSEED_CPU_ISA (read at every call) may name one.
+Shapes for FakeTensor / torch.compile come from the Meta implementations registered in csrc/ops.cpp.
+"""
 from __future__ import annotations
 
 import torch
@@ -11,6 +17,35 @@ def _ops():
     from .. import _C  # noqa: F401  (registers torch.ops.kseed)
 
     return torch.ops.kseed
+
+
+def set_isa(name=None) -> None:
+    """Force the SIMD path of the CPU kernels ("scalar", "avx2", "avx512"), or None for automatic.
+
+    ValueError if the name is unknown or this CPU cannot run that path.
+    """
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"isa must be a str or None, got {type(name).__name__}")
+    _ops()
+    from .. import _C
+
+    _C.set_isa(name)
+
+
+def isa() -> str:
+    """The SIMD path the next CPU kernel call will use."""
+    _ops()
+    from .. import _C
+
+    return _C.isa()
+
+
+def supported_isas() -> list:
+    """The SIMD paths this CPU (and this build) can run, "scalar" always included."""
+    _ops()
+    from .. import _C
+
+    return list(_C.supported_isas())
 
 
 def available() -> bool:

@@ -1,0 +1,160 @@
+"""CPU benchmark of the compiled kernels (issue #6): apply_seeds_ on a 10M-parameter LLaMA-shaped model.
+
+    python bench/bench_cpu.py [--threads 2] [--repeats 5] [--quick]
+
+1. The ratio against the baseline that the issue names, measured in the same process, alternating,
+   median of --repeats runs: per seed, torch.manual_seed(seed); for each parameter
+   z = torch.normal(0, 1, size); p.add_(z, alpha=c).  Ours: one kseed_kernels.apply_seeds_multi_ call
+   (backend="cpu") over all the parameters with the same K = 32 seeds.
+2. Absolute rates (element-seed updates per second) for K = 1, 2, 32, 1024, float32 and bfloat16, for
+   each SIMD path the CPU supports.
+The table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import kseed_kernels as kk  # noqa: E402
+from kseed_kernels.backends import cpu as CPU  # noqa: E402
+
+
+def llama_shapes(vocab=8000, hidden=256, inter=688, layers=8):
+    """The issue's 10M-parameter model: embed, 8 x (q, k, v, o, gate, up, down, 2 norms), norm, lm_head."""
+    try:  # the shared shape helper gives transformers' parameter names (so real stream ids)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _llama_shapes import llama_shapes as shared
+
+        return shared(hidden=hidden, intermediate=inter, layers=layers, heads=4, kv_heads=4, vocab=vocab)
+    except ImportError:
+        pass
+    shapes = [("embed", (vocab, hidden))]
+    for i in range(layers):
+        for n in ("q", "k", "v", "o"):
+            shapes.append((f"l{i}.{n}", (hidden, hidden)))
+        shapes += [(f"l{i}.gate", (inter, hidden)), (f"l{i}.up", (inter, hidden)),
+                   (f"l{i}.down", (hidden, inter)), (f"l{i}.norm1", (hidden,)),
+                   (f"l{i}.norm2", (hidden,))]
+    shapes += [("norm", (hidden,)), ("lm_head", (vocab, hidden))]
+    return shapes
+
+
+def make_params(dtype, shapes):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(s, generator=g) * 0.02).to(dtype) for _, s in shapes]
+
+
+def baseline(params, seeds, coefs):
+    for s, c in zip(seeds, coefs):
+        torch.manual_seed(s)
+        for p in params:
+            z = torch.normal(0.0, 1.0, size=p.shape)
+            p.add_(z, alpha=c)
+
+
+def ours(params, streams, seeds, coefs):
+    kk.apply_seeds_multi_(params, streams, seeds, coefs, backend="cpu")
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def load():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller K=1024 set")
+    ap.add_argument("--ratio-only", action="store_true", help="only the comparison with the baseline")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    reps = 3 if args.quick else args.repeats
+
+    shapes = llama_shapes()
+    names = [n for n, _ in shapes]
+    streams = [kk.stream_id(n) for n in names]
+    numel = sum(torch.Size(s).numel() for _, s in shapes)
+    k = 32
+    seeds = list(range(1000, 1000 + k))
+    coefs = [0.001 * ((-1) ** i) * (1 + i % 5) for i in range(k)]
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+    print(f"model: {len(shapes)} tensors, {numel / 1e6:.2f}M parameters; SIMD paths {CPU.supported_isas()}, "
+          f"auto = {CPU.isa()}; load average at start {load():.2f}")
+
+    # --- 1. ratio against the baseline (fp32, K = 32), alternating runs
+    p_base = make_params(torch.float32, shapes)
+    p_ours = make_params(torch.float32, shapes)
+    ours(p_ours, streams, seeds[:1], coefs[:1])  # warm-up (loads, page faults)
+    baseline(p_base, seeds[:1], coefs[:1])
+    tb, to = [], []
+    for _ in range(reps):
+        tb.append(timed(lambda: baseline(p_base, seeds, coefs)))
+        to.append(timed(lambda: ours(p_ours, streams, seeds, coefs)))
+    mb, mo = statistics.median(tb), statistics.median(to)
+    ratio = mb / mo
+
+    # --- 2. absolute rates
+    rows = []
+    big = make_params(torch.float32, shapes)
+    for isa in ([] if args.ratio_only else CPU.supported_isas()):
+        CPU.set_isa(isa)
+        for dtype in (torch.float32, torch.bfloat16):
+            params = [p.to(dtype) for p in big]
+            for kk_ in (1, 2, 32, 1024):
+                if kk_ == 1024 or (isa == "scalar" and kk_ == 32):
+                    # a slice of the model keeps the run short: embed rows 0..1023 (262144 elements)
+                    ps = [params[0][: (256 if args.quick else 1024)]]
+                    st = streams[:1]
+                else:
+                    ps, st = params, streams
+                n = sum(p.numel() for p in ps)
+                sd = list(range(7, 7 + kk_))
+                cf = [1e-4] * kk_
+                ours(ps, st, sd[:1], cf[:1])
+                r = 1 if kk_ == 1024 else reps
+                ts = [timed(lambda: ours(ps, st, sd, cf)) for _ in range(r)]
+                t = statistics.median(ts)
+                rows.append((isa, str(dtype).replace("torch.", ""), kk_, n, t, n * kk_ / t))
+    CPU.set_isa(None)
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = "?"
+    print()
+    print(f"commit {commit}, load average at end {load():.2f}")
+    print(f"baseline (torch.manual_seed + torch.normal + add_, fp32, K={k}): median {mb * 1e3:.1f} ms "
+          f"of {reps} ({', '.join(f'{x * 1e3:.0f}' for x in tb)})")
+    print(f"kseed apply_seeds_multi_ (cpu, {CPU.isa()}, fp32, K={k}):        median {mo * 1e3:.1f} ms "
+          f"of {reps} ({', '.join(f'{x * 1e3:.0f}' for x in to)})")
+    print(f"speed-up over baseline: {ratio:.2f}x   "
+          f"(baseline {numel * k / mb / 1e6:.0f} M, kseed {numel * k / mo / 1e6:.0f} M element-seed updates/s)")
+    if not rows:
+        return
+    print()
+    print(f"{'path':8} {'dtype':9} {'K':>5} {'elements':>10} {'median s':>9} {'M elem-seed/s':>14}")
+    for isa, dt, kk_, n, t, rate in rows:
+        print(f"{isa:8} {dt:9} {kk_:5d} {n:10d} {t:9.4f} {rate / 1e6:14.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+// Torch-free CPU kernels of the kseed noise spec (docs/SPEC.md): tiles of the fused K-seed update and
+// of the Gaussian, with a portable scalar path and explicit AVX2 / AVX-512 paths chosen at run time.
+//
+// Every path gives bitwise the same results (tests/cpp and tests/test_cpu_isa.py check it): the SIMD
+// code evaluates the spec's formulas lane by lane with separate multiply and add instructions, never an
+// fma.  The threading lives in the caller (csrc/ops.cpp, at::parallel_for over tiles); a tile's result
+// depends only on its element indices, so any split into tiles gives the same bits.
+#pragma once
+#include <cstdint>
+
+#include "kseed_core.h"
+
+namespace kseed {
+namespace cpu {
+
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// Elements per tile: the fp32 accumulator of one tile (16 KiB) stays in L1/L2 while the K seeds run.
+constexpr int64_t kMaxTile = 4096;
+// SIMD groups are 16 Philox blocks (64 elements); tile buffers are padded to whole groups.
+constexpr int64_t kGroupBlocks = 16;
+
+const char* isa_name(Isa isa);
+// Parses "scalar", "avx2", "avx512"; false if unknown.
+bool parse_isa(const char* name, Isa* out);
+// Whether this CPU (and this build) can run the path.
+bool isa_supported(Isa isa);
+// The fastest supported path.
+Isa best_isa();
+
+// The path a call uses: the override set by set_isa_override (if any), else the environment variable
+// KSEED_CPU_ISA (read at every call; an unsupported or unknown value is an error reported through
+// *error), else best_isa().  Returns false and fills *error (a static string) on error.
+bool resolve_isa(Isa* out, const char** error);
+// Force a path (returns false if unsupported); clear_isa_override() goes back to automatic choice.
+bool set_isa_override(Isa isa);
+void clear_isa_override();
+// The current override, or -1 if none.
+int isa_override();
+
+// Tile length used by the op layer (elements, 1..kMaxTile); tests change it to check that the split
+// into tiles does not matter.
+int64_t tile_elems();
+void set_tile_elems(int64_t n);
+
+// w[j] for j in [0, n), element index e0 + j of a tensor with stream `stream`:
+//   acc = +0.0f; acc = acc + coefs[k] * z(seeds[k], stream, e0 + j) for k = 0..K-1;
+//   w[j] = round(float(w[j]) + acc)  (rounding 0 = nearest, 1 = stochastic with key sr_key).
+// n <= kMaxTile; K >= 1.
+void apply_tile(Isa isa, DType dtype, void* w, uint64_t e0, int64_t n, const uint64_t* seeds,
+                const float* coefs, int64_t K, uint32_t stream, int rounding, uint64_t sr_key);
+
+// out[j] = z(seed, stream, e0 + j) for j in [0, n), n <= kMaxTile.
+void gaussian_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n);
+
+// Building blocks (exposed for the C++ tests).  nblocks must be a multiple of kGroupBlocks.
+// acc[4 b + l] = acc[4 b + l] + c * z(lane l of block first_block + b).
+void accumulate_normals(Isa isa, Key key, uint32_t stream, uint64_t first_block, int64_t nblocks,
+                        float c, float* acc);
+// out[4 b + l] = z(lane l of block first_block + b).
+void normals(Isa isa, Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
+// out[4 b + l] = word l of Philox(counter = (block, stream, word3), key).
+void philox_words(Isa isa, Key key, uint32_t stream, uint32_t word3, uint64_t first_block,
+                  int64_t nblocks, uint32_t* out);
+// The final write of n elements: w = round(float(w) + acc) with words r (stochastic only).
+void finish(Isa isa, DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n,
+            int rounding);
+
+// The portable scalar final write (also used by the SIMD paths for the last, partial vector).
+void finish_scalar(DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n, int rounding);
+
+// Scalar float32 -> float16 bits, round to nearest even (NaN: quiet, keeps the top payload bits,
+// as the x86 F16C conversion does).
+uint16_t f32_to_f16_bits(float f);
+// Scalar float32 -> bfloat16 bits, round to nearest even (NaN: 0x7FC0, as c10::BFloat16).
+uint16_t f32_to_bf16_bits(float f);
+
+// ISA-specific entry points (defined in kseed_cpu_avx2.cpp / kseed_cpu_avx512.cpp).
+namespace avx2 {
+bool compiled();
+void accumulate_normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float c,
+                        float* acc);
+void normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
+void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t first_block, int64_t nblocks,
+                  uint32_t* out);
+void finish(DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n, int rounding);
+}  // namespace avx2
+namespace avx512 {
+bool compiled();
+void accumulate_normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float c,
+                        float* acc);
+void normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
+void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t first_block, int64_t nblocks,
+                  uint32_t* out);
+void finish(DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n, int rounding);
+}  // namespace avx512
+
+}  // namespace cpu
+}  // namespace kseed

@@ -1,0 +1,319 @@
+// C++ tests of the torch-free kseed core (csrc/kseed_core.h) and CPU kernels (csrc/kseed_cpu.h):
+//   - the Random123 Philox4x32-10 known answers (docs/SPEC.md section 1);
+//   - the spec vectors (tests/data/spec_vectors.txt, the text form of spec_vectors.json) on every path;
+//   - every SIMD path bitwise equal to the scalar path, on random inputs: normals, Philox words, the
+//     final write for each dtype and rounding (random bit patterns, NaN / inf / subnormals included),
+//     whole tiles at misaligned starts;
+//   - the scalar float16 / bfloat16 conversions against the hardware conversions where present.
+// Usage: kseed_cpp_tests [path/to/spec_vectors.txt]
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kseed_core.h"
+#include "kseed_cpu.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+using namespace kseed;
+using namespace kseed::cpu;
+
+static int g_failures = 0;
+static int g_checks = 0;
+
+#define CHECK(cond, ...)                                  \
+  do {                                                    \
+    ++g_checks;                                           \
+    if (!(cond)) {                                        \
+      ++g_failures;                                       \
+      if (g_failures <= 30) {                             \
+        std::printf("FAIL %s:%d: ", __FILE__, __LINE__);  \
+        std::printf(__VA_ARGS__);                         \
+        std::printf("\n");                                \
+      }                                                   \
+    }                                                     \
+  } while (0)
+
+static std::vector<Isa> paths() {
+  std::vector<Isa> out;
+  for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512}) {
+    if (isa_supported(i)) out.push_back(i);
+  }
+  return out;
+}
+
+static void test_kat() {
+  struct Kat {
+    uint32_t c[4], k[2], out[4];
+  } kats[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
+      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff},
+       {0xffffffff, 0xffffffff},
+       {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
+      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344},
+       {0xa4093822, 0x299f31d0},
+       {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
+  };
+  for (const Kat& t : kats) {
+    const Block b = philox(t.c[0], t.c[1], t.c[2], t.c[3], t.k[0], t.k[1]);
+    const uint32_t got[4] = {b.x0, b.x1, b.x2, b.x3};
+    for (int l = 0; l < 4; ++l) {
+      CHECK(got[l] == t.out[l], "philox KAT word %d: got %08x want %08x", l, got[l], t.out[l]);
+    }
+  }
+  // The SIMD Philox paths on the all-zero / all-ones counters (stream = c2, word3 = c3, block = c0,c1).
+  for (Isa isa : paths()) {
+    std::vector<uint32_t> w(4 * kGroupBlocks);
+    philox_words(isa, Key{0, 0}, 0, 0, 0, kGroupBlocks, w.data());
+    CHECK(w[0] == 0x6627e8d5u && w[3] == 0x9b00dbd8u, "%s philox words of block 0", isa_name(isa));
+    philox_words(isa, Key{0xffffffffu, 0xffffffffu}, 0xffffffffu, 0xffffffffu,
+                 0xffffffffffffffffull, kGroupBlocks, w.data());
+    CHECK(w[0] == 0x408f276du && w[1] == 0x41c83b0eu && w[2] == 0xa20bc7c6u && w[3] == 0x6d5451fdu,
+          "%s philox words of the all-ones counter", isa_name(isa));
+  }
+}
+
+static void test_spec_vectors(const char* path) {
+  std::ifstream in(path);
+  CHECK(bool(in), "cannot open %s", path);
+  if (!in) return;
+  std::string line;
+  int rows = 0;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream ss(line);
+    unsigned long long seed, offset;
+    unsigned long stream;
+    ss >> seed >> stream >> offset;
+    std::vector<uint32_t> want;
+    std::string hex;
+    while (ss >> hex) want.push_back(uint32_t(std::stoul(hex, nullptr, 16)));
+    ++rows;
+    for (size_t j = 0; j < want.size(); ++j) {
+      const float z = gaussian_at(seed, uint32_t(stream), offset + j);
+      CHECK(float_to_bits(z) == want[j], "spec vector (core) seed %llu stream %lu index %llu: got %08x want %08x",
+            seed, stream, offset + (unsigned long long)j, float_to_bits(z), want[j]);
+    }
+    for (Isa isa : paths()) {
+      std::vector<float> out(want.size());
+      gaussian_tile(isa, out.data(), seed, uint32_t(stream), offset, int64_t(want.size()));
+      for (size_t j = 0; j < want.size(); ++j) {
+        CHECK(float_to_bits(out[j]) == want[j], "spec vector (%s) seed %llu stream %lu index %llu: got %08x want %08x",
+              isa_name(isa), seed, stream, offset + (unsigned long long)j, float_to_bits(out[j]),
+              want[j]);
+      }
+    }
+  }
+  CHECK(rows > 0, "no spec vectors read from %s", path);
+  std::printf("spec vectors: %d rows\n", rows);
+}
+
+static void test_paths_agree() {
+  std::mt19937_64 rng(12345);
+  const auto all = paths();
+  for (int trial = 0; trial < 40; ++trial) {
+    const uint64_t seed = rng();
+    const uint32_t stream = uint32_t(rng());
+    // Block indices near 2^32 boundaries exercise the carry into counter word 1.
+    const uint64_t fb = trial % 3 == 0 ? (0xffffffffull - (rng() % 40)) : (rng() >> 4);
+    const int64_t nb = kGroupBlocks * (1 + int64_t(rng() % 8));
+    std::vector<float> ref(size_t(4 * nb)), got(size_t(4 * nb));
+    normals(Isa::Scalar, key_of(seed), stream, fb, nb, ref.data());
+    for (int64_t b = 0; b < nb; ++b) {  // the core's one-block path
+      const float z = gaussian_at(seed, stream, 4 * (fb + uint64_t(b)) + 1);
+      CHECK(float_to_bits(z) == float_to_bits(ref[size_t(4 * b + 1)]), "scalar normals vs core");
+    }
+    for (Isa isa : all) {
+      normals(isa, key_of(seed), stream, fb, nb, got.data());
+      CHECK(std::memcmp(ref.data(), got.data(), ref.size() * 4) == 0, "%s normals differ", isa_name(isa));
+      std::vector<uint32_t> w0(size_t(4 * nb)), w1(size_t(4 * nb));
+      philox_words(Isa::Scalar, key_of(seed), stream, 1, fb, nb, w0.data());
+      philox_words(isa, key_of(seed), stream, 1, fb, nb, w1.data());
+      CHECK(w0 == w1, "%s philox words differ", isa_name(isa));
+      // accumulate with a random coefficient on a random accumulator
+      std::vector<float> a0(size_t(4 * nb)), a1;
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      for (auto& x : a0) x = nd(rng);
+      a1 = a0;
+      const float c = nd(rng);
+      accumulate_normals(Isa::Scalar, key_of(seed), stream, fb, nb, c, a0.data());
+      accumulate_normals(isa, key_of(seed), stream, fb, nb, c, a1.data());
+      CHECK(std::memcmp(a0.data(), a1.data(), a0.size() * 4) == 0, "%s accumulate differs",
+            isa_name(isa));
+    }
+  }
+}
+
+// Random float bit patterns with many special values.
+static uint32_t random_bits(std::mt19937_64& rng) {
+  const uint32_t r = uint32_t(rng());
+  switch (rng() % 8) {
+    case 0: return r;                                   // anything, NaNs included
+    case 1: return (r & 0x807FFFFFu);                   // zero / subnormal
+    case 2: return (r & 0x80000000u) | 0x7F800000u;     // +-inf
+    case 3: return (r & 0x80001FFFu) | 0x38000000u | ((r >> 13) & 0x00FFE000u);  // near fp16 range
+    default: return (r & 0x8FFFFFFFu) | 0x30000000u;    // moderate magnitudes
+  }
+}
+
+static void test_finish_paths() {
+  std::mt19937_64 rng(777);
+  const auto all = paths();
+  for (int trial = 0; trial < 200; ++trial) {
+    const int64_t n = 1 + int64_t(rng() % 300);
+    std::vector<float> acc(static_cast<size_t>(n));
+    std::vector<uint32_t> r(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j) {
+      acc[size_t(j)] = bits_to_float(rng() % 4 == 0 ? random_bits(rng) : (uint32_t(rng()) & 0x8FFFFFFFu) | 0x30000000u);
+      r[size_t(j)] = uint32_t(rng());
+    }
+    for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+      for (int rounding : {0, 1}) {
+        std::vector<uint32_t> w32(static_cast<size_t>(n));
+        std::vector<uint16_t> w16(static_cast<size_t>(n));
+        for (int64_t j = 0; j < n; ++j) {
+          w32[size_t(j)] = random_bits(rng);
+          w16[size_t(j)] = uint16_t(rng());
+        }
+        std::vector<uint32_t> ref32 = w32;
+        std::vector<uint16_t> ref16 = w16;
+        finish(Isa::Scalar, dt, dt == DType::F32 ? static_cast<void*>(ref32.data()) : static_cast<void*>(ref16.data()),
+               acc.data(), r.data(), n, rounding);
+        for (Isa isa : all) {
+          std::vector<uint32_t> g32 = w32;
+          std::vector<uint16_t> g16 = w16;
+          finish(isa, dt, dt == DType::F32 ? static_cast<void*>(g32.data()) : static_cast<void*>(g16.data()),
+                 acc.data(), r.data(), n, rounding);
+          for (int64_t j = 0; j < n; ++j) {
+            if (dt == DType::F32) {
+              CHECK(g32[size_t(j)] == ref32[size_t(j)], "%s finish f32 j=%lld", isa_name(isa), (long long)j);
+            } else {
+              CHECK(g16[size_t(j)] == ref16[size_t(j)],
+                    "%s finish %s rounding %d j=%lld: w %04x acc %08x r %08x -> %04x, scalar %04x",
+                    isa_name(isa), dt == DType::BF16 ? "bf16" : "f16", rounding, (long long)j,
+                    w16[size_t(j)], float_to_bits(acc[size_t(j)]), r[size_t(j)], g16[size_t(j)],
+                    ref16[size_t(j)]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+static void test_tiles() {
+  std::mt19937_64 rng(99);
+  const auto all = paths();
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int trial = 0; trial < 30; ++trial) {
+    const int64_t K = 1 + int64_t(rng() % 5);
+    std::vector<uint64_t> seeds(static_cast<size_t>(K));
+    std::vector<float> coefs(static_cast<size_t>(K));
+    for (int64_t k = 0; k < K; ++k) {
+      seeds[size_t(k)] = rng();
+      coefs[size_t(k)] = nd(rng);
+    }
+    const uint32_t stream = uint32_t(rng());
+    const uint64_t e0 = (rng() >> 3) + uint64_t(trial % 4);
+    const int64_t n = 1 + int64_t(rng() % kMaxTile);
+    const uint64_t sr_key = rng();
+    for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+      for (int rounding : {0, 1}) {
+        std::vector<float> w0(static_cast<size_t>(n));
+        for (auto& x : w0) x = nd(rng);
+        std::vector<uint16_t> h0(static_cast<size_t>(n));
+        for (int64_t j = 0; j < n; ++j) {
+          h0[size_t(j)] = dt == DType::BF16 ? f32_to_bf16_bits(w0[size_t(j)]) : f32_to_f16_bits(w0[size_t(j)]);
+        }
+        // scalar tile against the one-element core
+        std::vector<float> ref = w0;
+        std::vector<uint16_t> ref16 = h0;
+        void* rp = dt == DType::F32 ? static_cast<void*>(ref.data()) : static_cast<void*>(ref16.data());
+        apply_tile(Isa::Scalar, dt, rp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
+        if (dt == DType::F32) {
+          for (int64_t j = 0; j < n; j += 97) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; ++k) {
+              acc = acc + coefs[size_t(k)] * gaussian_at(seeds[size_t(k)], stream, e0 + uint64_t(j));
+            }
+            const float want = w0[size_t(j)] + acc;
+            CHECK(float_to_bits(ref[size_t(j)]) == float_to_bits(want), "scalar tile vs core j=%lld",
+                  (long long)j);
+          }
+        }
+        for (Isa isa : all) {
+          std::vector<float> g = w0;
+          std::vector<uint16_t> g16 = h0;
+          void* gp = dt == DType::F32 ? static_cast<void*>(g.data()) : static_cast<void*>(g16.data());
+          apply_tile(isa, dt, gp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
+          if (dt == DType::F32) {
+            CHECK(std::memcmp(g.data(), ref.data(), size_t(n) * 4) == 0, "%s tile f32 differs", isa_name(isa));
+          } else {
+            CHECK(g16 == ref16, "%s tile %d rounding %d differs", isa_name(isa), int(dt), rounding);
+          }
+        }
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("f16c"))) static uint16_t hw_f16(float f) {
+  return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
+static void test_conversions() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (!__builtin_cpu_supports("f16c")) return;
+  int64_t n = 0;
+  // Every pattern of the top 20 bits with low-bit patterns around the rounding points.
+  const uint32_t lows[] = {0x000, 0x001, 0x7FF, 0x800, 0x801, 0xFFF};
+  for (uint32_t hi = 0; hi < (1u << 20); ++hi) {
+    for (uint32_t lo : lows) {
+      const uint32_t b = (hi << 12) | lo;
+      const float f = bits_to_float(b);
+      const uint16_t want = hw_f16(f);
+      const uint16_t got = f32_to_f16_bits(f);
+      ++n;
+      CHECK(got == want, "f32_to_f16_bits(%08x) = %04x, hardware %04x", b, got, want);
+    }
+  }
+  std::mt19937_64 rng(5);
+  for (int i = 0; i < 2000000; ++i) {
+    const uint32_t b = uint32_t(rng());
+    const float f = bits_to_float(b);
+    CHECK(f32_to_f16_bits(f) == hw_f16(f), "f32_to_f16_bits(%08x)", b);
+  }
+  std::printf("float16 conversion: %lld + 2000000 patterns\n", (long long)n);
+#endif
+  // bfloat16: round to nearest even, NaN -> 0x7FC0.
+  CHECK(f32_to_bf16_bits(bits_to_float(0x3F808000u)) == 0x3F80, "bf16 tie to even (down)");
+  CHECK(f32_to_bf16_bits(bits_to_float(0x3F818000u)) == 0x3F82, "bf16 tie to even (up)");
+  CHECK(f32_to_bf16_bits(bits_to_float(0x3F808001u)) == 0x3F81, "bf16 above tie");
+  CHECK(f32_to_bf16_bits(bits_to_float(0x7F7FFFFFu)) == 0x7F80, "bf16 overflow to inf");
+  CHECK(f32_to_bf16_bits(bits_to_float(0x7FA00000u)) == 0x7FC0, "bf16 NaN");
+}
+
+int main(int argc, char** argv) {
+  const char* vectors = argc > 1 ? argv[1] : "tests/data/spec_vectors.txt";
+  std::printf("paths:");
+  for (Isa i : paths()) std::printf(" %s", isa_name(i));
+  std::printf("\n");
+  test_kat();
+  test_spec_vectors(vectors);
+  test_paths_agree();
+  test_finish_paths();
+  test_tiles();
+  test_conversions();
+  std::printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,132 @@
+"""Every SIMD path of the CPU kernels (scalar, AVX2, AVX-512: those this CPU runs) against the reference.
+
+The path is forced with kseed_kernels.backends.cpu.set_isa and with the KSEED_CPU_ISA environment
+variable; all paths must write bitwise the same results.
+"""
+import pytest
+import torch
+
+import kseed_kernels as kk
+from kseed_kernels import reference as R
+
+pytestmark = pytest.mark.skipif("cpu" not in kk.backends(), reason="kseed_kernels._C is not built")
+
+if "cpu" in kk.backends():
+    from kseed_kernels.backends import cpu as CPU
+
+    ISAS = CPU.supported_isas()
+else:
+    CPU, ISAS = None, []
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@pytest.fixture
+def isa(request):
+    CPU.set_isa(request.param)
+    try:
+        assert CPU.isa() == request.param
+        yield request.param
+    finally:
+        CPU.set_isa(None)
+
+
+def _u64(gen):
+    hi, lo = torch.randint(0, 2**32, (2,), generator=gen).tolist()
+    return (hi << 32) | lo
+
+
+def test_scalar_always_supported():
+    assert "scalar" in ISAS
+    assert CPU.isa() in ISAS
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_gaussian_per_isa(gen, isa):
+    for stream, offset, n in [(0, 0, 4099), (2**31 + 3, 2**32 - 5, 300), (2**32 - 1, 2**41 + 2, 77),
+                              (11, 1, 1)]:
+        seed = _u64(gen)
+        got = kk.gaussian(seed, n, stream=stream, offset=offset, backend="cpu")
+        want = R.gaussian(seed, n, stream, offset)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (isa, seed, stream, offset)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_apply_per_isa(gen, isa, dtype, rounding):
+    for shape, k in [((5,), 3), ((4101,), 2), ((3, 17), 17), ((1,), 1)]:
+        w = (torch.randn(shape, generator=gen) * 2).to(dtype)
+        seeds = [_u64(gen) for _ in range(k)]
+        coefs = torch.randn(k, generator=gen) * 0.1
+        stream = _u64(gen) >> 32
+        got, want = w.clone(), w.clone()
+        kk.apply_seeds_(got, seeds, coefs, stream=stream, backend="cpu", rounding=rounding)
+        kk.apply_seeds_(want, seeds, coefs, stream=stream, backend="reference", rounding=rounding)
+        assert torch.equal(got.view(_INT[dtype]), want.view(_INT[dtype])), (isa, dtype, shape, k)
+
+
+def test_isas_agree_on_large_inputs(gen):
+    """All paths bitwise equal on a larger input (cheap: no reference), special values included."""
+    n = 200_003
+    seeds = [_u64(gen) for _ in range(3)]
+    coefs = torch.randn(3, generator=gen)
+    base = torch.randn(n, generator=gen) * 10
+    base[:8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 65504.0, 7e4])
+    results = {}
+    try:
+        for isa in ISAS:
+            CPU.set_isa(isa)
+            out = []
+            for dtype in DTYPES:
+                for rounding in ("nearest", "stochastic"):
+                    w = base.to(dtype, copy=True)
+                    kk.apply_seeds_(w, seeds, coefs, stream=5, backend="cpu", rounding=rounding)
+                    out.append(w.view(_INT[dtype]))
+            out.append(kk.gaussian(seeds[0], n, stream=2, offset=3, backend="cpu").view(torch.int32))
+            results[isa] = out
+    finally:
+        CPU.set_isa(None)
+    first = results[ISAS[0]]
+    for isa in ISAS[1:]:
+        for i, (a, b) in enumerate(zip(results[isa], first)):
+            assert torch.equal(a, b), (isa, i)
+
+
+def test_nan_weights_stay_nan():
+    for isa in ISAS:
+        CPU.set_isa(isa)
+        try:
+            for dtype in DTYPES:
+                for rounding in ("nearest", "stochastic"):
+                    w = torch.tensor([float("nan")] * 21).to(dtype)
+                    kk.apply_seeds_(w, [1, 2], [0.5, 0.25], backend="cpu", rounding=rounding)
+                    assert torch.isnan(w).all(), (isa, dtype, rounding)
+        finally:
+            CPU.set_isa(None)
+
+
+def test_env_var_selects_isa(monkeypatch):
+    for isa in ISAS:
+        monkeypatch.setenv("KSEED_CPU_ISA", isa)
+        assert CPU.isa() == isa
+    monkeypatch.setenv("KSEED_CPU_ISA", "auto")
+    assert CPU.isa() == ISAS[-1]
+    monkeypatch.setenv("KSEED_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="KSEED_CPU_ISA"):
+        kk.gaussian(1, 8, backend="cpu")
+    monkeypatch.delenv("KSEED_CPU_ISA")
+    assert CPU.isa() == ISAS[-1]
+
+
+def test_set_isa_rejects_bad_names():
+    with pytest.raises(ValueError):
+        CPU.set_isa("avx9000")
+    with pytest.raises(TypeError):
+        CPU.set_isa(3)
+    for name in ("scalar", "avx2", "avx512"):
+        if name not in ISAS:
+            with pytest.raises(ValueError, match="not supported"):
+                CPU.set_isa(name)
+    CPU.set_isa(None)
