@@ -8,7 +8,6 @@ rebuilds and returns the response loss on the client's data.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np

@@ -194,6 +194,23 @@ def _nan_none(x):
 
 
 # ------------------------------------------------------------------------------------ run
+def global_evaluator(cfg: FedConfig, ws, server: FedKSeedServer, eval_ex):
+    """A function ``evaluate(with_rouge) -> (held-out loss, Rouge-L F1 or None)`` of the server's
+    current global model, rebuilt in ``ws`` from w0 and the server's coefficients in one fused pass."""
+    eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length)
+
+    def evaluate(with_rouge: bool):
+        ws.rebuild(server.seeds, server.global_coefs())
+        loss = M.eval_loss(ws.model, eval_items, ws.pad_id, ws.device)
+        rl = None
+        if with_rouge:
+            rl = M.rouge_l(ws.model, ws.tok, eval_ex[:cfg.rouge_size], cfg.max_length, ws.device,
+                           cfg.max_new_tokens)
+        return loss, rl
+
+    return evaluate
+
+
 def run(cfg: FedConfig, out: str, *, resume: bool = False, device: str = "cpu",
         backend: Optional[str] = None, progress: bool = True, rebuild_cache: bool = True) -> dict:
     """Run (or resume) a federation; returns the summary dict (also written to summary.json)."""
@@ -225,16 +242,7 @@ def run(cfg: FedConfig, out: str, *, resume: bool = False, device: str = "cpu",
             clients[cid] = FedKSeedClient(cfg, lambda: ws, parts[cid], client_id=cid)
         return clients[cid]
 
-    eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length)
-
-    def evaluate_global(with_rouge: bool):
-        ws.rebuild(server.seeds, server.global_coefs())
-        loss = M.eval_loss(ws.model, eval_items, ws.pad_id, ws.device)
-        rl = None
-        if with_rouge:
-            rl = M.rouge_l(ws.model, ws.tok, eval_ex[:cfg.rouge_size], cfg.max_length, ws.device,
-                           cfg.max_new_tokens)
-        return loss, rl
+    evaluate_global = global_evaluator(cfg, ws, server, eval_ex)
 
     t_start = time.perf_counter()
     if not rows:  # round 0: the base model

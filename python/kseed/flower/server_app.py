@@ -58,7 +58,6 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid, run_config) -> dict:
     """The whole run on `grid`; returns the summary (also written to out/summary.json)."""
-    from kseed import modeling as M
     from kseed import simulation as S
     from kseed.server import FedKSeedServer, NotEnoughReplies
 
@@ -84,16 +83,7 @@ def run_federation(grid, run_config) -> dict:
     _, eval_ex, held = S.build_data(cfg)
     ws = S.load_workspace(cfg, device, cache=False)
     server = FedKSeedServer(cfg, base_identity=ws.identity)
-    eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length)
-
-    def evaluate_global(with_rouge: bool):
-        ws.rebuild(server.seeds, server.global_coefs())
-        loss = M.eval_loss(ws.model, eval_items, ws.pad_id, ws.device)
-        rl = None
-        if with_rouge:
-            rl = M.rouge_l(ws.model, ws.tok, eval_ex[:cfg.rouge_size], cfg.max_length, ws.device,
-                           cfg.max_new_tokens)
-        return loss, rl
+    evaluate_global = S.global_evaluator(cfg, ws, server, eval_ex)
 
     t0 = time.perf_counter()
     node_of = discover_partitions(grid, cfg.num_clients, node_wait)
