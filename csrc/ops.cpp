@@ -17,14 +17,17 @@
 #include <vector>
 
 #include "kseed_cpu.h"
+#include "op_checks.h"
 
 namespace {
 
 using kseed::cpu::DType;
 using kseed::cpu::Isa;
 
-constexpr int64_t kMaxIndex = int64_t(1) << 62;
-constexpr int64_t kU32 = int64_t(1) << 32;
+using kseed::checks::check_rounding;
+using kseed::checks::check_stream;
+using kseed::checks::kMaxIndex;
+using kseed::checks::kU32;
 
 Isa current_isa() {
   Isa isa;
@@ -34,29 +37,15 @@ Isa current_isa() {
 }
 
 DType dtype_of(const at::Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::F32;
-    case at::kBFloat16: return DType::BF16;
-    case at::kHalf: return DType::F16;
-    default:
-      TORCH_CHECK_TYPE(false, "kseed: ", what, " must be float32, bfloat16 or float16, got ",
-                       t.scalar_type());
-  }
-  return DType::F32;
+  kseed::checks::check_float_dtype(t, what);
+  return t.scalar_type() == at::kFloat ? DType::F32
+         : t.scalar_type() == at::kBFloat16 ? DType::BF16 : DType::F16;
 }
 
 void check_weight(const at::Tensor& t, const char* what) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "kseed (CPU): ", what, " must be a CPU tensor, got ",
                     t.device());
-  dtype_of(t, what);
-  TORCH_CHECK_VALUE(t.is_contiguous(), "kseed: ", what, " must be contiguous");
-  TORCH_CHECK_VALUE(t.numel() <= kMaxIndex, "kseed: ", what, " has more than 2^62 elements");
-}
-
-uint32_t check_stream(int64_t stream, const char* what) {
-  TORCH_CHECK_VALUE(stream >= 0 && stream < kU32, "kseed: ", what, " must be in [0, 2^32), got ",
-                    stream);
-  return uint32_t(stream);
+  kseed::checks::check_weight_layout(t, what);
 }
 
 // seeds (int64 [K], uint64 bit patterns) and coefs (finite float32 [K]) as host vectors.
@@ -64,33 +53,18 @@ void read_seeds_coefs(const at::Tensor& seeds, const at::Tensor& coefs, std::vec
                       std::vector<float>* c) {
   TORCH_CHECK_VALUE(seeds.device().is_cpu(), "kseed (CPU): seeds must be a CPU tensor");
   TORCH_CHECK_VALUE(coefs.device().is_cpu(), "kseed (CPU): coefs must be a CPU tensor");
-  TORCH_CHECK_TYPE(seeds.scalar_type() == at::kLong, "kseed: seeds must be an int64 tensor, got ",
-                   seeds.scalar_type());
-  TORCH_CHECK_TYPE(coefs.scalar_type() == at::kFloat, "kseed: coefs must be a float32 tensor, got ",
-                   coefs.scalar_type());
-  TORCH_CHECK_VALUE(seeds.dim() == 1, "kseed: seeds must be 1-d [K], got ", seeds.dim(), " dims");
-  TORCH_CHECK_VALUE(coefs.dim() == 1, "kseed: coefs must be 1-d [K], got ", coefs.dim(), " dims");
-  TORCH_CHECK_VALUE(seeds.numel() == coefs.numel(),
-                    "kseed: seeds and coefs must have the same length, got ", seeds.numel(), " and ",
-                    coefs.numel());
+  kseed::checks::check_seeds_coefs(seeds, coefs);
   const at::Tensor sc = seeds.contiguous(), cc = coefs.contiguous();
   const int64_t K = sc.numel();
   s->resize(size_t(K));
   c->resize(size_t(K));
   const int64_t* sp = sc.data_ptr<int64_t>();
   const float* cp = cc.data_ptr<float>();
+  kseed::checks::check_finite_coefs(cp, K);
   for (const auto k : c10::irange(K)) {
     (*s)[size_t(k)] = uint64_t(sp[k]);
-    const float v = cp[k];
-    TORCH_CHECK_VALUE(v - v == 0.0f, "kseed: coefs must be finite, got coefs[", k, "] = ", v);
-    (*c)[size_t(k)] = v;
+    (*c)[size_t(k)] = cp[k];
   }
-}
-
-int check_rounding(int64_t rounding) {
-  TORCH_CHECK_VALUE(rounding == 0 || rounding == 1,
-                    "kseed: rounding must be 0 (nearest) or 1 (stochastic), got ", rounding);
-  return int(rounding);
 }
 
 // ---------------------------------------------------------------------------------------- ops

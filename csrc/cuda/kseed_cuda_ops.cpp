@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "../op_checks.h"
 #include "kseed_cuda.cuh"
 
 namespace {
@@ -23,38 +24,19 @@ namespace {
 using kseed::cuda::DType;
 using kseed::cuda::TensorWork;
 
-constexpr int64_t kMaxIndex = int64_t(1) << 62;
-constexpr int64_t kU32 = int64_t(1) << 32;
+using kseed::checks::check_rounding;
+using kseed::checks::check_stream;
+using kseed::checks::kMaxIndex;
 
 DType dtype_of(const at::Tensor& t, const std::string& what) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::F32;
-    case at::kBFloat16: return DType::BF16;
-    case at::kHalf: return DType::F16;
-    default:
-      TORCH_CHECK_TYPE(false, "kseed: ", what, " must be float32, bfloat16 or float16, got ",
-                       t.scalar_type());
-  }
-  return DType::F32;
+  kseed::checks::check_float_dtype(t, what);
+  return t.scalar_type() == at::kFloat ? DType::F32
+         : t.scalar_type() == at::kBFloat16 ? DType::BF16 : DType::F16;
 }
 
 void check_weight(const at::Tensor& t, const std::string& what) {
   TORCH_CHECK_VALUE(t.is_cuda(), "kseed (CUDA): ", what, " must be a CUDA tensor, got ", t.device());
-  dtype_of(t, what);
-  TORCH_CHECK_VALUE(t.is_contiguous(), "kseed: ", what, " must be contiguous");
-  TORCH_CHECK_VALUE(t.numel() <= kMaxIndex, "kseed: ", what, " has more than 2^62 elements");
-}
-
-uint32_t check_stream(int64_t stream, const std::string& what) {
-  TORCH_CHECK_VALUE(stream >= 0 && stream < kU32, "kseed: ", what, " must be in [0, 2^32), got ",
-                    stream);
-  return uint32_t(stream);
-}
-
-int check_rounding(int64_t rounding) {
-  TORCH_CHECK_VALUE(rounding == 0 || rounding == 1,
-                    "kseed: rounding must be 0 (nearest) or 1 (stochastic), got ", rounding);
-  return int(rounding);
+  kseed::checks::check_weight_layout(t, what);
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -64,22 +46,10 @@ void check_cuda(cudaError_t err, const char* what) {
 // Host copies of seeds (int64 [K]) and coefs (finite float32 [K]), from CPU or CUDA tensors.
 int64_t read_seeds_coefs(const at::Tensor& seeds, const at::Tensor& coefs, at::Tensor* s_out,
                          at::Tensor* c_out) {
-  TORCH_CHECK_TYPE(seeds.scalar_type() == at::kLong, "kseed: seeds must be an int64 tensor, got ",
-                   seeds.scalar_type());
-  TORCH_CHECK_TYPE(coefs.scalar_type() == at::kFloat, "kseed: coefs must be a float32 tensor, got ",
-                   coefs.scalar_type());
-  TORCH_CHECK_VALUE(seeds.dim() == 1, "kseed: seeds must be 1-d [K], got ", seeds.dim(), " dims");
-  TORCH_CHECK_VALUE(coefs.dim() == 1, "kseed: coefs must be 1-d [K], got ", coefs.dim(), " dims");
-  TORCH_CHECK_VALUE(seeds.numel() == coefs.numel(),
-                    "kseed: seeds and coefs must have the same length, got ", seeds.numel(), " and ",
-                    coefs.numel());
+  kseed::checks::check_seeds_coefs(seeds, coefs);
   *s_out = seeds.cpu().contiguous();
   *c_out = coefs.cpu().contiguous();
-  const float* cp = c_out->data_ptr<float>();
-  for (const auto k : c10::irange(c_out->numel())) {
-    TORCH_CHECK_VALUE(cp[k] - cp[k] == 0.0f, "kseed: coefs must be finite, got coefs[", k, "] = ",
-                      cp[k]);
-  }
+  kseed::checks::check_finite_coefs(c_out->data_ptr<float>(), c_out->numel());
   return s_out->numel();
 }
 
