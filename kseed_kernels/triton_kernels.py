@@ -177,6 +177,23 @@ def _normals4(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def _accumulate4(acc0, acc1, acc2, acc3, c0, c1, c2, c3, seeds_ptr, coefs_ptr, k_begin, k_end):
+    """acc_l = acc_l + c_k * z_l for seeds k_begin .. k_end - 1 in ascending order (spec 4, step 2):
+    the K loop of the apply kernels and of the benchmark floor, so the floor measures the same work.
+    Seeds arrive as two int32 words each; each seed's key and coefficient are loaded once."""
+    for k in range(k_begin, k_end):
+        k0 = tl.load(seeds_ptr + 2 * k).to(tl.uint32, bitcast=True)
+        k1 = tl.load(seeds_ptr + 2 * k + 1).to(tl.uint32, bitcast=True)
+        cf = tl.load(coefs_ptr + k)
+        z0, z1, z2, z3 = _normals4(c0, c1, c2, c3, k0, k1)
+        acc0 = acc0 + cf * z0
+        acc1 = acc1 + cf * z1
+        acc2 = acc2 + cf * z2
+        acc3 = acc3 + cf * z3
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _interleave4(a0, a1, a2, a3, BLOCK: tl.constexpr):
     """[BLOCK] x4 lanes -> [4 * BLOCK] in element order (block-major, lane-minor)."""
     return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [4 * BLOCK])
@@ -278,15 +295,8 @@ def _apply_tile(x_ptr, n, tile, elem_base, acc_ptr, seeds_ptr, coefs_ptr, k_begi
         acc1 = tl.zeros([BLOCK], tl.float32)
         acc2 = tl.zeros([BLOCK], tl.float32)
         acc3 = tl.zeros([BLOCK], tl.float32)
-    for k in range(k_begin, k_end):
-        k0 = tl.load(seeds_ptr + 2 * k).to(tl.uint32, bitcast=True)
-        k1 = tl.load(seeds_ptr + 2 * k + 1).to(tl.uint32, bitcast=True)
-        cf = tl.load(coefs_ptr + k)
-        z0, z1, z2, z3 = _normals4(c0, c1, c2, c3, k0, k1)
-        acc0 = acc0 + cf * z0
-        acc1 = acc1 + cf * z1
-        acc2 = acc2 + cf * z2
-        acc3 = acc3 + cf * z3
+    acc0, acc1, acc2, acc3 = _accumulate4(acc0, acc1, acc2, acc3, c0, c1, c2, c3, seeds_ptr,
+                                          coefs_ptr, k_begin, k_end)
     if FINAL:
         offs = tile * (4 * BLOCK) + tl.arange(0, 4 * BLOCK).to(tl.int64)
         mask = offs < n
@@ -351,15 +361,8 @@ def noise_floor_kernel(out_ptr, seeds_ptr, coefs_ptr, K, stream, BLOCK: tl.const
     acc1 = tl.zeros([BLOCK], tl.float32)
     acc2 = tl.zeros([BLOCK], tl.float32)
     acc3 = tl.zeros([BLOCK], tl.float32)
-    for k in range(0, K):
-        k0 = tl.load(seeds_ptr + 2 * k).to(tl.uint32, bitcast=True)
-        k1 = tl.load(seeds_ptr + 2 * k + 1).to(tl.uint32, bitcast=True)
-        cf = tl.load(coefs_ptr + k)
-        z0, z1, z2, z3 = _normals4(c0, c1, c2, c3, k0, k1)
-        acc0 = acc0 + cf * z0
-        acc1 = acc1 + cf * z1
-        acc2 = acc2 + cf * z2
-        acc3 = acc3 + cf * z3
+    acc0, acc1, acc2, acc3 = _accumulate4(acc0, acc1, acc2, acc3, c0, c1, c2, c3, seeds_ptr,
+                                          coefs_ptr, 0, K)
     tot = tl.sum(acc0 + acc1 + acc2 + acc3, axis=0)
     tl.store(out_ptr + pid, tot)
 
