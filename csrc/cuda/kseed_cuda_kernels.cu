@@ -13,6 +13,13 @@
 #include "kseed_cuda.cuh"
 #include "kseed_cuda_device.cuh"
 
+// A kernel launch.  tests/cuda_emu defines KSEED_LAUNCH to run the kernels on the CPU under a host
+// emulation of the CUDA execution model (a test of their indexing, staging and rounding logic on a
+// machine without a GPU); nvcc builds get the plain triple-chevron launch.
+#ifndef KSEED_LAUNCH
+#define KSEED_LAUNCH(grid, block, cu_stream, ...) __VA_ARGS__<<<grid, block, 0, cu_stream>>>
+#endif
+
 namespace kseed {
 namespace cuda {
 namespace {
@@ -229,11 +236,11 @@ cudaError_t launch_typed(const TensorWork* works, int num_works, int64_t total_t
                          const uint64_t* seeds, const float* coefs, int64_t K, uint64_t sr_key,
                          bool aligned, cudaStream_t s) {
   if (aligned) {
-    apply_kernel<DT, ROUND, true>
-        <<<dim3(unsigned(total_tiles)), kThreads, 0, s>>>(works, num_works, seeds, coefs, K, sr_key);
+    KSEED_LAUNCH(dim3(unsigned(total_tiles)), kThreads, s, apply_kernel<DT, ROUND, true>)
+    (works, num_works, seeds, coefs, K, sr_key);
   } else {
-    apply_kernel<DT, ROUND, false>
-        <<<dim3(unsigned(total_tiles)), kThreads, 0, s>>>(works, num_works, seeds, coefs, K, sr_key);
+    KSEED_LAUNCH(dim3(unsigned(total_tiles)), kThreads, s, apply_kernel<DT, ROUND, false>)
+    (works, num_works, seeds, coefs, K, sr_key);
   }
   return cudaGetLastError();
 }
@@ -247,8 +254,8 @@ cudaError_t launch_gaussian(float* out, int64_t numel, uint64_t seed, uint32_t s
   const uint64_t last = (offset + uint64_t(numel) + 3) >> 2;
   const uint64_t grid = (last - first + kThreads - 1) / kThreads;
   if (grid > 0x7FFFFFFFull) return cudaErrorInvalidValue;
-  gaussian_kernel<<<dim3(unsigned(grid)), kThreads, 0, cu_stream>>>(out, numel, seed, stream,
-                                                                     offset);
+  KSEED_LAUNCH(dim3(unsigned(grid)), kThreads, cu_stream, gaussian_kernel)
+  (out, numel, seed, stream, offset);
   return cudaGetLastError();
 }
 
@@ -280,7 +287,8 @@ cudaError_t launch_noise_floor(float* out, int64_t numel, const uint64_t* seeds,
   const int64_t tiles = tiles_of(numel);
   if (tiles <= 0 || K <= 0) return cudaSuccess;
   if (tiles > 0x7FFFFFFFll) return cudaErrorInvalidValue;
-  noise_floor_kernel<<<dim3(unsigned(tiles)), kThreads, 0, cu_stream>>>(out, seeds, coefs, K, stream);
+  KSEED_LAUNCH(dim3(unsigned(tiles)), kThreads, cu_stream, noise_floor_kernel)
+  (out, seeds, coefs, K, stream);
   return cudaGetLastError();
 }
 

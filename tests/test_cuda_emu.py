@@ -1,0 +1,216 @@
+"""The CUDA kernels themselves (csrc/cuda/kseed_cuda_kernels.cu), run on the CPU and checked bit for bit.
+
+No GPU is needed: tests/cuda_emu/ compiles the kernel source with the host C++ compiler under a small
+emulation of the CUDA execution model (one OS thread per CUDA thread, real barriers for __syncthreads,
+shared memory shared by a block's threads), so the kernels' own logic runs: the tiling and the binary
+search of the device-side tensor table, seed staging in shared memory across seed tiles, the K loop with
+precomputed round keys and round-0 products, 16-byte / 8-byte vector I/O and the scalar path for
+unaligned tensors, the tails, nearest and stochastic rounding, the gaussian offsets and the
+benchmark-floor reduction.  Results are compared with the CPU backend, itself bitwise equal to the
+reference (tests/test_cpu_backend.py).  What this cannot see, the device arithmetic intrinsics and the
+absence of fma in the real build, is checked on the PTX by tests/test_cuda_compile.py; on a GPU,
+tests/test_cuda.py runs the real thing.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import kseed_kernels as kk
+from kseed_kernels import ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
+TILE = 2048   # kTileElems of csrc/cuda/kseed_cuda.cuh
+THREADS = 256  # kThreads
+SEED_TILE = 256  # kSeedTile
+DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _cuda_include():
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if cand and os.path.exists(os.path.join(cand, "include", "cuda_fp16.h")):
+            return os.path.join(cand, "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        inc = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")
+        if os.path.exists(os.path.join(inc, "cuda_fp16.h")):
+            return inc
+    return None
+
+
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+CUDA_INC = _cuda_include()
+pytestmark = [
+    pytest.mark.skipif(CXX is None, reason="no host C++ compiler"),
+    pytest.mark.skipif(CUDA_INC is None, reason="CUDA headers (cuda_fp16.h) not found"),
+    pytest.mark.skipif("cpu" not in kk.backends(), reason="the cpu backend is not built"),
+]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    exe = str(tmp_path_factory.mktemp("cuda_emu") / "cuda_emu")
+    cmd = [CXX, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-pthread", "-Wall",
+           "-Werror", "-Wno-unknown-pragmas", f"-I{CUDA_INC}", f"-I{os.path.join(ROOT, 'csrc')}",
+           os.path.join(EMU_DIR, "cuda_emu_main.cpp"), "-o", exe]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"building the CUDA emulation failed:\n{proc.stderr[-6000:]}"
+
+    def run(job: bytes, tmp) -> bytes:
+        jf, of = str(tmp / "job.bin"), str(tmp / "out.bin")
+        with open(jf, "wb") as f:
+            f.write(b"KSEEDEMU" + job)
+        p = subprocess.run([exe, jf, of], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, f"cuda_emu failed ({p.returncode}): {p.stderr}"
+        with open(of, "rb") as f:
+            return f.read()
+
+    return run
+
+
+def _seeds(gen, k):
+    s = torch.randint(-2**63, 2**63 - 1, (k,), dtype=torch.int64, generator=gen)
+    if k >= 2:
+        s[0], s[1] = -1, 0  # the extreme bit patterns
+    return s
+
+
+def _coefs(gen, k):
+    return (torch.randn(k, generator=gen) * torch.rand(k, generator=gen) * 1e-2).float()
+
+
+def _streams(gen, n):
+    return [int(x) for x in torch.randint(0, 2**32, (n,), dtype=torch.int64, generator=gen)]
+
+
+def _bits(t):
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+def _apply_job(tensors, streams, seeds, coefs, rounding, shifts):
+    code = 0 if rounding == "nearest" else 1
+    key = ops._sr_key(seeds, coefs, rounding, [t.dtype for t in tensors if t.numel()])
+    job = struct.pack("<iqiQi", 0, seeds.numel(), code, key, len(tensors))
+    job += seeds.numpy().tobytes() + coefs.numpy().tobytes()
+    for t, st, sh in zip(tensors, streams, shifts):
+        job += struct.pack("<iIqq", DT_CODE[t.dtype], st, t.numel(), sh)
+        job += t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return job
+
+
+def _unpack(raw, like):
+    out, at = [], 0
+    for t in like:
+        nb = t.numel() * t.element_size()
+        buf = bytearray(raw[at:at + nb])
+        out.append(torch.frombuffer(buf, dtype=torch.uint8).view(t.dtype).reshape(t.shape)
+                   if nb else t.clone())
+        at += nb
+    assert at == len(raw)
+    return out
+
+
+def _weights(gen, sizes, dtypes):
+    return [(torch.randn(n, generator=gen) * 0.05).to(dt) for n, dt in zip(sizes, dtypes)]
+
+
+# Sizes: a single element, tails of every length mod 4, exact tiles, a tile plus one, several tiles.
+SIZES = (1, 3, 6, 7, 2048, 2049, 4 * 1000 + 2, 2 * TILE + 5)
+
+
+@pytest.mark.parametrize("k", [1, 3, SEED_TILE + 44])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_apply_multi_matches_cpu(emu, tmp_path, gen, k, rounding):
+    dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(SIZES))]
+    ws = _weights(gen, SIZES, dtypes)
+    streams = _streams(gen, len(ws))
+    seeds, coefs = _seeds(gen, k), _coefs(gen, k)
+    got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, [0] * len(ws)), tmp_path), ws)
+    want = [w.clone() for w in ws]
+    kk.apply_seeds_multi_(want, streams, seeds, coefs, rounding=rounding, backend="cpu")
+    for i, (g, w, orig) in enumerate(zip(got, want, ws)):
+        assert not torch.equal(_bits(w), _bits(orig)) or w.numel() < 8, f"tensor {i} did not move"
+        assert torch.equal(_bits(g), _bits(w)), (
+            f"tensor {i} ({w.dtype}, {w.numel()} elements, K={k}, {rounding}): "
+            f"{int((_bits(g) != _bits(w)).sum())} elements differ")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_unaligned_path_matches_cpu(emu, tmp_path, gen, dtype):
+    """A tensor off the vector alignment sends its whole dtype group down the scalar I/O path."""
+    sizes = (2049, 37, 4 * TILE)
+    ws = _weights(gen, sizes, [dtype] * 3)
+    streams = _streams(gen, 3)
+    seeds, coefs = _seeds(gen, 5), _coefs(gen, 5)
+    rounding = "stochastic" if dtype != torch.float32 else "nearest"
+    for shifts in ([1, 0, 0], [0, 0, 3]):
+        got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, shifts), tmp_path), ws)
+        want = [w.clone() for w in ws]
+        kk.apply_seeds_multi_(want, streams, seeds, coefs, rounding=rounding, backend="cpu")
+        for g, w in zip(got, want):
+            assert torch.equal(_bits(g), _bits(w)), f"shifts {shifts}: results differ"
+
+
+def test_apply_can_fail(emu, tmp_path, gen):
+    """The comparison sees a one-seed change (the check is not vacuous)."""
+    ws = _weights(gen, (3000,), [torch.bfloat16])
+    seeds, coefs = _seeds(gen, 4), _coefs(gen, 4)
+    got = _unpack(emu(_apply_job(ws, [7], seeds, coefs, "nearest", [0]), tmp_path), ws)[0]
+    other = seeds.clone()
+    other[2] ^= 1
+    want = ws[0].clone()
+    kk.apply_seeds_(want, other, coefs, stream=7, backend="cpu")
+    assert not torch.equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("seed,stream,offset,numel", [
+    (0, 0, 0, 4096 + 3),
+    (2**64 - 1, 2**32 - 1, 1, 1),
+    (0x0123456789ABCDEF, 123456, 2, 2 * THREADS * 4 + 1),
+    (0xDEADBEEF, 77, (1 << 33) + 3, 1001),  # the block index's high word is nonzero
+])
+def test_gaussian_matches_cpu(emu, tmp_path, seed, stream, offset, numel):
+    job = struct.pack("<iQIQq", 1, seed, stream, offset, numel)
+    got = np.frombuffer(emu(job, tmp_path), dtype=np.float32)
+    want = kk.gaussian(seed, numel, stream=stream, offset=offset, backend="cpu").numpy()
+    assert got.shape == want.shape
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def _floor_reference(acc_flat, numel):
+    """The floor kernel's sum per tile, in its exact float32 order: per thread over its 2 blocks x 4
+    lanes, then the xor butterfly within each warp, then the warps' sums in order."""
+    tiles = -(-numel // TILE)
+    a = acc_flat[:tiles * TILE].reshape(tiles, 2, THREADS, 4)  # [tile, v, thread, lane]
+    s = np.zeros((tiles, THREADS), np.float32)
+    for v in range(2):
+        for lane in range(4):
+            s = (s + a[:, v, :, lane]).astype(np.float32)
+    idx = np.arange(THREADS)
+    for o in (16, 8, 4, 2, 1):
+        s = (s + s[:, idx ^ o]).astype(np.float32)
+    t = np.zeros(tiles, np.float32)
+    for w in range(THREADS // 32):
+        t = (t + s[:, 32 * w]).astype(np.float32)
+    return t
+
+
+@pytest.mark.parametrize("k", [2, SEED_TILE + 3])
+def test_noise_floor_matches_reference_order(emu, tmp_path, gen, k):
+    numel, stream = 3 * TILE - 10, 4242
+    seeds, coefs = _seeds(gen, k), _coefs(gen, k)
+    job = struct.pack("<iqIq", 2, k, stream, numel) + seeds.numpy().tobytes() + coefs.numpy().tobytes()
+    got = np.frombuffer(emu(job, tmp_path), dtype=np.float32)
+    # The floor generates every element of every tile (no bounds check): the accumulators of the padded
+    # length are the update of a zero tensor.
+    acc = torch.zeros(-(-numel // TILE) * TILE)
+    kk.apply_seeds_(acc, seeds, coefs, stream=stream, backend="cpu")
+    want = _floor_reference(acc.numpy(), numel)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
