@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <vector>
 
 namespace kseed {
 namespace cuda {
@@ -33,6 +35,40 @@ constexpr int64_t kTileElems = int64_t(kThreads) * kBlocksPerThread * 4;
 constexpr int kSeedTile = 256;
 
 inline int64_t tiles_of(int64_t numel) { return (numel + kTileElems - 1) / kTileElems; }
+
+// The launches of one apply call: its tensors grouped by dtype (one launch per group), each group's
+// device table rows with their first tiles, and whether every tensor of the group is aligned for the
+// kernels' vector I/O (16 bytes for float32, 8 for 16-bit types).  Host-side and torch-free: the torch
+// binding and the CPU emulation of the kernels (tests/cuda_emu) both plan with it.
+struct ApplyGroup {
+  DType dtype = DType::F32;
+  std::vector<TensorWork> works;
+  int64_t tiles = 0;
+  bool aligned = true;
+};
+
+class ApplyPlan {
+ public:
+  // Adds a tensor (numel > 0) of `dtype` at `data` with stream id `stream`.
+  void add(DType dtype, void* data, int64_t numel, uint32_t stream) {
+    ApplyGroup& g = by_dtype_[int(dtype)];
+    g.dtype = dtype;
+    g.works.push_back({data, numel, stream, 0u, g.tiles});
+    g.tiles += tiles_of(numel);
+    const uintptr_t align = dtype == DType::F32 ? 16 : 8;
+    g.aligned = g.aligned && reinterpret_cast<uintptr_t>(data) % align == 0;
+  }
+  bool empty() const { return by_dtype_.empty(); }
+  // The groups, float32 first, then bfloat16, then float16.
+  std::vector<ApplyGroup> groups() const {
+    std::vector<ApplyGroup> out;
+    for (const auto& kv : by_dtype_) out.push_back(kv.second);
+    return out;
+  }
+
+ private:
+  std::map<int, ApplyGroup> by_dtype_;
+};
 
 // z(seed, stream, offset + j) into out[j], j < numel.
 cudaError_t launch_gaussian(float* out, int64_t numel, uint64_t seed, uint32_t stream,

@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <cstring>
-#include <map>
 #include <string>
 #include <vector>
 
@@ -21,6 +20,8 @@
 
 namespace {
 
+using kseed::cuda::ApplyGroup;
+using kseed::cuda::ApplyPlan;
 using kseed::cuda::DType;
 using kseed::cuda::TensorWork;
 
@@ -53,32 +54,21 @@ int64_t read_seeds_coefs(const at::Tensor& seeds, const at::Tensor& coefs, at::T
   return s_out->numel();
 }
 
-bool is_aligned(const at::Tensor& t) {
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  return p % (t.scalar_type() == at::kFloat ? 16 : 8) == 0;
-}
-
-struct Group {
-  DType dtype;
-  std::vector<TensorWork> works;
-  int64_t tiles = 0;
-  bool aligned = true;
-};
-
 // Packs [tables of all groups][seeds][coefs] into one pinned buffer, copies it to `device` on the
 // current stream and launches one apply per group.
-void run_apply(std::vector<Group>& groups, const at::Tensor& seeds, const at::Tensor& coefs,
+void run_apply(const ApplyPlan& plan, const at::Tensor& seeds, const at::Tensor& coefs,
                int rounding, uint64_t sr_key, const at::Device& device) {
   const int64_t K = seeds.numel();
+  const std::vector<ApplyGroup> groups = plan.groups();
   size_t table_bytes = 0;
-  for (const Group& g : groups) table_bytes += g.works.size() * sizeof(TensorWork);
+  for (const ApplyGroup& g : groups) table_bytes += g.works.size() * sizeof(TensorWork);
   const size_t seeds_at = table_bytes;               // multiple of 32
   const size_t coefs_at = seeds_at + size_t(K) * 8;  // multiple of 8
   const size_t total = coefs_at + size_t(K) * 4;
   at::Tensor host = at::empty({int64_t(total)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   uint8_t* h = host.data_ptr<uint8_t>();
   size_t at_ = 0;
-  for (const Group& g : groups) {
+  for (const ApplyGroup& g : groups) {
     std::memcpy(h + at_, g.works.data(), g.works.size() * sizeof(TensorWork));
     at_ += g.works.size() * sizeof(TensorWork);
   }
@@ -92,7 +82,7 @@ void run_apply(std::vector<Group>& groups, const at::Tensor& seeds, const at::Te
   const auto* d_coefs = reinterpret_cast<const float*>(d + coefs_at);
   cudaStream_t cs = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   size_t off = 0;
-  for (const Group& g : groups) {
+  for (const ApplyGroup& g : groups) {
     const auto* table = reinterpret_cast<const TensorWork*>(d + off);
     check_cuda(kseed::cuda::launch_apply(g.dtype, table, int(g.works.size()), g.tiles, d_seeds,
                                          d_coefs, K, rounding, sr_key, g.aligned, cs),
@@ -130,13 +120,9 @@ void apply_seeds_cuda(at::Tensor& tensor, const at::Tensor& seeds, const at::Ten
   const int64_t K = read_seeds_coefs(seeds, coefs, &s, &c);
   if (K == 0 || tensor.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(tensor.device());
-  Group g;
-  g.dtype = dtype_of(tensor, "tensor");
-  g.works.push_back({tensor.data_ptr(), tensor.numel(), st, 0u, 0});
-  g.tiles = kseed::cuda::tiles_of(tensor.numel());
-  g.aligned = is_aligned(tensor);
-  std::vector<Group> groups{g};
-  run_apply(groups, s, c, r, uint64_t(sr_key), tensor.device());
+  ApplyPlan plan;
+  plan.add(dtype_of(tensor, "tensor"), tensor.data_ptr(), tensor.numel(), st);
+  run_apply(plan, s, c, r, uint64_t(sr_key), tensor.device());
 }
 
 void apply_seeds_multi_cuda(at::TensorList tensors, at::IntArrayRef streams, const at::Tensor& seeds,
@@ -147,7 +133,7 @@ void apply_seeds_multi_cuda(at::TensorList tensors, at::IntArrayRef streams, con
   const int r = check_rounding(rounding);
   at::Tensor s, c;
   const int64_t K = read_seeds_coefs(seeds, coefs, &s, &c);
-  std::map<int, Group> by_dtype;
+  ApplyPlan plan;
   std::vector<const void*> seen;
   c10::optional<at::Device> device;
   for (const auto i : c10::irange(tensors.size())) {
@@ -164,18 +150,11 @@ void apply_seeds_multi_cuda(at::TensorList tensors, at::IntArrayRef streams, con
                         " shares its storage with an earlier tensor; list each tensor once");
     }
     seen.push_back(t.data_ptr());
-    const DType dt = dtype_of(t, what);
-    Group& g = by_dtype[int(dt)];
-    g.dtype = dt;
-    g.works.push_back({t.data_ptr(), t.numel(), st, 0u, g.tiles});
-    g.tiles += kseed::cuda::tiles_of(t.numel());
-    g.aligned = g.aligned && is_aligned(t);
+    plan.add(dtype_of(t, what), t.data_ptr(), t.numel(), st);
   }
-  if (K == 0 || by_dtype.empty()) return;
-  std::vector<Group> groups;
-  for (auto& kv : by_dtype) groups.push_back(std::move(kv.second));
+  if (K == 0 || plan.empty()) return;
   const c10::cuda::CUDAGuard guard(*device);
-  run_apply(groups, s, c, r, uint64_t(sr_key), *device);
+  run_apply(plan, s, c, r, uint64_t(sr_key), *device);
 }
 
 // Benchmark helper: the generate-and-sum floor of an apply over numel elements (one float per CTA).

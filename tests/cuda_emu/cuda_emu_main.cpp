@@ -28,7 +28,6 @@ extern "C" cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 namespace {
 
 using kseed::cuda::DType;
-using kseed::cuda::TensorWork;
 
 struct Reader {
   std::vector<char> buf;
@@ -144,12 +143,7 @@ int main(int argc, char** argv) {
         char* data;
       };
       std::vector<T> ts(static_cast<size_t>(n));
-      struct Group {
-        std::vector<TensorWork> works;
-        int64_t tiles = 0;
-        bool aligned = true;
-      };
-      std::map<int, Group> groups;
+      kseed::cuda::ApplyPlan plan;
       for (T& t : ts) {
         t.dtype = r.get<int32_t>();
         const uint32_t st = r.get<uint32_t>();
@@ -158,15 +152,10 @@ int main(int argc, char** argv) {
         const size_t es = elem_size(t.dtype);
         t.data = t.mem.alloc(size_t(t.numel) * es, size_t(t.shift) * es);
         r.bytes(t.data, size_t(t.numel) * es);
-        if (t.numel == 0) continue;
-        Group& g = groups[t.dtype];
-        g.works.push_back({t.data, t.numel, st, 0u, g.tiles});
-        g.tiles += kseed::cuda::tiles_of(t.numel);
-        g.aligned = g.aligned && reinterpret_cast<uintptr_t>(t.data) % (es == 4 ? 16 : 8) == 0;
+        if (t.numel > 0) plan.add(DType(t.dtype), t.data, t.numel, st);
       }
-      for (auto& kv : groups) {
-        Group& g = kv.second;
-        fail(kseed::cuda::launch_apply(DType(kv.first), g.works.data(), int(g.works.size()), g.tiles,
+      for (const kseed::cuda::ApplyGroup& g : plan.groups()) {
+        fail(kseed::cuda::launch_apply(g.dtype, g.works.data(), int(g.works.size()), g.tiles,
                                        seeds.data(), coefs.data(), K, rounding, sr_key, g.aligned,
                                        nullptr),
              "launch_apply");
