@@ -1,10 +1,14 @@
-"""torch.library.opcheck on the torch.ops.kseed operators (schemas, Meta/fake impls, AOT dispatch)."""
+"""torch.library.opcheck on the torch.ops.kseed operators (schemas, Meta/fake impls, AOT dispatch), on
+CPU tensors and, where the extension has its CUDA part and a GPU is present, on CUDA tensors."""
 import pytest
 import torch
 
 import kseed_kernels as kk
 
 pytestmark = pytest.mark.skipif("cpu" not in kk.backends(), reason="kseed_kernels._C is not built")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    "cuda" not in kk.backends(), reason="no CUDA GPU, or kseed_kernels._C has no CUDA kernels"))]
 
 
 def _args(gen):
@@ -19,22 +23,26 @@ def test_opcheck_philox(gen):
     torch.library.opcheck(torch.ops.kseed.philox4x32_10.default, (c, k))
 
 
-def test_opcheck_gaussian():
-    out = torch.empty(37)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_gaussian(device):
+    out = torch.empty(37, device=device)
     torch.library.opcheck(torch.ops.kseed.gaussian_.default, (out, 2**62 + 5, 7, 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rounding", [0, 1])
-def test_opcheck_apply_seeds(gen, dtype, rounding):
-    w = torch.randn(3, 11, generator=gen).to(dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_apply_seeds(gen, dtype, rounding, device):
+    w = torch.randn(3, 11, generator=gen).to(device=device, dtype=dtype)
     seeds, coefs = _args(gen)
     torch.library.opcheck(torch.ops.kseed.apply_seeds_.default,
                           (w, seeds, coefs, 12345, rounding, -77))
 
 
-def test_opcheck_apply_seeds_multi(gen):
-    ts = [torch.randn(9, generator=gen), torch.randn(2, 5, generator=gen).to(torch.bfloat16)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_apply_seeds_multi(gen, device):
+    ts = [torch.randn(9, generator=gen).to(device),
+          torch.randn(2, 5, generator=gen).to(device=device, dtype=torch.bfloat16)]
     seeds, coefs = _args(gen)
     torch.library.opcheck(torch.ops.kseed.apply_seeds_multi_.default,
                           (ts, [1, 2**32 - 1], seeds, coefs, 1, 99))
