@@ -45,6 +45,18 @@ __device__ __forceinline__ void stage_seeds(SeedRec* recs, const uint64_t* __res
   }
 }
 
+// The Philox blocks this thread owns in the tile whose first block is blk0 (strided by kThreads, so that
+// a warp's accesses are contiguous), and their accumulators, zeroed.
+__device__ __forceinline__ void own_blocks(int64_t blk0, uint64_t (&blk)[kBlocksPerThread],
+                                           float (&acc)[kBlocksPerThread][4]) {
+#pragma unroll
+  for (int v = 0; v < kBlocksPerThread; ++v) {
+    blk[v] = uint64_t(blk0 + threadIdx.x + int64_t(v) * kThreads);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) acc[v][l] = 0.0f;
+  }
+}
+
 // acc[v][lane] += c_k * z(s_k, stream, 4 * blk[v] + lane) for all K seeds, ascending k.
 __device__ __forceinline__ void accumulate(float (&acc)[kBlocksPerThread][4],
                                            const uint64_t (&blk)[kBlocksPerThread], uint32_t stream,
@@ -146,12 +158,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 
   uint64_t blk[kBlocksPerThread];
   float acc[kBlocksPerThread][4];
-#pragma unroll
-  for (int v = 0; v < kBlocksPerThread; ++v) {
-    blk[v] = uint64_t(blk0 + threadIdx.x + int64_t(v) * kThreads);
-#pragma unroll
-    for (int l = 0; l < 4; ++l) acc[v][l] = 0.0f;
-  }
+  own_blocks(blk0, blk, acc);
   accumulate(acc, blk, w.stream, seeds, coefs, K, recs);
 
   T* data = static_cast<T*>(w.data);
@@ -208,12 +215,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int64_t blk0 = int64_t(blockIdx.x) * (int64_t(kThreads) * kBlocksPerThread);
   uint64_t blk[kBlocksPerThread];
   float acc[kBlocksPerThread][4];
-#pragma unroll
-  for (int v = 0; v < kBlocksPerThread; ++v) {
-    blk[v] = uint64_t(blk0 + threadIdx.x + int64_t(v) * kThreads);
-#pragma unroll
-    for (int l = 0; l < 4; ++l) acc[v][l] = 0.0f;
-  }
+  own_blocks(blk0, blk, acc);
   accumulate(acc, blk, stream, seeds, coefs, K, recs);
   float s = 0.0f;
 #pragma unroll
