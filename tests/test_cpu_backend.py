@@ -11,15 +11,12 @@ import torch
 import kseed_kernels as kk
 from kseed_kernels import reference as R
 
+from bitwise import bits
+
 pytestmark = pytest.mark.skipif("cpu" not in kk.backends(), reason="kseed_kernels._C is not built")
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def bits(t):
-    return t.contiguous().view(_INT[t.dtype])
 
 
 def assert_same_bits(a, b, what=""):

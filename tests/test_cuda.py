@@ -17,6 +17,8 @@ from kseed_kernels import _spec as S
 from kseed_kernels import reference as R
 from kseed_kernels.backends import reference as bref
 
+from bitwise import same_bits
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -38,17 +40,6 @@ pytestmark = [
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("nearest", "stochastic")
 
-
-def _bits(t):
-    t = t.detach().cpu()
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
-
-
-def _same(a, b):
-    """Bitwise equal, except that any NaN equals any NaN (payloads are not specified)."""
-    a, b = a.detach().cpu(), b.detach().cpu()
-    na, nb = torch.isnan(a.float()), torch.isnan(b.float())
-    return torch.equal(na, nb) and torch.equal(_bits(a)[~na], _bits(b)[~nb])
 
 
 def _seeds(gen, k):
@@ -105,7 +96,7 @@ def test_spec_vectors():
 def test_gaussian(seed, stream, offset, n):
     a = kk.gaussian(seed, n, stream=stream, offset=offset, device="cuda", backend="cuda")
     assert a.device.type == "cuda" and a.dtype == torch.float32 and a.shape == (n,)
-    assert _same(a, R.gaussian(seed, n, stream, offset))
+    assert same_bits(a, R.gaussian(seed, n, stream, offset))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -119,9 +110,9 @@ def test_apply_bitwise(gen, dtype, rounding, k, n):
     stream = int(torch.randint(0, 2**32, (1,), generator=gen))
     got = x.cuda()
     kk.apply_seeds_(got, seeds, coefs, stream=stream, rounding=rounding, backend="cuda")
-    assert _same(got, _cpu_oracle(x, seeds, coefs, stream, rounding))
+    assert same_bits(got, _cpu_oracle(x, seeds, coefs, stream, rounding))
     if k * n <= 50_000:
-        assert _same(got, _oracle(x, seeds, coefs, stream, rounding, _key(seeds, coefs, rounding)))
+        assert same_bits(got, _oracle(x, seeds, coefs, stream, rounding, _key(seeds, coefs, rounding)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -138,7 +129,7 @@ def test_special_values(gen, dtype, rounding):
         coefs = (torch.randn(3, generator=gen) * scale).float()
         got = x.cuda()
         kk.apply_seeds_(got, seeds, coefs, stream=11, rounding=rounding, backend="cuda")
-        assert _same(got, _oracle(x, seeds, coefs, 11, rounding, _key(seeds, coefs, rounding))), scale
+        assert same_bits(got, _oracle(x, seeds, coefs, 11, rounding, _key(seeds, coefs, rounding))), scale
 
 
 def test_unaligned_views(gen):
@@ -149,8 +140,8 @@ def test_unaligned_views(gen):
         dev = base.cuda()
         part = dev[1:4001]  # contiguous view, misaligned
         kk.apply_seeds_(part, seeds, coefs, stream=3, backend="cuda")
-        assert _same(part, _cpu_oracle(base[1:4001], seeds, coefs, 3, "nearest"))
-        assert _same(dev[0], base[0]) and _same(dev[4001:], base[4001:])
+        assert same_bits(part, _cpu_oracle(base[1:4001], seeds, coefs, 3, "nearest"))
+        assert same_bits(dev[0], base[0]) and same_bits(dev[4001:], base[4001:])
 
 
 @pytest.mark.parametrize("k", [1, 2, 7])
@@ -163,7 +154,7 @@ def test_multi(gen, k, rounding):
     got = [x.cuda() for x in xs]
     kk.apply_seeds_multi_(got, streams, seeds, coefs, rounding=rounding, backend="cuda")
     for g, x, st in zip(got, xs, streams):
-        assert _same(g, _cpu_oracle(x, seeds, coefs, st, rounding))
+        assert same_bits(g, _cpu_oracle(x, seeds, coefs, st, rounding))
 
 
 def test_multi_many_small(gen):
@@ -174,7 +165,7 @@ def test_multi_many_small(gen):
     got = [x.cuda() for x in xs]
     kk.apply_seeds_multi_(got, streams, seeds, coefs, backend="cuda")
     for g, x, st in zip(got, xs, streams):
-        assert _same(g, _cpu_oracle(x, seeds, coefs, st, "nearest"))
+        assert same_bits(g, _cpu_oracle(x, seeds, coefs, st, "nearest"))
 
 
 def test_long_history(gen):
@@ -187,7 +178,7 @@ def test_long_history(gen):
     x = torch.randn(37, generator=gen).to(torch.bfloat16)
     got = x.cuda()
     kk.apply_seeds_(got, seeds, coefs, stream=5, backend="cuda")
-    assert _same(got, _cpu_oracle(x, seeds, coefs, 5, "nearest"))
+    assert same_bits(got, _cpu_oracle(x, seeds, coefs, 5, "nearest"))
 
 
 def test_cuda_equals_triton(gen):
@@ -198,7 +189,7 @@ def test_cuda_equals_triton(gen):
     a, b = x.clone(), x.clone()
     kk.apply_seeds_(a, seeds, coefs, stream=1, rounding="stochastic", backend="cuda")
     kk.apply_seeds_(b, seeds, coefs, stream=1, rounding="stochastic", backend="triton")
-    assert _same(a, b)
+    assert same_bits(a, b)
 
 
 def test_direct_op_errors():

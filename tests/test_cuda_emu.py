@@ -25,6 +25,8 @@ import torch
 import kseed_kernels as kk
 from kseed_kernels import ops
 
+from bitwise import bits
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
 TILE = 2048   # kTileElems of csrc/cuda/kseed_cuda.cuh
@@ -90,9 +92,6 @@ def _streams(gen, n):
     return [int(x) for x in torch.randint(0, 2**32, (n,), dtype=torch.int64, generator=gen)]
 
 
-def _bits(t):
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
-
 
 def _apply_job(tensors, streams, seeds, coefs, rounding, shifts):
     code = 0 if rounding == "nearest" else 1
@@ -136,10 +135,10 @@ def test_apply_multi_matches_cpu(emu, tmp_path, gen, k, rounding):
     want = [w.clone() for w in ws]
     kk.apply_seeds_multi_(want, streams, seeds, coefs, rounding=rounding, backend="cpu")
     for i, (g, w, orig) in enumerate(zip(got, want, ws)):
-        assert not torch.equal(_bits(w), _bits(orig)) or w.numel() < 8, f"tensor {i} did not move"
-        assert torch.equal(_bits(g), _bits(w)), (
+        assert not torch.equal(bits(w), bits(orig)) or w.numel() < 8, f"tensor {i} did not move"
+        assert torch.equal(bits(g), bits(w)), (
             f"tensor {i} ({w.dtype}, {w.numel()} elements, K={k}, {rounding}): "
-            f"{int((_bits(g) != _bits(w)).sum())} elements differ")
+            f"{int((bits(g) != bits(w)).sum())} elements differ")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -155,7 +154,7 @@ def test_apply_unaligned_path_matches_cpu(emu, tmp_path, gen, dtype):
         want = [w.clone() for w in ws]
         kk.apply_seeds_multi_(want, streams, seeds, coefs, rounding=rounding, backend="cpu")
         for g, w in zip(got, want):
-            assert torch.equal(_bits(g), _bits(w)), f"shifts {shifts}: results differ"
+            assert torch.equal(bits(g), bits(w)), f"shifts {shifts}: results differ"
 
 
 def test_apply_can_fail(emu, tmp_path, gen):
@@ -167,7 +166,7 @@ def test_apply_can_fail(emu, tmp_path, gen):
     other[2] ^= 1
     want = ws[0].clone()
     kk.apply_seeds_(want, other, coefs, stream=7, backend="cpu")
-    assert not torch.equal(_bits(got), _bits(want))
+    assert not torch.equal(bits(got), bits(want))
 
 
 @pytest.mark.parametrize("seed,stream,offset,numel", [

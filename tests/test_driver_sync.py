@@ -11,9 +11,7 @@ from kseed.config import FedConfig
 from kseed.server import FedKSeedServer
 from kseed.simulation import build_data, load_workspace
 
-
-def _bits(t):
-    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+from bitwise import bits
 
 
 def test_clients_rebuild_bitwise_equal_to_server():
@@ -41,12 +39,12 @@ def test_clients_rebuild_bitwise_equal_to_server():
         got = cl.workspace.ms.params
         assert cl.workspace.ms.names == server_ws.ms.names
         for a, b in zip(got, want):
-            assert torch.equal(_bits(a.detach()), _bits(b)), c
+            assert torch.equal(bits(a.detach()), bits(b)), c
     # ...and equal to applying all K coefficients, zeros included, in one pass from w0
     full = [w.clone() for w in w0]
     kk.apply_seeds_multi_(full, list(server_ws.ms.streams), server.seeds, coefs.tolist())
     for a, b in zip(full, want):
-        assert torch.equal(_bits(a), _bits(b))
+        assert torch.equal(bits(a), bits(b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -62,7 +60,7 @@ def test_zero_coefficients_change_nothing(dtype):
     kk.apply_seeds_(a, seeds, coefs.tolist(), stream=5)
     nz = [i for i in range(16) if coefs[i] != 0]
     kk.apply_seeds_(b, [seeds[i] for i in nz], [float(coefs[i]) for i in nz], stream=5)
-    assert torch.equal(_bits(a), _bits(b))
+    assert torch.equal(bits(a), bits(b))
 
 
 def test_client_rejects_foreign_down():

@@ -39,17 +39,7 @@ def _child_main(device_name: str) -> dict:
     has_cpu = "cpu" in kk.backends()
     results = {}
 
-    def bits(t):
-        t = t.detach().cpu()
-        return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
-
-    def same(a, b):
-        """Bitwise equal, except that any NaN equals any NaN (payloads are not specified)."""
-        a, b = a.detach().cpu(), b.detach().cpu()
-        na, nb = torch.isnan(a.float()), torch.isnan(b.float())
-        if not torch.equal(na, nb):
-            return False
-        return torch.equal(bits(a)[~na], bits(b)[~nb])
+    from bitwise import bits, same_bits
 
     def seeds_of(k):
         s = torch.randint(-2**63, 2**63 - 1, (k,), dtype=torch.int64, generator=gen)
@@ -125,9 +115,9 @@ def _child_main(device_name: str) -> dict:
             a = bt.gaussian(seed, n, stream, offset, dev)
             assert a.dtype == torch.float32 and a.shape == (n,) and a.device.type == dev.type
             b = R.gaussian(seed, n, stream, offset)
-            assert same(a, b), (seed, stream, offset, n)
+            assert same_bits(a, b), (seed, stream, offset, n)
             if has_cpu:
-                assert same(a, kk.gaussian(seed, n, stream=stream, offset=offset, backend="cpu"))
+                assert same_bits(a, kk.gaussian(seed, n, stream=stream, offset=offset, backend="cpu"))
 
     @case("apply")
     def _():
@@ -141,13 +131,13 @@ def _child_main(device_name: str) -> dict:
                     got = x.to(dev, copy=True)
                     bt.apply_seeds_(got, seeds, coefs, stream, rounding, sk)
                     want = oracle_apply(x, seeds, coefs, stream, rounding, sk)
-                    assert same(got, want), (dtype, rounding, k, n)
+                    assert same_bits(got, want), (dtype, rounding, k, n)
                     assert not torch.equal(bits(got), bits(x)) or n == 1, "nothing was written"
                     if has_cpu:
                         c = x.clone()
                         kk.apply_seeds_(c, seeds, coefs, stream=stream, rounding=rounding,
                                         backend="cpu")
-                        assert same(got, c), ("cpu", dtype, rounding, k, n)
+                        assert same_bits(got, c), ("cpu", dtype, rounding, k, n)
 
     @case("special_values")
     def _():
@@ -167,7 +157,7 @@ def _child_main(device_name: str) -> dict:
                     got = x.to(dev, copy=True)
                     bt.apply_seeds_(got, seeds, coefs, 11, rounding, sk)
                     want = oracle_apply(x, seeds, coefs, 11, rounding, sk)
-                    assert same(got, want), (dtype, rounding, scale)
+                    assert same_bits(got, want), (dtype, rounding, scale)
 
     @case("multi")
     def _():
@@ -182,13 +172,13 @@ def _child_main(device_name: str) -> dict:
                 got = [x.to(dev, copy=True) for x in xs]
                 bt.apply_seeds_multi_(got, streams, seeds, coefs, rounding, sk)
                 for g, x, st in zip(got, xs, streams):
-                    assert same(g, oracle_apply(x, seeds, coefs, st, rounding, sk)), (k, rounding)
+                    assert same_bits(g, oracle_apply(x, seeds, coefs, st, rounding, sk)), (k, rounding)
         # one tensor only; and a single dtype
         seeds, coefs = seeds_of(2), coefs_of(2)
         x = torch.randn(77, generator=gen)
         got = [x.to(dev, copy=True)]
         bt.apply_seeds_multi_(got, [5], seeds, coefs, "nearest", 0)
-        assert same(got[0], oracle_apply(x, seeds, coefs, 5, "nearest", 0))
+        assert same_bits(got[0], oracle_apply(x, seeds, coefs, 5, "nearest", 0))
 
     @case("chunking")
     def _():
@@ -204,12 +194,12 @@ def _child_main(device_name: str) -> dict:
                     sk = key(seeds, coefs, rounding)
                     got = x.to(dev, copy=True)
                     bt.apply_seeds_(got, seeds, coefs, 9, rounding, sk)
-                    assert same(got, oracle_apply(x, seeds, coefs, 9, rounding, sk)), (dtype, rounding)
+                    assert same_bits(got, oracle_apply(x, seeds, coefs, 9, rounding, sk)), (dtype, rounding)
                     ys = [torch.randn(n, generator=gen).to(dtype) for n in (5, 19)]
                     got = [y.to(dev, copy=True) for y in ys]
                     bt.apply_seeds_multi_(got, [1, 2], seeds, coefs, rounding, sk)
                     for g, y, st in zip(got, ys, (1, 2)):
-                        assert same(g, oracle_apply(y, seeds, coefs, st, rounding, sk))
+                        assert same_bits(g, oracle_apply(y, seeds, coefs, st, rounding, sk))
         finally:
             bt.K_CHUNK, bt.SLAB = old
 
@@ -224,25 +214,25 @@ def _child_main(device_name: str) -> dict:
         want = base.clone()
         kk.apply_seeds_(want, seeds, coefs, stream=kk.stream_id("w"), backend="reference",
                         rounding="stochastic")
-        assert same(got, want)
+        assert same_bits(got, want)
         # non-contiguous tensor: element i is the row-major index
         nc = base.clone().to(dev, copy=True).t()
         kk.apply_seeds_(nc, seeds, coefs, stream=4, backend="triton")
         ref = base.clone().t()
         kk.apply_seeds_(ref, seeds, coefs, stream=4, backend="reference")
-        assert same(nc, ref)
+        assert same_bits(nc, ref)
         z = kk.gaussian(2**63 + 1, 21, stream=8, offset=5, device=dev, backend="triton")
-        assert same(z, kk.gaussian(2**63 + 1, 21, stream=8, offset=5, backend="reference"))
+        assert same_bits(z, kk.gaussian(2**63 + 1, 21, stream=8, offset=5, backend="reference"))
         ts = [torch.randn(9, generator=gen).to(dev, copy=True),
               torch.randn(4, 4, generator=gen).half().to(dev, copy=True)]
         refs = [t.cpu().clone() for t in ts]
         kk.apply_seeds_multi_(ts, [1, 2], seeds, coefs, backend="triton")
         kk.apply_seeds_multi_(refs, [1, 2], seeds, coefs, backend="reference")
-        assert all(same(a, b) for a, b in zip(ts, refs))
+        assert all(same_bits(a, b) for a, b in zip(ts, refs))
         # K = 0 is a no-op
         t = base.clone().to(dev, copy=True)
         kk.apply_seeds_(t, [], [], backend="triton")
-        assert same(t, base)
+        assert same_bits(t, base)
 
     return results
 
