@@ -5,8 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 import torch
 
 from kseed import cli

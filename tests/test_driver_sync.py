@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import kseed_kernels as kk
-from kseed import modeling as M
 from kseed import protocol as P
 from kseed.client import FedKSeedClient
 from kseed.config import FedConfig
