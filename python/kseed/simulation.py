@@ -211,6 +211,27 @@ def global_evaluator(cfg: FedConfig, ws, server: FedKSeedServer, eval_ex):
     return evaluate
 
 
+def run_summary(cfg: FedConfig, ws, server: FedKSeedServer, rows: List[dict], held, eval_ex,
+                evaluate_global, t_start: float) -> dict:
+    """The fields of summary.json that every engine reports (simulation and Flower): the final Rouge-L
+    (timed), the held-out loss trajectory, the bytes exchanged and the model.  Callers add their own."""
+    t0 = time.perf_counter()
+    _, rouge = evaluate_global(True) if cfg.rouge_size > 0 else (None, None)
+    rouge_seconds = round(time.perf_counter() - t0, 2)
+    evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+    return {
+        "rounds": server.round, "held_out": held, "eval_examples": len(eval_ex),
+        "eval_loss_first": evals[0] if evals else None, "eval_loss_last": evals[-1] if evals else None,
+        "eval_loss_drop_pct": (100.0 * (evals[0] - evals[-1]) / evals[0]) if len(evals) > 1 else None,
+        "rouge_l": rouge, "rouge_examples": min(cfg.rouge_size, len(eval_ex)),
+        "rouge_seconds": rouge_seconds,
+        "bytes_down_total": int(sum(r.get("bytes_down", 0) for r in rows)),
+        "bytes_up_total": int(sum(r.get("bytes_up", 0) for r in rows)),
+        "seconds_this_process": round(time.perf_counter() - t_start, 2),
+        "base_model": ws.identity, "parameters_trained": ws.ms.numel,
+    }
+
+
 def run(cfg: FedConfig, out: str, *, resume: bool = False, device: str = "cpu",
         backend: Optional[str] = None, progress: bool = True, rebuild_cache: bool = True) -> dict:
     """Run (or resume) a federation; returns the summary dict (also written to summary.json)."""
@@ -300,22 +321,9 @@ def run(cfg: FedConfig, out: str, *, resume: bool = False, device: str = "cpu",
         if bar is not None:
             bar.close()
     # final Rouge-L of greedy generations on the held-out set
-    t0 = time.perf_counter()
-    _, rouge = evaluate_global(True) if cfg.rouge_size > 0 else (None, None)
+    summary = run_summary(cfg, ws, server, rows, held, eval_ex, evaluate_global, t_start)
+    summary.update({"backend": backend or "default", "device": str(ws.device)})
     write_plots(out, rows)
-    evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
-    summary = {
-        "rounds": server.round, "held_out": held, "eval_examples": len(eval_ex),
-        "eval_loss_first": evals[0] if evals else None, "eval_loss_last": evals[-1] if evals else None,
-        "eval_loss_drop_pct": (100.0 * (evals[0] - evals[-1]) / evals[0]) if len(evals) > 1 else None,
-        "rouge_l": rouge, "rouge_examples": min(cfg.rouge_size, len(eval_ex)),
-        "rouge_seconds": round(time.perf_counter() - t0, 2),
-        "bytes_down_total": int(sum(r.get("bytes_down", 0) for r in rows)),
-        "bytes_up_total": int(sum(r.get("bytes_up", 0) for r in rows)),
-        "seconds_this_process": round(time.perf_counter() - t_start, 2),
-        "base_model": ws.identity, "parameters_trained": ws.ms.numel,
-        "backend": backend or "default", "device": str(ws.device),
-    }
     atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     return summary
 

@@ -146,22 +146,11 @@ def run_federation(grid, run_config) -> dict:
                  "rebuild %s s", rnd, row["train_loss"], row["eval_loss"], stats["accepted"],
                  sorted(rejected), res.wire_down, res.wire_up, row["rebuild_seconds"])
 
-    t0 = time.perf_counter()
-    _, rouge = evaluate_global(True) if cfg.rouge_size > 0 else (None, None)
-    evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
-    summary = {
-        "engine": "flower", "rounds": server.round, "held_out": held, "eval_examples": len(eval_ex),
-        "eval_loss_first": evals[0] if evals else None, "eval_loss_last": evals[-1] if evals else None,
-        "eval_loss_drop_pct": (100.0 * (evals[0] - evals[-1]) / evals[0]) if len(evals) > 1 else None,
-        "rouge_l": rouge, "rouge_examples": min(cfg.rouge_size, len(eval_ex)),
-        "rouge_seconds": round(time.perf_counter() - t0, 2),
-        "bytes_down_total": int(sum(r.get("bytes_down", 0) for r in rows)),
-        "bytes_up_total": int(sum(r.get("bytes_up", 0) for r in rows)),
-        "payload_bytes_down_total": int(sum(r.get("payload_bytes_down", 0) for r in rows)),
-        "payload_bytes_up_total": int(sum(r.get("payload_bytes_up", 0) for r in rows)),
-        "seconds_this_process": round(time.perf_counter() - t_start, 2),
-        "base_model": ws.identity, "parameters_trained": ws.ms.numel, "device": str(ws.device),
-    }
+    summary = {"engine": "flower",
+               **S.run_summary(cfg, ws, server, rows, held, eval_ex, evaluate_global, t_start),
+               "payload_bytes_down_total": int(sum(r.get("payload_bytes_down", 0) for r in rows)),
+               "payload_bytes_up_total": int(sum(r.get("payload_bytes_up", 0) for r in rows)),
+               "device": str(ws.device)}
     if out is not None:
         S.atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
         try:
