@@ -28,7 +28,8 @@ def _rel(paths):
 def extension():
     want_cuda = os.environ.get("KSEED_BUILD_CUDA", "1") != "0"
     use_cuda = want_cuda and torch.version.cuda is not None and CUDA_HOME is not None
-    sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) +
+                   glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     # Floats must be the spec's IEEE operations: no contraction into fma, no fast-math.
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
     if use_cuda:

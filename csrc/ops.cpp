@@ -1,5 +1,5 @@
 // The torch.ops.kseed operators: schemas, CPU implementations (threaded over tiles of the torch-free
-// kernels in kseed_cpu.h) and Meta implementations (shapes only, for FakeTensor / torch.compile).
+// kernels in cpu/kseed_cpu.h) and Meta implementations (shapes only, for FakeTensor / torch.compile).
 //
 // The public Python API (kseed_kernels.ops) validates every argument first; the checks here repeat
 // the ones a direct torch.ops.kseed call needs so that bad inputs raise instead of crashing.
@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "kseed_cpu.h"
+#include "cpu/kseed_cpu.h"
 #include "op_checks.h"
 
 namespace {
@@ -157,7 +157,7 @@ void run_apply(const std::vector<Work>& work, int64_t n_items, const std::vector
       const int64_t e0 = (it - x.first_item) * tile;
       const int64_t len = std::min(tile, x.numel - e0);
       const size_t es = x.dtype == DType::F32 ? 4 : 2;
-      kseed::cpu::apply_tile(isa, x.dtype, x.data + es * size_t(e0), uint64_t(e0), len, seeds.data(),
+      kseed::cpu::apply_tile(isa, x.dtype, x.data + es * size_t(e0), x.data + es * size_t(e0), uint64_t(e0), len, seeds.data(),
                              coefs.data(), K, x.stream, rounding, sr_key);
     }
   });

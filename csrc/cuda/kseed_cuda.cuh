@@ -11,10 +11,12 @@
 #include <map>
 #include <vector>
 
+#include "../kseed_types.h"
+
 namespace kseed {
 namespace cuda {
 
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+using ::kseed::DType;
 
 // One tensor of an apply launch (a row of the device-side table; 32 bytes).
 struct TensorWork {

@@ -1,4 +1,4 @@
-// C++ tests of the torch-free kseed core (csrc/kseed_core.h) and CPU kernels (csrc/kseed_cpu.h):
+// C++ tests of the torch-free kseed core (csrc/kseed_core.h) and CPU kernels (csrc/cpu/kseed_cpu.h):
 //   - the Random123 Philox4x32-10 known answers (docs/SPEC.md section 1);
 //   - the spec vectors (tests/data/spec_vectors.txt, the text form of spec_vectors.json) on every path;
 //   - every SIMD path bitwise equal to the scalar path, on random inputs: normals, Philox words, the
@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "kseed_core.h"
-#include "kseed_cpu.h"
+#include "cpu/kseed_cpu.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -185,13 +185,13 @@ static void test_finish_paths() {
         }
         std::vector<uint32_t> ref32 = w32;
         std::vector<uint16_t> ref16 = w16;
-        finish(Isa::Scalar, dt, dt == DType::F32 ? static_cast<void*>(ref32.data()) : static_cast<void*>(ref16.data()),
-               acc.data(), r.data(), n, rounding);
+        void* rp = dt == DType::F32 ? static_cast<void*>(ref32.data()) : static_cast<void*>(ref16.data());
+        finish(Isa::Scalar, dt, rp, rp, acc.data(), r.data(), n, rounding);
         for (Isa isa : all) {
           std::vector<uint32_t> g32 = w32;
           std::vector<uint16_t> g16 = w16;
-          finish(isa, dt, dt == DType::F32 ? static_cast<void*>(g32.data()) : static_cast<void*>(g16.data()),
-                 acc.data(), r.data(), n, rounding);
+          void* gp = dt == DType::F32 ? static_cast<void*>(g32.data()) : static_cast<void*>(g16.data());
+          finish(isa, dt, gp, gp, acc.data(), r.data(), n, rounding);
           for (int64_t j = 0; j < n; ++j) {
             if (dt == DType::F32) {
               CHECK(g32[size_t(j)] == ref32[size_t(j)], "%s finish f32 j=%lld", isa_name(isa), (long long)j);
@@ -237,7 +237,7 @@ static void test_tiles() {
         std::vector<float> ref = w0;
         std::vector<uint16_t> ref16 = h0;
         void* rp = dt == DType::F32 ? static_cast<void*>(ref.data()) : static_cast<void*>(ref16.data());
-        apply_tile(Isa::Scalar, dt, rp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
+        apply_tile(Isa::Scalar, dt, rp, rp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
         if (dt == DType::F32) {
           for (int64_t j = 0; j < n; j += 97) {
             float acc = 0.0f;
@@ -253,7 +253,21 @@ static void test_tiles() {
           std::vector<float> g = w0;
           std::vector<uint16_t> g16 = h0;
           void* gp = dt == DType::F32 ? static_cast<void*>(g.data()) : static_cast<void*>(g16.data());
-          apply_tile(isa, dt, gp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
+          apply_tile(isa, dt, gp, gp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
+          // out of place: the source is only read, the destination (junk before) gets the result
+          std::vector<float> o(static_cast<size_t>(n), -7.0f);
+          std::vector<uint16_t> o16(static_cast<size_t>(n), uint16_t(0xBEEF));
+          const std::vector<float> src32 = w0;
+          const std::vector<uint16_t> src16 = h0;
+          apply_tile(isa, dt, dt == DType::F32 ? static_cast<const void*>(src32.data()) : static_cast<const void*>(src16.data()),
+                     dt == DType::F32 ? static_cast<void*>(o.data()) : static_cast<void*>(o16.data()), e0, n,
+                     seeds.data(), coefs.data(), K, stream, rounding, sr_key);
+          CHECK(src32 == w0 && src16 == h0, "%s out-of-place tile wrote its source", isa_name(isa));
+          if (dt == DType::F32) {
+            CHECK(std::memcmp(o.data(), ref.data(), size_t(n) * 4) == 0, "%s out-of-place tile f32 differs", isa_name(isa));
+          } else {
+            CHECK(o16 == ref16, "%s out-of-place tile %d rounding %d differs", isa_name(isa), int(dt), rounding);
+          }
           if (dt == DType::F32) {
             CHECK(std::memcmp(g.data(), ref.data(), size_t(n) * 4) == 0, "%s tile f32 differs", isa_name(isa));
           } else {

@@ -8,13 +8,14 @@
 #pragma once
 #include <cstdint>
 
-#include "kseed_core.h"
+#include "../kseed_core.h"
+#include "../kseed_types.h"
 
 namespace kseed {
 namespace cpu {
 
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+using ::kseed::DType;
 
 // Elements per tile: the fp32 accumulator of one tile (16 KiB) stays in L1/L2 while the K seeds run.
 constexpr int64_t kMaxTile = 4096;
@@ -44,12 +45,14 @@ int isa_override();
 int64_t tile_elems();
 void set_tile_elems(int64_t n);
 
-// w[j] for j in [0, n), element index e0 + j of a tensor with stream `stream`:
+// dst[j] for j in [0, n), element index e0 + j of a tensor with stream `stream`:
 //   acc = +0.0f; acc = acc + coefs[k] * z(seeds[k], stream, e0 + j) for k = 0..K-1;
-//   w[j] = round(float(w[j]) + acc)  (rounding 0 = nearest, 1 = stochastic with key sr_key).
-// n <= kMaxTile; K >= 1.
-void apply_tile(Isa isa, DType dtype, void* w, uint64_t e0, int64_t n, const uint64_t* seeds,
-                const float* coefs, int64_t K, uint32_t stream, int rounding, uint64_t sr_key);
+//   dst[j] = round(float(src[j]) + acc)  (rounding 0 = nearest, 1 = stochastic with key sr_key).
+// src and dst hold n elements of `dtype`; dst == src is the in-place update, otherwise the two must not
+// overlap and src is only read.  n <= kMaxTile; K >= 1.
+void apply_tile(Isa isa, DType dtype, const void* src, void* dst, uint64_t e0, int64_t n,
+                const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, int rounding,
+                uint64_t sr_key);
 
 // out[j] = z(seed, stream, e0 + j) for j in [0, n), n <= kMaxTile.
 void gaussian_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n);
@@ -63,12 +66,14 @@ void normals(Isa isa, Key key, uint32_t stream, uint64_t first_block, int64_t nb
 // out[4 b + l] = word l of Philox(counter = (block, stream, word3), key).
 void philox_words(Isa isa, Key key, uint32_t stream, uint32_t word3, uint64_t first_block,
                   int64_t nblocks, uint32_t* out);
-// The final write of n elements: w = round(float(w) + acc) with words r (stochastic only).
-void finish(Isa isa, DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n,
-            int rounding);
+// The final write of n elements: dst = round(float(src) + acc) with words r (stochastic only);
+// dst == src is allowed.
+void finish(Isa isa, DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r,
+            int64_t n, int rounding);
 
 // The portable scalar final write (also used by the SIMD paths for the last, partial vector).
-void finish_scalar(DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n, int rounding);
+void finish_scalar(DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r,
+                   int64_t n, int rounding);
 
 // Scalar float32 -> float16 bits, round to nearest even (NaN: quiet, keeps the top payload bits,
 // as the x86 F16C conversion does).
@@ -84,7 +89,8 @@ void accumulate_normals(Key key, uint32_t stream, uint64_t first_block, int64_t 
 void normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
 void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t first_block, int64_t nblocks,
                   uint32_t* out);
-void finish(DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n, int rounding);
+void finish(DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r, int64_t n,
+            int rounding);
 }  // namespace avx2
 namespace avx512 {
 bool compiled();
@@ -93,7 +99,8 @@ void accumulate_normals(Key key, uint32_t stream, uint64_t first_block, int64_t 
 void normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
 void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t first_block, int64_t nblocks,
                   uint32_t* out);
-void finish(DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n, int rounding);
+void finish(DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r, int64_t n,
+            int rounding);
 }  // namespace avx512
 
 }  // namespace cpu

@@ -231,19 +231,21 @@ KSEED_T512 void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t 
   }
 }
 
-KSEED_T512 void finish(DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n,
-                       int rounding) {
+KSEED_T512 void finish(DType dtype, const void* src, void* dst, const float* acc,
+                       const uint32_t* r, int64_t n, int rounding) {
   const int64_t nv = n & ~int64_t(15);
   if (dtype == DType::F32) {
-    float* p = static_cast<float*>(w);
+    const float* s = static_cast<const float*>(src);
+    float* p = static_cast<float*>(dst);
     for (int64_t j = 0; j < nv; j += 16) {
-      _mm512_storeu_ps(p + j, _mm512_add_ps(_mm512_loadu_ps(p + j), _mm512_loadu_ps(acc + j)));
+      _mm512_storeu_ps(p + j, _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(acc + j)));
     }
   } else if (dtype == DType::BF16) {
-    uint16_t* p = static_cast<uint16_t*>(w);
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    uint16_t* p = static_cast<uint16_t*>(dst);
     const __m512i qnan = c32(0x7FC0u);
     for (int64_t j = 0; j < nv; j += 16) {
-      const __m512 v = _mm512_add_ps(load_bf16(p + j), _mm512_loadu_ps(acc + j));
+      const __m512 v = _mm512_add_ps(load_bf16(s + j), _mm512_loadu_ps(acc + j));
       const __m512i vb = _mm512_castps_si512(v);
       __m512i res;
       if (rounding == 1) {
@@ -257,9 +259,10 @@ KSEED_T512 void finish(DType dtype, void* w, const float* acc, const uint32_t* r
       store_16(p + j, _mm512_mask_blend_epi32(nan, res, qnan));
     }
   } else {
-    uint16_t* p = static_cast<uint16_t*>(w);
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    uint16_t* p = static_cast<uint16_t*>(dst);
     for (int64_t j = 0; j < nv; j += 16) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j));
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j));
       __m512 v = _mm512_add_ps(_mm512_cvtph_ps(h), _mm512_loadu_ps(acc + j));
       if (rounding == 1) {
         // spec 5.4, as round_fp16_stochastic_value in kseed_core.h
@@ -288,7 +291,8 @@ KSEED_T512 void finish(DType dtype, void* w, const float* acc, const uint32_t* r
   }
   if (nv < n) {
     const size_t es = dtype == DType::F32 ? 4 : 2;
-    finish_scalar(dtype, static_cast<char*>(w) + es * size_t(nv), acc + nv,
+    finish_scalar(dtype, static_cast<const char*>(src) + es * size_t(nv),
+                  static_cast<char*>(dst) + es * size_t(nv), acc + nv,
                   r == nullptr ? nullptr : r + nv, n - nv, rounding);
   }
 }
@@ -306,7 +310,7 @@ bool compiled() { return false; }
 void accumulate_normals(Key, uint32_t, uint64_t, int64_t, float, float*) {}
 void normals(Key, uint32_t, uint64_t, int64_t, float*) {}
 void philox_words(Key, uint32_t, uint32_t, uint64_t, int64_t, uint32_t*) {}
-void finish(DType, void*, const float*, const uint32_t*, int64_t, int) {}
+void finish(DType, const void*, void*, const float*, const uint32_t*, int64_t, int) {}
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace kseed

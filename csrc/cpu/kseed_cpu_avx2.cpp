@@ -212,19 +212,21 @@ KSEED_T256 void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t 
   }
 }
 
-KSEED_T256 void finish(DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n,
-                       int rounding) {
+KSEED_T256 void finish(DType dtype, const void* src, void* dst, const float* acc,
+                       const uint32_t* r, int64_t n, int rounding) {
   const int64_t nv = n & ~int64_t(7);
   if (dtype == DType::F32) {
-    float* p = static_cast<float*>(w);
+    const float* s = static_cast<const float*>(src);
+    float* p = static_cast<float*>(dst);
     for (int64_t j = 0; j < nv; j += 8) {
-      _mm256_storeu_ps(p + j, _mm256_add_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(acc + j)));
+      _mm256_storeu_ps(p + j, _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(acc + j)));
     }
   } else if (dtype == DType::BF16) {
-    uint16_t* p = static_cast<uint16_t*>(w);
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    uint16_t* p = static_cast<uint16_t*>(dst);
     const __m256i qnan = c32(0x7FC0u);
     for (int64_t j = 0; j < nv; j += 8) {
-      const __m256 v = _mm256_add_ps(load_bf16(p + j), _mm256_loadu_ps(acc + j));
+      const __m256 v = _mm256_add_ps(load_bf16(s + j), _mm256_loadu_ps(acc + j));
       const __m256i vb = _mm256_castps_si256(v);
       __m256i res;
       if (rounding == 1) {
@@ -240,9 +242,10 @@ KSEED_T256 void finish(DType dtype, void* w, const float* acc, const uint32_t* r
       store_16(p + j, res);
     }
   } else {
-    uint16_t* p = static_cast<uint16_t*>(w);
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    uint16_t* p = static_cast<uint16_t*>(dst);
     for (int64_t j = 0; j < nv; j += 8) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j));
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j));
       __m256 v = _mm256_add_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(acc + j));
       if (rounding == 1) {
         const __m256i vb = _mm256_castps_si256(v);
@@ -270,7 +273,8 @@ KSEED_T256 void finish(DType dtype, void* w, const float* acc, const uint32_t* r
   }
   if (nv < n) {
     const size_t es = dtype == DType::F32 ? 4 : 2;
-    finish_scalar(dtype, static_cast<char*>(w) + es * size_t(nv), acc + nv,
+    finish_scalar(dtype, static_cast<const char*>(src) + es * size_t(nv),
+                  static_cast<char*>(dst) + es * size_t(nv), acc + nv,
                   r == nullptr ? nullptr : r + nv, n - nv, rounding);
   }
 }
@@ -288,7 +292,7 @@ bool compiled() { return false; }
 void accumulate_normals(Key, uint32_t, uint64_t, int64_t, float, float*) {}
 void normals(Key, uint32_t, uint64_t, int64_t, float*) {}
 void philox_words(Key, uint32_t, uint32_t, uint64_t, int64_t, uint32_t*) {}
-void finish(DType, void*, const float*, const uint32_t*, int64_t, int) {}
+void finish(DType, const void*, void*, const float*, const uint32_t*, int64_t, int) {}
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace kseed

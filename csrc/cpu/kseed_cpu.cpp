@@ -173,26 +173,29 @@ void scalar_words(Key key, uint32_t stream, uint32_t word3, uint64_t fb, int64_t
 
 }  // namespace
 
-void finish_scalar(DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n,
-                   int rounding) {
+void finish_scalar(DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r,
+                   int64_t n, int rounding) {
   if (dtype == DType::F32) {
-    float* p = static_cast<float*>(w);
-    for (int64_t j = 0; j < n; ++j) p[j] = fadd(p[j], acc[j]);
+    const float* s = static_cast<const float*>(src);
+    float* p = static_cast<float*>(dst);
+    for (int64_t j = 0; j < n; ++j) p[j] = fadd(s[j], acc[j]);
   } else if (dtype == DType::BF16) {
-    uint16_t* p = static_cast<uint16_t*>(w);
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    uint16_t* p = static_cast<uint16_t*>(dst);
     if (rounding == 1) {
-      for (int64_t j = 0; j < n; ++j) p[j] = round_bf16_stochastic(fadd(bf16_to_f32(p[j]), acc[j]), r[j]);
+      for (int64_t j = 0; j < n; ++j) p[j] = round_bf16_stochastic(fadd(bf16_to_f32(s[j]), acc[j]), r[j]);
     } else {
-      for (int64_t j = 0; j < n; ++j) p[j] = f32_to_bf16_bits(fadd(bf16_to_f32(p[j]), acc[j]));
+      for (int64_t j = 0; j < n; ++j) p[j] = f32_to_bf16_bits(fadd(bf16_to_f32(s[j]), acc[j]));
     }
   } else {
-    uint16_t* p = static_cast<uint16_t*>(w);
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    uint16_t* p = static_cast<uint16_t*>(dst);
     if (rounding == 1) {
       for (int64_t j = 0; j < n; ++j) {
-        p[j] = f32_to_f16_bits(round_fp16_stochastic_value(fadd(f16_to_f32(p[j]), acc[j]), r[j]));
+        p[j] = f32_to_f16_bits(round_fp16_stochastic_value(fadd(f16_to_f32(s[j]), acc[j]), r[j]));
       }
     } else {
-      for (int64_t j = 0; j < n; ++j) p[j] = f32_to_f16_bits(fadd(f16_to_f32(p[j]), acc[j]));
+      for (int64_t j = 0; j < n; ++j) p[j] = f32_to_f16_bits(fadd(f16_to_f32(s[j]), acc[j]));
     }
   }
 }
@@ -224,12 +227,12 @@ void philox_words(Isa isa, Key key, uint32_t stream, uint32_t word3, uint64_t fi
   }
 }
 
-void finish(Isa isa, DType dtype, void* w, const float* acc, const uint32_t* r, int64_t n,
-            int rounding) {
+void finish(Isa isa, DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r,
+            int64_t n, int rounding) {
   switch (isa) {
-    case Isa::Avx512: avx512::finish(dtype, w, acc, r, n, rounding); return;
-    case Isa::Avx2: avx2::finish(dtype, w, acc, r, n, rounding); return;
-    default: finish_scalar(dtype, w, acc, r, n, rounding); return;
+    case Isa::Avx512: avx512::finish(dtype, src, dst, acc, r, n, rounding); return;
+    case Isa::Avx2: avx2::finish(dtype, src, dst, acc, r, n, rounding); return;
+    default: finish_scalar(dtype, src, dst, acc, r, n, rounding); return;
   }
 }
 
@@ -244,8 +247,9 @@ inline int64_t padded_blocks(uint64_t e0, int64_t n) {
 }
 }  // namespace
 
-void apply_tile(Isa isa, DType dtype, void* w, uint64_t e0, int64_t n, const uint64_t* seeds,
-                const float* coefs, int64_t K, uint32_t stream, int rounding, uint64_t sr_key) {
+void apply_tile(Isa isa, DType dtype, const void* src, void* dst, uint64_t e0, int64_t n,
+                const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, int rounding,
+                uint64_t sr_key) {
   if (n <= 0 || K <= 0) return;
   alignas(64) float acc[kBuf];
   const uint64_t fb = e0 >> 2;
@@ -258,9 +262,9 @@ void apply_tile(Isa isa, DType dtype, void* w, uint64_t e0, int64_t n, const uin
   if (rounding == 1 && dtype != DType::F32) {
     alignas(64) uint32_t rb[kBuf];
     philox_words(isa, key_of(sr_key), stream, spec::COUNTER_STOCHASTIC_ROUNDING, fb, nbp, rb);
-    finish(isa, dtype, w, acc + skip, rb + skip, n, 1);
+    finish(isa, dtype, src, dst, acc + skip, rb + skip, n, 1);
   } else {
-    finish(isa, dtype, w, acc + skip, nullptr, n, 0);
+    finish(isa, dtype, src, dst, acc + skip, nullptr, n, 0);
   }
 }
 
