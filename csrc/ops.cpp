@@ -254,8 +254,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("best_isa", []() { return std::string(kseed::cpu::isa_name(kseed::cpu::best_isa())); });
   mod.def("supported_isas", []() {
     std::vector<std::string> out;
-    for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512}) {
-      if (kseed::cpu::isa_supported(i)) out.emplace_back(kseed::cpu::isa_name(i));
+    for (int i = 0; i < kseed::cpu::kNumIsas; ++i) {
+      if (kseed::cpu::isa_supported(Isa(i))) out.emplace_back(kseed::cpu::isa_name(Isa(i)));
     }
     return out;
   });
@@ -267,7 +267,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     const std::string s = name.cast<std::string>();
     Isa isa;
     if (!kseed::cpu::parse_isa(s.c_str(), &isa)) {
-      throw py::value_error("isa must be one of 'scalar', 'avx2', 'avx512' or None, got '" + s + "'");
+      throw py::value_error("isa must be one of 'scalar', 'avx2', 'avx512', 'neon' or None, got '" + s + "'");
     }
     if (!kseed::cpu::set_isa_override(isa)) {
       throw py::value_error("isa '" + s + "' is not supported on this CPU");

@@ -15,6 +15,7 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::Neon: return "neon";
   }
   return "?";
 }
@@ -24,6 +25,7 @@ bool parse_isa(const char* name, Isa* out) {
   if (std::strcmp(name, "scalar") == 0) { *out = Isa::Scalar; return true; }
   if (std::strcmp(name, "avx2") == 0) { *out = Isa::Avx2; return true; }
   if (std::strcmp(name, "avx512") == 0) { *out = Isa::Avx512; return true; }
+  if (std::strcmp(name, "neon") == 0) { *out = Isa::Neon; return true; }
   return false;
 }
 
@@ -77,7 +79,7 @@ bool resolve_isa(Isa* out, const char** error) {
   if (env != nullptr && env[0] != '\0' && std::strcmp(env, "auto") != 0) {
     Isa isa;
     if (!parse_isa(env, &isa)) {
-      *error = "KSEED_CPU_ISA must be one of auto, scalar, avx2, avx512";
+      *error = "KSEED_CPU_ISA must be one of auto, scalar, avx2, avx512, neon";
       return false;
     }
     if (!isa_supported(isa)) {

@@ -14,7 +14,8 @@
 namespace kseed {
 namespace cpu {
 
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
+constexpr int kNumIsas = 4;  // Isa(0) .. Isa(kNumIsas - 1)
 using ::kseed::DType;
 
 // Elements per tile: the fp32 accumulator of one tile (16 KiB) stays in L1/L2 while the K seeds run.
@@ -23,7 +24,7 @@ constexpr int64_t kMaxTile = 4096;
 constexpr int64_t kGroupBlocks = 16;
 
 const char* isa_name(Isa isa);
-// Parses "scalar", "avx2", "avx512"; false if unknown.
+// Parses "scalar", "avx2", "avx512", "neon"; false if unknown.
 bool parse_isa(const char* name, Isa* out);
 // Whether this CPU (and this build) can run the path.
 bool isa_supported(Isa isa);
