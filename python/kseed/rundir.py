@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import secrets
@@ -39,6 +40,7 @@ PLOTS = ("loss.png", "bytes.png")
 RUN_FILES = (CHECKPOINT, METRICS, SUMMARY) + PLOTS
 CKPT_FORMAT = "kseed-run/1"
 TMP_PREFIX = ".tmp-"
+log = logging.getLogger("kseed.rundir")
 
 
 class CheckpointError(ValueError):
@@ -226,6 +228,7 @@ class RunDir:
         self.checkpoint: Optional[dict] = None
         self.checkpointed = False
         self._fd: Optional[int] = None
+        self._locked = True
         self._created: List[str] = []
         self._wrote: List[str] = []
         if self.path is None:
@@ -263,13 +266,18 @@ class RunDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    # a file system without flock on directories (some network file systems)
+                    log.warning("cannot lock %s (%s): two runs on it are not prevented", self.path,
+                                exc.strerror)
+                    self._fd = fd
+                    self._locked = False
+                    return
                 os.close(fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    self._remove_created()
-                    raise RunDirError(f"{self.path} is in use by another run (it holds the "
-                                      f"directory's lock); wait for it or choose another "
-                                      f"{hints[1]}") from None
-                raise
+                self._remove_created()
+                raise RunDirError(f"{self.path} is in use by another run (it holds the "
+                                  f"directory's lock); wait for it or choose another "
+                                  f"{hints[1]}") from None
             try:  # the directory may have been removed and made again while we waited
                 same = os.path.samestat(os.fstat(fd), os.stat(path))
             except FileNotFoundError:
@@ -320,7 +328,8 @@ class RunDir:
                         pass
                 self._remove_created()
         finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._locked:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
