@@ -289,8 +289,9 @@ class RunDir:
             os.makedirs(path, exist_ok=True)
 
     def _check(self, hints) -> None:
+        ours = tuple(f"{TMP_PREFIX}{n}-" for n in RUN_FILES)
         for name in os.listdir(self.path):  # temp files of a run that was killed while writing
-            if name.startswith(TMP_PREFIX):
+            if name.startswith(ours):
                 try:
                     os.unlink(os.path.join(self.path, name))
                 except OSError:
