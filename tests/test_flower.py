@@ -1,10 +1,13 @@
-"""kseed on Flower's deployment engine: real SuperLink / SuperNode processes on 127.0.0.1.
+"""kseed on Flower: the ServerApp logic over an in-process grid (the ClientApp's own functions answer
+its messages; no processes), and Flower's deployment engine with real SuperLink / SuperNode processes
+on 127.0.0.1.
 
 One module-scoped deployment (SuperLink + 2 SuperNodes) serves the deployment test and, last, the fault
 test (which kills one of its SuperNodes); the TLS + authentication test brings up its own.  Every
 process runs in its own session and is stopped by process group; the fixtures assert nothing is left.
 Select with `pytest -k flower`.
 """
+import contextlib
 import json
 import time
 
@@ -31,6 +34,77 @@ def _metrics(out):
 
 def _checkpoint_server(out):
     return S.read_checkpoint(str(out))["server"]
+
+
+@contextlib.contextmanager
+def _task_identity():
+    """Messages made outside a Flower task need a run/node/task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _sent(m):
+    """What Grid.push_messages does to a message it sends: give it its id."""
+    m.metadata.__dict__["_message_id"] = m.object_id
+    return m
+
+
+def _from(reply, node):
+    reply.metadata.__dict__["_src_node_id"] = node
+    return reply
+
+
+class Stopped(Exception):
+    """The in-process grid's stand-in for a ServerApp that was stopped."""
+
+
+class InProcessGrid:
+    """A Flower Grid whose nodes live in this process: node 100 + p holds partition p, and every
+    message goes straight to the kseed ClientApp's query / train function with that node's context.
+    ``stop_at``: a train message of that round raises Stopped (the run stops mid-round)."""
+
+    def __init__(self, run_config, num_partitions, stop_at=None):
+        self.run_config = dict(run_config)
+        self.num_partitions = num_partitions
+        self.stop_at = stop_at
+        self.pending = {}
+
+    def get_node_ids(self):
+        return [100 + p for p in range(self.num_partitions)]
+
+    def _answer(self, m):
+        from flwr.app import Context, RecordDict
+
+        from kseed.flower import client_app
+
+        node = m.metadata.dst_node_id
+        ctx = Context(run_id=1, node_id=node, node_config={"partition-id": node - 100,
+                                                          "num-partitions": self.num_partitions},
+                      state=RecordDict(), run_config=self.run_config)
+        if m.metadata.message_type == "query":
+            return _from(client_app.query(m, ctx), node)
+        if self.stop_at is not None and m.metadata.group_id == str(self.stop_at):
+            raise Stopped(f"stopped in round {self.stop_at}")
+        return _from(client_app.train(m, ctx), node)
+
+    def push_messages(self, msgs):
+        ids = []
+        for m in map(_sent, msgs):
+            self.pending[m.metadata.message_id] = self._answer(m)
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.pending.pop(i) for i in ids if i in self.pending]
+
+    def send_and_receive(self, msgs, *, timeout=None):
+        return [self._answer(_sent(m)) for m in msgs]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +156,6 @@ def test_flower_exchange_drops_bad_replies():
     """Error replies, replies without bytes, oversized ones and missing ones are dropped; the driver
     then rejects a malformed upload and aggregates the rest (no processes: a fake Grid)."""
     from flwr.app import ConfigRecord, Error, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from kseed.flower.exchange import exchange
     from kseed.protocol import UpMessage, encode_up
@@ -103,9 +176,7 @@ def test_flower_exchange_drops_bad_replies():
             self.timeout = timeout
             replies = []
             for m in msgs:
-                cid = m.metadata.dst_node_id - 100
-                m.metadata.__dict__["_message_id"] = m.object_id
-                m.metadata.__dict__["_src_node_id"] = 1
+                cid = _sent(m).metadata.dst_node_id - 100
                 if cid == 0:
                     body = RecordDict({"kseed": ConfigRecord({"up": good})})
                 elif cid == 1:
@@ -113,69 +184,118 @@ def test_flower_exchange_drops_bad_replies():
                 elif cid == 2:
                     body = RecordDict({"kseed": ConfigRecord({"up": b"\0" * 5000})})
                 elif cid == 3:
-                    r = Message(Error(code=1, reason="node unavailable"), reply_to=m)
-                    r.metadata.__dict__["_src_node_id"] = 0  # made by the SuperLink
-                    replies.append(r)
+                    # made by the SuperLink
+                    replies.append(_from(Message(Error(code=1, reason="node unavailable"), reply_to=m), 0))
                     continue
                 elif cid == 4:
                     continue  # never answers
                 elif cid == 6:  # claims to come from a node the message did not go to
-                    r = Message(RecordDict({"kseed": ConfigRecord({"up": good})}), reply_to=m)
-                    r.metadata.__dict__["_src_node_id"] = 999
-                    replies.append(r)
+                    replies.append(_from(Message(RecordDict({"kseed": ConfigRecord({"up": good})}),
+                                                 reply_to=m), 999))
                     continue
                 else:
                     body = RecordDict({"kseed": ConfigRecord({"up": malformed})})
-                r = Message(body, reply_to=m)
-                r.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
-                replies.append(r)
+                replies.append(_from(Message(body, reply_to=m), m.metadata.dst_node_id))
             return replies
 
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    try:
+    with _task_identity():
         grid = FakeGrid()
         ids = server.sample_clients(1)
         downs = {c: server.make_down(1, c) for c in ids}
         res = exchange(grid, downs, {c: 100 + c for c in ids}, 1, timeout=7.0, max_upload_bytes=4096)
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     assert grid.timeout == 7.0
     assert sorted(res.uploads) == [0, 5]
     assert "not bytes" in res.failed[1] and "max-upload-bytes" in res.failed[2]
     assert "node unavailable" in res.failed[3] and "no reply" in res.failed[4]
     assert "reply from node 999" in res.failed[6]
-    assert res.payload_down == sum(len(b) for b in downs.values()) < res.wire_down
+    assert res.sent == ids and sum(len(b) for b in downs.values()) < res.wire_down
     stats = server.aggregate(1, res.uploads)
     assert stats["accepted"] == [0] and "wrong length" in stats["rejected"][5]
+
+
+def _same_server_state(a, b):
+    assert a["round"] == b["round"]
+    for key in ("acc", "pro_sum", "pro_count", "seeds", "client_loss"):
+        assert a[key] == b[key], key  # hex of the float64 bytes: bitwise
+    assert np.any(np.frombuffer(bytes.fromhex(a["acc"]), dtype="<f8") != 0)
+
+
+@pytest.fixture
+def one_thread():
+    """The embedded model's ops are too small for two threads (as kseed-fed sets it)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_flower_serverapp_stopped_and_resumed_matches_simulation(tmp_path, one_thread):
+    """The ServerApp over an in-process grid (the ClientApp's own functions answer): stopped in round
+    3, then resumed with resume=true, it ends with the uninterrupted simulation's accumulators and
+    metrics, bitwise; a resumed run with another config, or a fresh run on the checkpoint, is refused."""
+    from kseed.flower.server_app import run_federation
+
+    out = tmp_path / "flower"
+    rc = dict(SMALL, rounds=4, out=str(out), sampling="pro", **{"node-wait-timeout": 5.0})
+    with _task_identity():
+        with pytest.raises(Stopped):
+            run_federation(InProcessGrid(rc, 2, stop_at=3), rc)
+        assert _checkpoint_server(out)["round"] == 2
+        assert [r["round"] for r in _metrics(out)] == [0, 1, 2]
+        for bad, msg in ((dict(rc, resume=True, lr=0.5), r"lr=0\.5 \(checkpoint: 0\.0001\)"),
+                         (dict(rc, resume=True, seed=8), "seed=8"),
+                         (rc, "already holds a checkpoint: pass resume=true"),
+                         (dict(rc, resume=True, out=""), "needs a run directory")):
+            with pytest.raises(ValueError, match=msg):
+                run_federation(InProcessGrid(bad, 2), bad)
+        assert _checkpoint_server(out)["round"] == 2
+        resumed = dict(rc, resume=True)
+        summary = run_federation(InProcessGrid(resumed, 2), resumed)
+    assert summary["engine"] == "flower" and summary["rounds"] == 4
+    sim_out = tmp_path / "sim"
+    S.run(fed_config(rc), str(sim_out), progress=False)
+    _same_server_state(_checkpoint_server(out), _checkpoint_server(sim_out))
+    rows, sim_rows = _metrics(out), _metrics(sim_out)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    for r, s in zip(rows, sim_rows):
+        assert r["eval_loss"] == s["eval_loss"] and r["eval_loss_example_mean"] == s["eval_loss_example_mean"]
+        if r["round"]:
+            for key in ("train_loss", "clients", "accepted", "steps", "bytes_down_per_client",
+                        "bytes_up_per_client", "payload_bytes_down", "payload_bytes_up", "rejected"):
+                assert r[key] == s[key], (r["round"], key)
+            assert r["bytes_down"] > r["payload_bytes_down"] == s["bytes_down"]
+            assert set(r["rebuild_seconds_per_client"]) == {str(c) for c in r["clients"]}
 
 
 # ------------------------------------------------------------------------------------------ deployment
 
 def test_flower_deployment_matches_simulation(flower_deployment, tmp_path):
-    """3 rounds on SuperLink + 2 SuperNodes end with the in-process simulation's accumulators, bitwise;
-    the payloads are the driver's messages; wire bytes and rebuild times are in metrics.jsonl."""
+    """2 rounds on SuperLink + 2 SuperNodes, then a second run with resume=true to round 3, end with the
+    uninterrupted in-process simulation's accumulators, bitwise; the payloads are the driver's messages;
+    wire bytes and rebuild times are in metrics.jsonl."""
     d = flower_deployment
-    rc = dict(SMALL, rounds=3, out=str(tmp_path / "flower"), **{"round-timeout": 300.0})
+    rc = dict(SMALL, rounds=2, out=str(tmp_path / "flower"), **{"round-timeout": 300.0})
     run_id = d.start_run(app_dir(), rc)
 
     # The in-process simulation of the same config, while the deployment runs.
     sim_out = tmp_path / "sim"
-    S.run(fed_config(rc), str(sim_out), progress=False)
+    S.run(fed_config(dict(rc, rounds=3)), str(sim_out), progress=False)
 
     info = d.wait_run(run_id, timeout=600)
     assert info["status"] == "finished:completed", d.run_log(run_id)[-4000:]
-    fl, sim = _checkpoint_server(tmp_path / "flower"), _checkpoint_server(sim_out)
-    assert fl["round"] == sim["round"] == 3
-    for key in ("acc", "pro_sum", "pro_count", "seeds", "client_loss"):
-        assert fl[key] == sim[key], key  # hex of the float64 bytes: bitwise
-    assert np.any(np.frombuffer(bytes.fromhex(fl["acc"]), dtype="<f8") != 0)
+    assert _checkpoint_server(tmp_path / "flower")["round"] == 2
+    run_id = d.start_run(app_dir(), dict(rc, rounds=3, resume=True))
+    info = d.wait_run(run_id, timeout=600)
+    assert info["status"] == "finished:completed", d.run_log(run_id)[-4000:]
+    _same_server_state(_checkpoint_server(tmp_path / "flower"), _checkpoint_server(sim_out))
 
     rows, sim_rows = _metrics(tmp_path / "flower"), _metrics(sim_out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for r, s in zip(rows, sim_rows):
-        for key in ("train_loss", "eval_loss", "clients", "steps", "bytes_down_per_client",
-                    "bytes_up_per_client"):
+        for key in ("train_loss", "eval_loss", "eval_loss_example_mean", "clients", "steps",
+                    "bytes_down_per_client", "bytes_up_per_client"):
             if key in s:
                 assert r[key] == s[key], (r["round"], key)
         if r["round"] == 0:
@@ -189,7 +309,8 @@ def test_flower_deployment_matches_simulation(flower_deployment, tmp_path):
         assert set(r["rebuild_seconds_per_client"]) == {str(c) for c in r["clients"]}
         assert all(0 < v < 60 for v in r["rebuild_seconds_per_client"].values())
         assert r["rebuild_seconds"] > 0
-    assert "kseed.flower: round 3:" in d.run_log(run_id)  # the ServerApp's log reaches `flwr log`
+    log = d.run_log(run_id)  # the ServerApp's log reaches `flwr log`
+    assert "resuming" in log and "after round 2" in log and "kseed.flower: round 3:" in log
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
     assert summary["engine"] == "flower" and summary["rounds"] == 3
     assert info["network-traffic"]["total-bytes"] > 0

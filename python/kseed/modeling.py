@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
+import time
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -113,17 +115,30 @@ def batch_loss(model, batch) -> float:
 
 
 @torch.no_grad()
-def eval_loss(model, items: Sequence[tuple], pad_id: int, device, batch_size: int = 16) -> float:
-    """Token-weighted mean response loss over ``items`` (fixed order, fixed batches)."""
-    tot, cnt = 0.0, 0
+def eval_loss(model, items: Sequence[tuple], pad_id: int, device, batch_size: int = 16, *,
+              both: bool = False):
+    """Held-out response loss over ``items`` (fixed order, fixed batches).
+
+    Returns kseed's token-weighted mean (the sum of every response token's cross-entropy over the
+    number of response tokens).  With ``both=True`` returns ``(token-weighted mean, example mean)``:
+    the second is the FedKSeed reference code's metric, the mean over examples of each example's
+    token-mean loss, so a short response weighs as much as a long one.  The per-token losses are
+    float32; the sums are math.fsum's (correctly rounded, whatever the order or thread count)."""
+    sums: List[float] = []
+    counts: List[int] = []
     for i in range(0, len(items), batch_size):
         ids, att, labels = collate(items[i:i + batch_size], pad_id, device)
         logits = model(input_ids=ids, attention_mask=att).logits.float()
-        lg = logits[:, :-1].reshape(-1, logits.shape[-1])
-        lb = labels[:, 1:].reshape(-1)
-        tot += float(torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100, reduction="sum"))
-        cnt += int((lb != -100).sum())
-    return tot / max(cnt, 1)
+        lb = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                lb.reshape(-1), ignore_index=-100, reduction="none")
+        sums.extend(math.fsum(row) for row in nll.view(lb.shape).tolist())
+        counts.extend((lb != -100).sum(dim=1).tolist())
+    token_mean = math.fsum(sums) / max(sum(counts), 1)
+    if not both:
+        return token_mean
+    means = [s / n for s, n in zip(sums, counts) if n]
+    return token_mean, (math.fsum(means) / len(means) if means else 0.0)
 
 
 @torch.no_grad()
@@ -170,12 +185,14 @@ class Workspace:
         self._cache_key = None
         self._cached = None
         self.rebuilds = 0
+        self.rebuild_seconds = 0.0  # cumulative seconds spent inside rebuild()
 
     @property
     def pad_id(self) -> int:
         return int(self.tok.pad_token_id)
 
     def rebuild(self, seeds: np.ndarray, coefs: np.ndarray) -> None:
+        t0 = time.perf_counter()
         c = np.ascontiguousarray(coefs, dtype=np.float32)
         key = None
         if self.cache:
@@ -186,6 +203,7 @@ class Workspace:
                     for p, s in zip(self.ms.params, self._cached):
                         p.copy_(s)
                 self.ms._pending = None
+                self.rebuild_seconds += time.perf_counter() - t0
                 return
         self.ms.restore_pending()
         with torch.no_grad():
@@ -198,6 +216,7 @@ class Workspace:
         if self.cache:
             self._cache_key = key
             self._cached = [p.detach().clone() for p in self.ms.params]
+        self.rebuild_seconds += time.perf_counter() - t0
 
     def weights(self) -> List[torch.Tensor]:
         return [p.detach() for p in self.ms.params]

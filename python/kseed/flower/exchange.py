@@ -1,14 +1,16 @@
 """The Flower side of the server loop: find which node holds which partition, and run one round's
-message exchange with a timeout, counting the bytes that cross the wire.  No driver logic here."""
+message exchange with a timeout, counting the bytes that cross the wire.  No driver logic here: the
+round loop is kseed.rounds', and exchange() is the `deliver` step it calls."""
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 from flwr.app import ConfigRecord, Message, RecordDict
+
+from kseed.rounds import Delivery
 
 from .common import DOWN_KEY, RECORD, TIMING_KEYS, UP_KEY, wire_bytes
 
@@ -65,23 +67,10 @@ def discover_partitions(grid, num_partitions: int, timeout: float, poll: float =
         time.sleep(poll)
 
 
-@dataclass
-class RoundResult:
-    uploads: Dict[int, bytes] = field(default_factory=dict)     # client id -> the driver's UpMessage bytes
-    wire_down: int = 0                                           # bytes of the train messages sent
-    wire_up: int = 0                                             # bytes of the replies received
-    payload_down: int = 0                                        # the driver's DownMessage bytes
-    payload_up: int = 0                                          # the driver's UpMessage bytes received
-    sent: List[int] = field(default_factory=list)                # client ids a message went to
-    missing: List[int] = field(default_factory=list)             # sampled clients without a reply
-    failed: Dict[int, str] = field(default_factory=dict)         # client id -> why its reply was dropped
-    timings: Dict[int, Dict[str, float]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
 def exchange(grid, downs: Mapping[int, bytes], node_of: Mapping[int, int], round_idx: int, *,
-             timeout: float, max_upload_bytes: int, fields: Optional[Mapping[str, Any]] = None) -> RoundResult:
-    """Send each client its DownMessage, collect the replies that arrive within `timeout` seconds.
+             timeout: float, max_upload_bytes: int, fields: Optional[Mapping[str, Any]] = None) -> Delivery:
+    """Send each client its DownMessage, collect the replies that arrive within `timeout` seconds:
+    the engine-specific step of kseed.rounds' loop (uploads, wire bytes, client timings, drops).
 
     Replies that are errors (the ClientApp raised, or Flower reports the node unavailable), that lack the
     upload, whose upload is not bytes, or is larger than `max_upload_bytes` (0: no Flower-side limit)
@@ -89,7 +78,7 @@ def exchange(grid, downs: Mapping[int, bytes], node_of: Mapping[int, int], round
     `fields` are extra ConfigRecord entries sent with every DownMessage (e.g. the base model's hash).
     """
     t0 = time.monotonic()
-    res = RoundResult()
+    res = Delivery(uploads={}, sent=[], timings={}, wire_down=0, wire_up=0)
     cid_of: Dict[int, int] = {}
     msgs = []
     for cid, down in downs.items():
@@ -101,7 +90,6 @@ def exchange(grid, downs: Mapping[int, bytes], node_of: Mapping[int, int], round
         msg = Message(RecordDict({RECORD: rec}), dst_node_id=node,
                       message_type="train", group_id=str(round_idx))
         res.wire_down += wire_bytes(msg)
-        res.payload_down += len(down)
         cid_of[node] = cid
         res.sent.append(cid)
         msgs.append(msg)
@@ -130,15 +118,13 @@ def exchange(grid, downs: Mapping[int, bytes], node_of: Mapping[int, int], round
         if not isinstance(up, bytes):
             res.failed[cid] = f"upload is {type(up).__name__}, not bytes"
             continue
-        res.payload_up += len(up)
         if max_upload_bytes and len(up) > max_upload_bytes:
             res.failed[cid] = f"upload of {len(up)} bytes exceeds max-upload-bytes={max_upload_bytes}"
             continue
         res.uploads[cid] = up
         res.timings[cid] = {k: float(v) for k, v in reply.content[RECORD].items()
                             if k in TIMING_KEYS and isinstance(v, float) and math.isfinite(v)}
-    res.missing = [c for c in res.sent if c not in res.uploads and c not in res.failed]
-    for cid in res.missing:
+    for cid in [c for c in res.sent if c not in res.uploads and c not in res.failed]:
         res.failed[cid] = f"no reply within {timeout:g} s"
     for cid, why in sorted(res.failed.items()):
         log.warning("round %d: client %d dropped: %s", round_idx, cid, why)

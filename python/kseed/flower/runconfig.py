@@ -2,8 +2,10 @@
 
 Every FedConfig field is a run-config key with '_' written '-' (the kseed-fed flag names): rounds,
 num-clients, clients-per-round, local-steps, num-seeds, lr, eps, sampling, ... .  TOML has no null, so an
-optional field (model, data, eval-category) is "" for None.  Besides those: device and out (where the
-ServerApp writes metrics.jsonl and its checkpoint; "" = no files) and the Flower-side options
+optional field (model, data, eval-category) is "" for None.  Besides those: device, out (where the
+ServerApp writes metrics.jsonl and its checkpoint; "" = no files), resume (true: continue the
+checkpoint in out; the rest of the run config must match the checkpoint's, except rounds and the
+evaluation cadence) and the Flower-side options
 round-timeout (seconds a round waits for replies), node-wait-timeout (seconds the ServerApp waits for
 the nodes at start) and max-upload-bytes (0 = the driver's own limit only).
 """
@@ -20,12 +22,13 @@ from .common import config_value
 EXTRA_DEFAULTS = {
     "device": "cpu",
     "out": "",
+    "resume": False,
     "round-timeout": 600.0,
     "node-wait-timeout": 300.0,
     "max-upload-bytes": 0,
 }
-EXTRA_KINDS = {"device": str, "out": str, "round-timeout": float, "node-wait-timeout": float,
-               "max-upload-bytes": int}
+EXTRA_KINDS = {"device": str, "out": str, "resume": bool, "round-timeout": float,
+               "node-wait-timeout": float, "max-upload-bytes": int}
 
 
 def key_of(field_name: str) -> str:

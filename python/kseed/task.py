@@ -1,0 +1,108 @@
+"""The engine-neutral task: the data, the model workspace, and the evaluation of the global model.
+
+This is the part every engine shares (the role Flower's `task.py` plays in its own examples): the
+in-process simulation, the Flower ServerApp and the Flower ClientApp all build their data and their
+model here, and the server side evaluates the global model here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from . import datasets as D
+from . import modeling as M
+from .config import FedConfig
+
+
+# ------------------------------------------------------------------------------------ data
+def build_data(cfg: FedConfig) -> Tuple[List[List[dict]], List[dict], str]:
+    """(client partitions, eval examples, held-out description)."""
+    if cfg.dataset == "ni":
+        if cfg.data is None:
+            raise D.DataError("--dataset ni needs --data DIR (a Natural Instructions 2.x checkout)")
+        parts, test = D.load_natural_instructions(cfg.data, seed=cfg.seed)
+        held = "test tasks"
+    else:
+        if cfg.dataset == "embedded":
+            examples = D.generate_embedded(cfg.embedded_examples, seed=cfg.seed)
+        else:
+            if cfg.data is None:
+                raise D.DataError("--dataset dolly needs --data FILE (databricks-dolly-15k.jsonl)")
+            examples = D.load_dolly(cfg.data)
+        train, test, held = D.split_heldout_category(examples, cfg.eval_category)
+        if cfg.partition == "iid":
+            idx = D.partition_iid(len(train), cfg.num_clients, cfg.seed)
+        else:
+            idx = D.partition_dirichlet([e["category"] for e in train], cfg.num_clients, cfg.alpha,
+                                        cfg.seed, cfg.min_per_client)
+        parts = [[train[i] for i in p] for p in idx]
+    if len(parts) != cfg.num_clients:
+        raise D.DataError(f"the data gives {len(parts)} clients (one per training task) but "
+                          f"--num-clients is {cfg.num_clients}")
+    rng = np.random.Generator(np.random.PCG64(cfg.seed + 0xE7A1))
+    if len(test) > cfg.eval_size:
+        test = [test[i] for i in sorted(rng.choice(len(test), cfg.eval_size, replace=False))]
+    return parts, test, held
+
+
+def data_identity(cfg: FedConfig, parts: List[List[dict]], eval_ex: List[dict]) -> dict:
+    """The identity of the data a run trains and evaluates on, kept in its checkpoint beside the base
+    model's: SHA-256 over every client partition and the eval examples exactly as the run uses them
+    (canonical JSON, in order).  Whatever the source (a Dolly file, an NI directory, the embedded
+    generator and its parameters), an edit that changes what the run sees changes the hash, and one
+    that does not (e.g. a task file NI skips) leaves it alone."""
+    h = hashlib.sha256()
+    for part in list(parts) + [eval_ex]:
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    if cfg.dataset == "embedded":
+        source = f"the embedded generator ({cfg.embedded_examples} examples, seed {cfg.seed})"
+    else:
+        source = os.path.abspath(cfg.data) if cfg.data is not None else None
+    return {"dataset": cfg.dataset, "source": source, "sha256": h.hexdigest(),
+            "train_examples": int(sum(len(p) for p in parts)), "eval_examples": len(eval_ex)}
+
+
+# ----------------------------------------------------------------------------------- model
+def model_dir(cfg: FedConfig) -> str:
+    return cfg.model if cfg.model is not None else M.EMBEDDED_DIR
+
+
+def load_workspace(cfg: FedConfig, device: str = "cpu", backend: Optional[str] = None,
+                   cache: bool = True, model_path: Optional[str] = None) -> M.Workspace:
+    path = model_path or model_dir(cfg)
+    model, tok = M.load_model(path, cfg.dtype, device)
+    ident = {"model": "embedded" if cfg.model is None else os.path.abspath(path),
+             "hash": M.model_hash(model), "dtype": cfg.dtype,
+             "parameters": int(sum(p.numel() for p in model.parameters()))}
+    return M.Workspace(model, tok, backend=backend, rounding=cfg.rounding, identity=ident,
+                       cache=cache)
+
+
+# ------------------------------------------------------------------------------ evaluation
+class Evaluation(NamedTuple):
+    loss: float                 # held-out loss, token-weighted mean (metrics key eval_loss)
+    loss_example_mean: float    # held-out loss, mean of per-example means (eval_loss_example_mean)
+    rouge_l: Optional[float]    # Rouge-L F1 of greedy generations, when asked for
+
+
+def global_evaluator(cfg: FedConfig, ws: M.Workspace, server, eval_ex: List[dict]
+                     ) -> Callable[[bool], Evaluation]:
+    """A function ``evaluate(with_rouge) -> Evaluation`` of the server's current global model,
+    rebuilt in ``ws`` from w0 and the server's coefficients in one fused pass."""
+    eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length)
+
+    def evaluate(with_rouge: bool) -> Evaluation:
+        ws.rebuild(server.seeds, server.global_coefs())
+        loss, per_example = M.eval_loss(ws.model, eval_items, ws.pad_id, ws.device, both=True)
+        rl = None
+        if with_rouge:
+            rl = M.rouge_l(ws.model, ws.tok, eval_ex[:cfg.rouge_size], cfg.max_length, ws.device,
+                           cfg.max_new_tokens)
+        return Evaluation(loss, per_example, rl)
+
+    return evaluate
