@@ -238,6 +238,25 @@ def marked_processes(flwr_home) -> list:
     return out
 
 
+def stop_marked(flwr_home, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, every live process started with FLWR_HOME=flwr_home (marked_processes):
+    what is left of a deployment after its own process groups are stopped, or of a
+    `python -m kseed.flower local/simulation --workdir DIR` that was killed (FLWR_HOME = DIR/flwr-home)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = marked_processes(flwr_home)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + timeout
+        while pids and time.monotonic() < end:
+            time.sleep(0.1)
+            pids = marked_processes(flwr_home)
+        if not pids:
+            return
+
+
 def group_processes(pgid: int, pattern: str) -> list:
     """Pids in a process group whose command line contains `pattern`."""
     found = []
@@ -458,19 +477,7 @@ class Deployment:
         deployment's FLWR_HOME (detached children), by pid."""
         for proc in reversed(self.procs):
             stop_group(proc)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = marked_processes(self.flwr_home)
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            end = time.monotonic() + timeout
-            while pids and time.monotonic() < end:
-                time.sleep(0.1)
-                pids = marked_processes(self.flwr_home)
-            if not pids:
-                return
+        stop_marked(self.flwr_home, timeout)
 
     def leftover(self) -> list:
         """Live processes left behind: in this deployment's process groups or carrying its FLWR_HOME."""
