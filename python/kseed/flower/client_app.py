@@ -3,9 +3,11 @@
 In Flower's deployment engine every message starts a fresh ClientApp process, so each train message
 builds a new kseed.client.FedKSeedClient: it loads w0 (the base model), rebuilds the current global model
 with one fused pass w0 + sum_k A_k z_k from the accumulators in the DownMessage, runs its local
-zeroth-order steps and returns its UpMessage.  The node's data partition comes from the node config
-(partition-id, num-partitions, and optionally device, e.g. device="cuda:0" for this node's clients);
-the driver's options from the run config.
+zeroth-order steps and returns its UpMessage.  (Flower's simulation engine runs the same handlers in
+long-lived Ray actors; nothing here relies on a fresh process.)  The node's data partition comes from
+the node config (partition-id, num-partitions, and optionally device, e.g. device="cuda:0" for this
+node's clients; the simulation engine gives each virtual SuperNode its partition-id and
+num-partitions); the driver's options from the run config.
 
 Threads: a ClientApp process left alone starts torch's and OpenMP's thread pools at the machine's full
 size, so N SuperNodes on one machine oversubscribe its cores N times.  Each train message first applies
