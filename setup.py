@@ -62,6 +62,8 @@ setup(
     extras_require={
         "triton": ["triton==3.9.0"],
         "flower": ["flwr==1.41.0"],
+        # Flower's simulation engine (many virtual clients in parallel); flwr 1.41.0 pins ray 2.55.1
+        "flower-simulation": ["flwr[simulation]==1.41.0", "ray==2.55.1"],
         "test": ["pytest", "scipy", "triton==3.9.0"],
     },
     zip_safe=False,

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-KSEED_EXTRAS=${KSEED_EXTRAS:-test,flower} bash scripts/install.sh
+KSEED_EXTRAS=${KSEED_EXTRAS:-test,flower,flower-simulation} bash scripts/install.sh
 
 echo "== pytest"
 "$PY" -m pytest -q -ra tests "$@"

@@ -3,13 +3,24 @@
 In Flower's deployment engine every message starts a fresh ClientApp process, so each train message
 builds a new kseed.client.FedKSeedClient: it loads w0 (the base model), rebuilds the current global model
 with one fused pass w0 + sum_k A_k z_k from the accumulators in the DownMessage, runs its local
-zeroth-order steps and returns its UpMessage.  The node's data partition comes from the node config
-(partition-id, num-partitions, and optionally device, e.g. device="cuda:0" for this node's clients);
-the driver's options from the run config.
+zeroth-order steps and returns its UpMessage.  (Flower's simulation engine runs the same handlers in
+long-lived Ray actors; nothing here relies on a fresh process.)  The node's data partition comes from
+the node config (partition-id, num-partitions, and optionally device, e.g. device="cuda:0" for this
+node's clients; the simulation engine gives each virtual SuperNode its partition-id and
+num-partitions); the driver's options from the run config.
+
+Threads: a ClientApp process left alone starts torch's and OpenMP's thread pools at the machine's full
+size, so N SuperNodes on one machine oversubscribe its cores N times.  Each train message first applies
+the client's thread budget (thread_budget): the node config's num-threads (`python -m kseed.flower
+local` divides the cores among its SuperNodes), else, on Flower's simulation engine, the CPUs Ray gave
+the virtual client (client-resources num-cpus).
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
+from typing import Mapping, Optional
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -17,6 +28,49 @@ from flwr.clientapp import ClientApp
 from .common import BASE_HASH_KEY, DOWN_KEY, RECORD, UP_KEY
 
 app = ClientApp()
+
+THREADS_KEY = "num-threads"                           # node config: this node's ClientApp thread budget
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")   # what OpenMP / MKL read when they start
+
+
+def thread_env(threads: int) -> dict:
+    """The environment variables that size OpenMP's and MKL's pools to `threads`."""
+    return {k: str(int(threads)) for k in THREAD_ENV}
+
+
+def _ray_cpus() -> Optional[int]:
+    """CPUs Ray assigned to this process (a simulation-engine actor); None outside Ray."""
+    ray = sys.modules.get("ray")  # only ever imported here by Flower's Ray backend
+    try:
+        if ray is None or not ray.is_initialized():
+            return None
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # not a Ray worker after all: no budget from Ray
+        return None
+    return max(1, int(cpus)) if cpus else None
+
+
+def thread_budget(node_config: Mapping) -> Optional[int]:
+    """Threads this client may use: node config num-threads, else the CPUs Ray assigned to this
+    virtual client, else None (torch's default)."""
+    if THREADS_KEY in node_config:
+        raw = node_config[THREADS_KEY]
+        if isinstance(raw, str) and raw.strip().isdigit():
+            raw = int(raw)
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+            raise ValueError(f"node config {THREADS_KEY}={raw!r}: must be an integer >= 1")
+        return raw
+    return _ray_cpus()
+
+
+def apply_threads(threads: Optional[int]) -> None:
+    """Size torch's intra-op pool (and OpenMP's / MKL's, for this process and what it starts)."""
+    if threads is None:
+        return
+    os.environ.update(thread_env(threads))
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _partition(context: Context):
@@ -43,6 +97,12 @@ def train(msg: Message, context: Context) -> Message:
     """One round: DownMessage bytes in, UpMessage bytes out, with the client's timings."""
     t0 = time.perf_counter()
     pid, nparts = _partition(context)
+    threads = thread_budget(context.node_config)
+    apply_threads(threads)  # before the driver imports torch and builds the model
+    import torch
+
+    print(f"kseed ClientApp: partition {pid}, {torch.get_num_threads()} threads"
+          f"{'' if threads else ' (no budget: torch default)'}", file=sys.stderr, flush=True)
     rec = msg.content[RECORD]
     down = rec[DOWN_KEY]
     if not isinstance(down, bytes):

@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import sysconfig
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -36,14 +37,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def flower_bin_dirs() -> list:
+    """The program directories of the running interpreter's environment: the directory of
+    sys.executable as invoked (a virtual environment's bin, not resolved through its symlink) and the
+    install scheme's scripts directory.  Flower's programs (flower-superlink, flower-supernode, the
+    flower-superexec they start, flwr-serverapp, flwr-clientapp, flwr-simulation, flwr) are taken
+    from there, so an environment works without being activated."""
+    dirs = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    return list(dict.fromkeys(str(d) for d in dirs if d.is_dir()))
+
+
 def _executable(name: str) -> str:
-    """A Flower console script, preferably the one next to this interpreter."""
-    cand = Path(sys.executable).parent / name
-    if cand.exists():
-        return str(cand)
+    """A Flower program from this interpreter's environment (flower_bin_dirs()), else from PATH."""
+    for d in flower_bin_dirs():
+        cand = Path(d) / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
     found = shutil.which(name)
     if found is None:
-        raise FileNotFoundError(f"{name} not found: install the Flower extra (pip install 'kseed[flower]')")
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH: install the "
+                                "Flower extra (pip install 'kseed[flower]')")
     return found
 
 
@@ -73,6 +86,10 @@ def flower_env(flwr_home, extra: Optional[dict] = None) -> dict:
     })
     paths = _import_roots() + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    # Flower starts its own programs by name (the SuperLink and SuperNodes start flower-superexec,
+    # which starts flwr-serverapp / flwr-clientapp / flwr-simulation): find them in this environment.
+    bins = flower_bin_dirs() + [p for p in env.get("PATH", "").split(os.pathsep) if p]
+    env["PATH"] = os.pathsep.join(dict.fromkeys(bins))
     if extra:
         env.update(extra)
     return env
@@ -221,6 +238,25 @@ def marked_processes(flwr_home) -> list:
     return out
 
 
+def stop_marked(flwr_home, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL, every live process started with FLWR_HOME=flwr_home (marked_processes):
+    what is left of a deployment after its own process groups are stopped, or of a
+    `python -m kseed.flower local/simulation --workdir DIR` that was killed (FLWR_HOME = DIR/flwr-home)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = marked_processes(flwr_home)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + timeout
+        while pids and time.monotonic() < end:
+            time.sleep(0.1)
+            pids = marked_processes(flwr_home)
+        if not pids:
+            return
+
+
 def group_processes(pgid: int, pattern: str) -> list:
     """Pids in a process group whose command line contains `pattern`."""
     found = []
@@ -255,6 +291,7 @@ class Deployment:
     workdir: Path
     tls: Optional[Certificates] = None
     supernode_auth: bool = False
+    simulation: bool = False  # a SuperLink that runs each run on Flower's simulation engine (no SuperNodes)
     connection: str = "kseed-local"
     port: int = 0
     procs: list = field(default_factory=list)
@@ -282,12 +319,13 @@ class Deployment:
             lines.append(f'root-certificates = "{self.tls.ca}"')
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
-    def _spawn(self, name: str, argv: Sequence[str]) -> Proc:
+    def _spawn(self, name: str, argv: Sequence[str], env: Optional[dict] = None) -> Proc:
         log = self.logs / f"{name}.log"
         fh = open(log, "wb")
         try:
             popen = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self.env, cwd=self.workdir, start_new_session=True)
+                                     env=dict(self.env, **(env or {})), cwd=self.workdir,
+                                     start_new_session=True)
         finally:
             fh.close()
         proc = Proc(name, popen, log)
@@ -305,6 +343,8 @@ class Deployment:
                      "--ssl-keyfile", str(self.tls.server_key)]
         if self.supernode_auth:
             argv.append("--enable-supernode-auth")
+        if self.simulation:
+            argv.append("--simulation")
         proc = self._spawn("superlink", argv)
         self._wait_health(proc, timeout)
         return proc
@@ -329,22 +369,31 @@ class Deployment:
     # -- SuperNodes ----------------------------------------------------------------------------------
     def start_supernode(self, partition_id: int, num_partitions: int, *, name: Optional[str] = None,
                         private_key=None, max_wait_time: float = 60.0, node_config: str = "",
-                        may_exit: bool = False) -> Proc:
-        """Start a SuperNode holding `partition_id` of `num_partitions`; `may_exit`: it is expected to
-        be refused (wait_nodes does not fail when it exits)."""
+                        threads: Optional[int] = None, may_exit: bool = False) -> Proc:
+        """Start a SuperNode holding `partition_id` of `num_partitions`; `threads`: its ClientApps'
+        thread budget (node config num-threads, and OMP/MKL_NUM_THREADS in its environment; None:
+        torch's and OpenMP's defaults); `may_exit`: it is expected to be refused (wait_nodes does not
+        fail when it exits)."""
         name = name or f"supernode-{partition_id}"
         if may_exit:
             self.may_exit.add(name)
+        conf = f"partition-id={partition_id} num-partitions={num_partitions}"
+        env = None
+        if threads is not None:
+            from .client_app import THREADS_KEY, thread_env
+
+            conf += f" {THREADS_KEY}={int(threads)}"
+            env = thread_env(int(threads))
         argv = [_executable("flower-supernode"), "--superlink", self.address,
                 "--host", HOST, "--port", str(free_port()), "--max-wait-time", str(max_wait_time),
-                "--node-config", f"partition-id={partition_id} num-partitions={num_partitions} {node_config}".strip()]
+                "--node-config", f"{conf} {node_config}".strip()]
         if self.tls is None:
             argv.append("--insecure")
         else:
             argv += ["--root-certificates", str(self.tls.ca)]
         if private_key is not None:
             argv += ["--auth-supernode-private-key", str(private_key)]
-        proc = self._spawn(name, argv)
+        proc = self._spawn(name, argv, env)
         self.supernodes[name] = proc
         return proc
 
@@ -384,11 +433,15 @@ class Deployment:
         except ValueError:
             raise RuntimeError(f"flwr {' '.join(args)}: no JSON in output:\n{res.stdout}\n{res.stderr}") from None
 
-    def start_run(self, app_dir, run_config: Optional[dict] = None) -> int:
-        """`flwr run` (not streamed): submit the run, return its run id."""
+    def start_run(self, app_dir, run_config: Optional[dict] = None,
+                  federation_config: Optional[dict] = None) -> int:
+        """`flwr run` (not streamed): submit the run, return its run id.  `federation_config`: the
+        simulation engine's settings (num-supernodes, client-resources-num-cpus, ...-num-gpus, ...)."""
         args = ["run", str(app_dir), self.connection]
         if run_config:
             args += ["--run-config", format_run_config(run_config)]
+        if federation_config:
+            args += ["--federation-config", format_run_config(federation_config)]
         res = self.flwr_json(*args)
         if not res.get("success"):
             raise RuntimeError(f"flwr run failed: {res}")
@@ -424,19 +477,7 @@ class Deployment:
         deployment's FLWR_HOME (detached children), by pid."""
         for proc in reversed(self.procs):
             stop_group(proc)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = marked_processes(self.flwr_home)
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            end = time.monotonic() + timeout
-            while pids and time.monotonic() < end:
-                time.sleep(0.1)
-                pids = marked_processes(self.flwr_home)
-            if not pids:
-                return
+        stop_marked(self.flwr_home, timeout)
 
     def leftover(self) -> list:
         """Live processes left behind: in this deployment's process groups or carrying its FLWR_HOME."""
