@@ -94,6 +94,12 @@ def derive_seed(run_seed: int, *parts: int) -> int:
     return int.from_bytes(hashlib.sha256(msg).digest()[:8], "little")
 
 
+def client_rng_seed(run_seed: int, rnd: int, client_id: int) -> int:
+    """The RNG seed of a client's local training in a round (seed choice and batches): the server
+    sends it, the client checks it."""
+    return derive_seed(run_seed, 2, rnd, client_id)
+
+
 # --------------------------------------------------------------------------------- messages
 @dataclass
 class DownMessage:
@@ -300,5 +306,6 @@ def decode_up(data, *, k: int, expected_round: Optional[int] = None,
 
 
 __all__ = ["VERSION", "ProtocolError", "DownMessage", "UpMessage", "encode_down", "decode_down",
-           "encode_up", "decode_up", "seed_pool", "fingerprint", "derive_seed", "up_size",
+           "encode_up", "decode_up", "seed_pool", "fingerprint", "derive_seed", "client_rng_seed",
+           "up_size",
            "DOWN_HEADER_SIZE", "UP_HEADER_SIZE"]

@@ -290,7 +290,7 @@ def run(cfg: FedConfig, out: str, *, resume: bool = False, device: str = "cpu",
             ids = server.sample_clients(rnd)
             downs = {c: server.make_down(rnd, c) for c in ids}
             ups = {c: client(c).fit(downs[c]) for c in ids}
-            stats = server.aggregate(rnd, ups)
+            stats = server.aggregate(rnd, ups, weights={c: len(parts[c]) for c in ids})
             do_eval = (cfg.eval_every and rnd % cfg.eval_every == 0) or rnd == cfg.rounds
             do_rouge = bool(cfg.rouge_every) and rnd % cfg.rouge_every == 0
             ev, rl = evaluate_global(do_rouge) if do_eval or do_rouge else (None, None)
@@ -301,6 +301,7 @@ def run(cfg: FedConfig, out: str, *, resume: bool = False, device: str = "cpu",
                    "bytes_down_per_client": {str(c): len(downs[c]) for c in ids},
                    "bytes_up_per_client": {str(c): len(ups[c]) for c in ids},
                    "clients": ids, "rejected": {str(k): v for k, v in stats["rejected"].items()},
+                   "clipped": {str(k): v for k, v in stats["clipped"].items()},
                    "steps": stats["steps"]}
             if do_rouge:
                 row["rouge_l"] = rl
