@@ -14,6 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
+from . import config as C
 from .config import FedConfig
 
 _D = FedConfig()
@@ -57,12 +58,38 @@ _OPTIONS = [
     (("--pro-clip",), "pro_clip", float, "C: |g| clip of the FedKSeed-Pro statistics"),
     (("--embedded-examples",), "embedded_examples", int, "size of the embedded synthetic data set"),
     (("--rounding",), "rounding", str, "nearest | stochastic rounding of bf16/fp16 weights"),
+    (("--prompt",), "prompt", str,
+     "prompt template: reference (the FedKSeed code's Dolly/NI template, response appended "
+     "directly after '### Response:') | alpaca (the standard Alpaca wording)"),
+    (("--lr-rule",), "lr_rule", str,
+     "client-wise lr rule with --clientwise-lr: fedmezo (lr + delta (s_i - mean s) / max|s_j - "
+     "mean s|, FedMeZO) | ratio (lr x last loss / mean loss, clipped to [0.5, 2])"),
+    (("--lr-signal",), "lr_signal", str,
+     "s_i of the fedmezo rule: round-wise (last training loss) | five-round (mean of the last "
+     "five) | model-diff (distance of the last update from the round's mean update)"),
+    (("--lr-delta",), "lr_delta", float,
+     "delta of the fedmezo rule as a fraction of --lr, in [0, 0.99] (FedMeZO: 5e-6 at lr 1e-5 = "
+     "0.5)"),
+    (("--g-clip",), "g_clip", float,
+     "aggregation bound: |g| (and a client's sum of g on one seed index) <= this x the round's "
+     "lower median of the clients' median |g| (0: off)"),
+    (("--g-clip-abs",), "g_clip_abs", float, "aggregation bound: a fixed |g| limit as well (0: off)"),
+    (("--norm-bound",), "norm_bound", float,
+     "aggregation bound: a client's update norm <= this x the round's lower median norm (0: off)"),
+    (("--weight-cap",), "weight_cap", float,
+     "aggregation bound: a claimed example count <= this x the round's lower median claim, where "
+     "the server does not know the true sizes (0: off)"),
+    (("--loss-cap",), "loss_cap", float,
+     "aggregation bound: a reported training loss is clipped to [0, this x the round's lower "
+     "median] (0: off)"),
 ]
+_CHOICES = {"sampling": C.SAMPLINGS, "dataset": C.DATASETS, "dtype": C.DTYPES,
+            "partition": C.PARTITIONS, "rounding": C.ROUNDINGS, "prompt": C.PROMPTS,
+            "lr_rule": C.LR_RULES, "lr_signal": C.LR_SIGNALS}
 _FLAGS = [
     ("--equal-weights", "equal_weights", "aggregate clients with equal weights instead of by "
                                          "example count"),
-    ("--clientwise-lr", "clientwise_lr", "FedMeZO-style client-wise learning rates from the "
-                                         "clients' last losses"),
+    ("--clientwise-lr", "clientwise_lr", "client-wise learning rates (rule: --lr-rule)"),
 ]
 # Fields a resumed run may change; anything else must match the checkpoint.
 _RESUME_MAY_CHANGE = {"rounds", "eval_every", "rouge_every", "rouge_size", "max_new_tokens"}
@@ -75,17 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                "model from DIR's checkpoint and writes it with safetensors.")
     for flags, name, typ, help_ in _OPTIONS:
         default = getattr(_D, name)
-        kw = {}
-        if name == "sampling":
-            kw["choices"] = ["uniform", "pro"]
-        elif name == "dataset":
-            kw["choices"] = ["embedded", "dolly", "ni"]
-        elif name == "dtype":
-            kw["choices"] = ["fp32", "bf16", "fp16"]
-        elif name == "partition":
-            kw["choices"] = ["dirichlet", "iid"]
-        elif name == "rounding":
-            kw["choices"] = ["nearest", "stochastic"]
+        kw = {"choices": list(_CHOICES[name])} if name in _CHOICES else {}
         if "(default" not in help_:
             help_ = f"{help_} (default: {default})"
         ap.add_argument(*flags, dest=name, type=typ, default=None, help=help_, **kw)

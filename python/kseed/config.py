@@ -50,7 +50,7 @@ class FedConfig:
     # aggregation bounds (one client's influence per round; 0 = off; see README "Threat model")
     g_clip: float = 20.0  # |g| <= g_clip x the round's lower median of the clients' median |g|
     g_clip_abs: float = 0.0  # a fixed bound on |g| as well
-    norm_bound: float = 3.0  # client update norm <= norm_bound x the round's lower median norm
+    norm_bound: float = 1.5  # client update norm <= norm_bound x the round's lower median norm
     weight_cap: float = 4.0  # claimed examples <= weight_cap x the round's lower median claim
     loss_cap: float = 4.0  # reported loss clipped to [0, loss_cap x the round's lower median]
     # data and model

@@ -61,7 +61,10 @@ def bound_uploads(c: FedConfig, ups: Sequence[P.UpMessage],
     a minority of clients cannot raise them; 0 in the config turns a bound off.
 
     1. |g| <= g_clip x (lower median over the clients of each one's median nonzero |g|), and
-       <= g_clip_abs when set: caps single absurd values (one pair with g = 1e4).
+       <= g_clip_abs when set: caps single absurd values (one pair with g = 1e4); the same limit
+       holds for the sum of a client's g on one seed index (one index repeated tau times with
+       g = 1e6 counts as one clipped pair, not tau of them: repeated on every round, one direction
+       would otherwise grow linearly while honest noise grows as a square root).
     2. The client's update in coefficient space, u_c = sum of its g per seed index (so a seed index
        repeated tau times counts tau times), has ||u_c|| <= norm_bound x (lower median of the
        nonzero norms): norm bounding (Sun et al., 2019); a longer u_c is scaled down.
@@ -88,6 +91,17 @@ def bound_uploads(c: FedConfig, ups: Sequence[P.UpMessage],
             if n:
                 grads[i] = np.clip(grads[i], -lim, lim)
                 notes[m.client_id].append(f"{n} of {m.tau} |g| clipped to {lim:.4g}")
+            # the same bound on the sum of g per seed index: a seed index repeated tau times counts
+            # as one pair (scaled pairs of that index; an honest client rarely repeats an index)
+            idx = m.indices.astype(np.int64)
+            u = np.bincount(idx, weights=grads[i], minlength=c.num_seeds)
+            over = np.abs(u) > lim
+            if over.any():
+                f = np.ones_like(u)
+                f[over] = lim / np.abs(u[over])
+                grads[i] = grads[i] * f[idx]
+                notes[m.client_id].append(f"the sum of g on {int(over.sum())} seed indices "
+                                          f"clipped to {lim:.4g}")
     # 2. update norm
     if c.norm_bound > 0:
         norms = [float(np.linalg.norm(np.bincount(m.indices.astype(np.int64), weights=g,

@@ -197,7 +197,7 @@ def _nan_none(x):
 def global_evaluator(cfg: FedConfig, ws, server: FedKSeedServer, eval_ex):
     """A function ``evaluate(with_rouge) -> (held-out loss, Rouge-L F1 or None)`` of the server's
     current global model, rebuilt in ``ws`` from w0 and the server's coefficients in one fused pass."""
-    eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length)
+    eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length, cfg.prompt)
 
     def evaluate(with_rouge: bool):
         ws.rebuild(server.seeds, server.global_coefs())
@@ -205,7 +205,7 @@ def global_evaluator(cfg: FedConfig, ws, server: FedKSeedServer, eval_ex):
         rl = None
         if with_rouge:
             rl = M.rouge_l(ws.model, ws.tok, eval_ex[:cfg.rouge_size], cfg.max_length, ws.device,
-                           cfg.max_new_tokens)
+                           cfg.max_new_tokens, cfg.prompt)
         return loss, rl
 
     return evaluate
