@@ -137,7 +137,62 @@ def _export_parser() -> argparse.ArgumentParser:
                          "hash must match")
     ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     ap.add_argument("--backend", default=None, help="kseed_kernels backend (default: fastest)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a --to directory that already holds weights (default: off; "
+                         "the run's base model directory is refused even so)")
     return ap
+
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt",
+                 "*.pth", "*.gguf")
+
+
+def check_export_target(to: str, base_model: str, overwrite: bool) -> None:
+    """Refuse to export into the run's base model directory (w0: the run could never be resumed or
+    exported again), or into a directory that holds weights unless ``overwrite``."""
+    import glob
+    if os.path.exists(to) and not os.path.isdir(to):
+        raise ValueError(f"--to {to} exists and is not a directory")
+    if os.path.realpath(to) == os.path.realpath(base_model):
+        raise ValueError(f"--to {to} is the run's base model directory: exporting there would "
+                         "overwrite w0 (choose another directory)")
+    held = [f for p in _WEIGHT_FILES for f in glob.glob(os.path.join(glob.escape(to), p))]
+    if held and not overwrite:
+        raise ValueError(f"--to {to} already holds weights ({os.path.basename(sorted(held)[0])}); "
+                         "pass --overwrite to replace them")
+
+
+def check_device(device: str) -> None:
+    """One-line ValueError for a torch device that does not exist or is not available here."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch has no usable CUDA device "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        return
+    mod = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type,
+                                                                                      None)
+    if mod is None or not getattr(mod, "is_available", lambda: False)():
+        raise ValueError(f"--device {device}: device type {dev.type!r} is not available here")
+
+
+def check_backend(backend: Optional[str]) -> None:
+    """One-line ValueError for a kseed_kernels backend that is unknown or not usable here."""
+    if backend is None:
+        return
+    import kseed_kernels
+    usable = kseed_kernels.backends()
+    if backend not in usable:
+        raise ValueError(f"--backend {backend!r} is not usable here; choose one of "
+                         f"{', '.join(usable)}")
 
 
 def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
@@ -145,6 +200,10 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FedConfig)
              if getattr(args, f.name, None) is not None}
     if base is not None:
+        for name in ("model", "data"):  # the same directory by another path is the same
+            v, b = given.get(name), getattr(base, name)
+            if v is not None and b is not None and os.path.realpath(v) == os.path.realpath(b):
+                given[name] = b
         for name, v in given.items():
             if name not in _RESUME_MAY_CHANGE and v != getattr(base, name):
                 raise ValueError(f"--{name.replace('_', '-')} {v} differs from the checkpoint's "
@@ -178,6 +237,20 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # during start-up (imports, data, model): nothing was written
+        return _fail("interrupted during start-up; nothing was written")
+
+
+def _interrupted(out: Optional[str]) -> int:
+    from .simulation import CHECKPOINT
+    if out is not None and os.path.isfile(os.path.join(out, CHECKPOINT)):
+        return _fail("interrupted; the last completed round's checkpoint is kept (--resume)")
+    return _fail("interrupted before the first checkpoint; nothing to resume")
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="kseed-fed: %(message)s")
     for name in ("transformers", "transformers.modeling_utils"):
@@ -185,17 +258,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from .datasets import DataError
-    from .modeling import ModelError
+    from .modeling import EMBEDDED_DIR, ModelError
     from .protocol import ProtocolError
     from .simulation import CheckpointError, checkpoint_config, export, run
     errors = (DataError, ModelError, CheckpointError, ProtocolError, ValueError, OSError)
+    out = None
     try:
         if argv and argv[0] == "export":
             a = _export_parser().parse_args(argv[1:])
+            check_device(a.device)
+            check_backend(a.backend)
+            base_model = a.model or checkpoint_config(a.out).model or EMBEDDED_DIR
+            check_export_target(a.to, base_model, a.overwrite)
             info = export(a.out, a.to, model_path=a.model, device=a.device, backend=a.backend)
             print(f"kseed-fed: exported round {info['round']} of {a.out} to {a.to}")
             return 0
         args = _parser().parse_args(argv)
+        check_device(args.device)
+        check_backend(args.backend)
         try:
             import transformers
             transformers.logging.set_verbosity_error()
@@ -218,12 +298,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.threads or cfg.model is None:
             import torch
             torch.set_num_threads(args.threads or 1)
+        out = args.out
         s = run(cfg, args.out, resume=args.resume, device=args.device, backend=args.backend,
                 progress=not args.quiet)
     except errors as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
-        return _fail("interrupted; the last completed round's checkpoint is kept (--resume)")
+        return _interrupted(out)
     first, last = s["eval_loss_first"], s["eval_loss_last"]
     msg = f"kseed-fed: {s['rounds']} rounds; held-out loss ({s['held_out']})"
     if first is not None and last is not None:

@@ -180,7 +180,9 @@ def partition_iid(n_examples: int, num_clients: int, seed: int) -> List[List[int
 def partition_dirichlet(categories: Sequence[str], num_clients: int, alpha: float, seed: int,
                         min_per_client: int = 10, max_tries: int = 1000) -> List[List[int]]:
     """Dirichlet(alpha) over categories: each category's examples are split among the clients by a
-    Dirichlet draw, redrawn until every client holds at least ``min_per_client`` examples."""
+    Dirichlet draw, redrawn until every client holds at least ``min_per_client`` examples (at least
+    one, whatever ``min_per_client`` says: a client without data cannot train)."""
+    min_per_client = max(1, min_per_client)
     n = len(categories)
     if num_clients * min_per_client > n:
         raise DataError(f"cannot give {num_clients} clients at least {min_per_client} examples each "
