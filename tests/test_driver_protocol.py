@@ -289,12 +289,18 @@ def test_client_refuses_down_messages_its_config_does_not_allow():
     lo, hi = cfg.lr * (1 - cfg.lr_delta), cfg.lr * (1 + cfg.lr_delta)
     import dataclasses
     for field, value in (("local_steps", 2 ** 32 - 1), ("batch_size", 2 ** 32 - 1), ("lr", 1e300),
-                         ("lr", -1.0), ("lr", hi * 1.01), ("lr", lo * 0.99), ("eps", 0.5),
+                         ("lr", hi * 1.01), ("lr", lo * 0.99), ("eps", 0.5),
                          ("client_seed", 12345), ("round", 0),
                          ("probs", np.full(32, 1 / 32, dtype=np.float32))):
         bad = dataclasses.replace(good, **{field: value})
         with pytest.raises(P.ProtocolError, match=f"field {field} "):
             cl.fit(P.encode_down(bad))
+    with pytest.raises(P.ProtocolError, match="lr must be > 0"):  # the wire format refuses it
+        P.encode_down(dataclasses.replace(good, lr=-1.0))
+    raw = bytearray(P.encode_down(good))
+    raw[40:48] = np.float64(-1.0).tobytes()
+    with pytest.raises(P.ProtocolError, match="lr -1.0"):
+        cl.fit(bytes(raw))
     pro = FedKSeedClient(_cfg(sampling="pro"), lambda: None, cl.partition, client_id=0)
     with pytest.raises(P.ProtocolError, match="field probs"):
         pro._decode(s.make_down(1, 0))

@@ -163,6 +163,8 @@ def encode_down(m: DownMessage) -> bytes:
             raise ProtocolError(f"{name} must be finite, got {v}")
     if not float(m.eps) > 0:
         raise ProtocolError(f"eps must be > 0, got {m.eps}")
+    if not float(m.lr) > 0:
+        raise ProtocolError(f"lr must be > 0, got {m.lr}")
     steps = _u32("local_steps", m.local_steps)
     bs = _u32("batch_size", m.batch_size)
     if bs < 1:
@@ -219,7 +221,7 @@ def decode_down(data, *, expected_round: Optional[int] = None, expected_k: Optio
     if expected_fingerprint is not None and fp != expected_fingerprint:
         raise ProtocolError("seed-pool fingerprint mismatch: the server uses another seed pool "
                             "(different --seed or --num-seeds)")
-    if not (math.isfinite(lr) and math.isfinite(eps) and eps > 0):
+    if not (math.isfinite(lr) and math.isfinite(eps) and eps > 0 and lr > 0):
         raise ProtocolError(f"bad local config in down message: lr {lr}, eps {eps}")
     if bs < 1:
         raise ProtocolError("batch size 0 in down message")
