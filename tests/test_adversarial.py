@@ -18,10 +18,12 @@ from kseed.server import FedKSeedServer
 from kseed.simulation import build_data, load_workspace
 
 # lr 2e-5 (the embedded default's 1e-4 with tau 10 is so noise-dominated that one extra upload of an
-# honest client's size, random signs, already moves the held-out loss by 3-5 %: see README "Threat model")
+# honest client's size, random signs, already moves the held-out loss by 3-5 %: see README "Threat
+# model"); the Alpaca prompt, which the embedded model learns much faster than the reference template
+# (about 8 % lower held-out loss in 3 rounds), so that "within 5 % of the clean run" is a constraint.
 CFG = FedConfig(rounds=3, num_clients=8, clients_per_round=4, num_seeds=64, local_steps=20,
                 batch_size=4, lr=2e-5, eps=1e-3, embedded_examples=400, min_per_client=10,
-                eval_size=24, seed=5, clientwise_lr=True).validate()
+                eval_size=24, seed=5, clientwise_lr=True, prompt="alpaca").validate()
 OFF = dict(g_clip=0.0, norm_bound=0.0, weight_cap=0.0, loss_cap=0.0)
 ATTACKS = ("huge-g", "flip-x100", "examples", "repeat-index", "one-pair", "loss")
 

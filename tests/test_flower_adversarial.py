@@ -19,7 +19,7 @@ from kseed.flower.server_app import run_federation  # noqa: E402
 
 RC = {"num-clients": 4, "clients-per-round": 4, "local-steps": 4, "num-seeds": 64, "eval-size": 16,
       "embedded-examples": 240, "min-per-client": 10, "rouge-size": 0, "seed": 3, "rounds": 2,
-      "lr": 2e-5, "batch-size": 4, "round-timeout": 60.0, "node-wait-timeout": 5.0}
+      "lr": 2e-5, "batch-size": 4, "prompt": "alpaca", "round-timeout": 60.0, "node-wait-timeout": 5.0}
 LIAR = 0
 
 
