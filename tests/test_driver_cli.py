@@ -172,3 +172,108 @@ def test_resume_with_a_different_base_model(tmp_path, capsys):
     assert (out / "checkpoint.json").read_bytes() == before
     rc, so, se = _run(capsys, "export", "--out", out, "--to", tmp_path / "hf")
     assert rc == 2 and "another base model" in _error_line(se)
+
+
+def test_bad_config_values_refused_before_anything_is_written(tmp_path, capsys):
+    """#13 section 2 item 3 and 7: every value is checked up front (one line, exit 2, no files)."""
+    cases = [
+        (["--lr", "nan"], "--lr must be finite"), (["--lr", "inf"], "--lr must be finite"),
+        (["--lr", "-1"], "--lr must be > 0"), (["--lr", "0"], "--lr must be > 0"),
+        (["--lr", "1e30"], "--lr must be <= 1"), (["--eps", "nan"], "--eps must be finite"),
+        (["--pro-clip", "nan"], "--pro-clip must be finite"), (["--alpha", "nan"], "--alpha"),
+        (["--eps", "-0.1"], "--eps must be > 0"), (["--norm-bound", "0.5"], "--norm-bound"),
+        (["--lr-delta", "1.5"], "--lr-delta"), (["--g-clip", "nan"], "--g-clip"),
+        (["--backend", "bogus"], "--backend 'bogus' is not usable here"),
+        (["--device", "banana"], "--device 'banana' is not a torch device"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no usable CUDA device"))
+    for i, (extra, msg) in enumerate(cases):
+        out = tmp_path / f"r{i}"
+        rc, so, se = _run(capsys, *TINY, "--rounds", 1, "--out", out, *extra)
+        assert rc == 2, (extra, se)
+        assert msg in _error_line(se), (extra, se)
+        assert not out.exists(), extra
+    rc, so, se = _run(capsys, "export", "--out", tmp_path / "x", "--to", tmp_path / "y",
+                      "--device", "banana")
+    assert rc == 2 and "not a torch device" in _error_line(se)
+
+
+def test_export_refuses_the_base_model_and_weights(tmp_path, capsys):
+    """#13 section 2 item 1: --to the base model's directory is refused; a directory with weights
+    only with --overwrite."""
+    mdir = tmp_path / "model"
+    shutil.copytree(M.EMBEDDED_DIR, mdir)
+    out = tmp_path / "run"
+    assert _run(capsys, *TINY, "--rounds", 1, "--model", mdir, "--out", out)[0] == 0
+    w0 = {p.name: p.read_bytes() for p in mdir.iterdir()}
+    for extra in ([], ["--overwrite"], ["--model", mdir]):
+        rc, so, se = _run(capsys, "export", "--out", out, "--to", mdir, *extra)
+        assert rc == 2 and "base model directory" in _error_line(se), (extra, se)
+    link = tmp_path / "link"
+    link.symlink_to(mdir)
+    rc, so, se = _run(capsys, "export", "--out", out, "--to", link)
+    assert rc == 2 and "base model directory" in _error_line(se)
+    assert {p.name: p.read_bytes() for p in mdir.iterdir()} == w0
+    hf = tmp_path / "hf"
+    assert _run(capsys, "export", "--out", out, "--to", hf)[0] == 0
+    before = (hf / "model.safetensors").read_bytes()
+    rc, so, se = _run(capsys, "export", "--out", out, "--to", hf)
+    assert rc == 2 and "already holds weights" in _error_line(se)
+    assert (hf / "model.safetensors").read_bytes() == before
+    rc, so, se = _run(capsys, "export", "--out", out, "--to", hf, "--overwrite")
+    assert rc == 0, se
+    # the embedded model's own directory is a base model too
+    emb = tmp_path / "emb"
+    assert _run(capsys, *TINY, "--rounds", 1, "--out", emb)[0] == 0
+    rc, so, se = _run(capsys, "export", "--out", emb, "--to", M.EMBEDDED_DIR, "--overwrite")
+    assert rc == 2 and "base model directory" in _error_line(se)
+
+
+def test_resume_accepts_the_same_model_by_a_relative_path(tmp_path, capsys, monkeypatch):
+    """#13 section 2 item 8."""
+    mdir = tmp_path / "models" / "tiny"
+    shutil.copytree(M.EMBEDDED_DIR, mdir)
+    out = tmp_path / "run"
+    assert _run(capsys, *TINY, "--rounds", 1, "--model", mdir, "--out", out)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    rc, so, se = _run(capsys, "--out", out, "--resume", "--rounds", 2, "--model", "models/tiny",
+                      "--quiet")
+    assert rc == 0, se
+    rc, so, se = _run(capsys, "--out", out, "--resume", "--rounds", 3, "--model", "models",
+                      "--quiet")
+    assert rc == 2 and "differs from the checkpoint" in _error_line(se)
+
+
+def test_interrupts_and_a_wrong_typed_checkpoint(tmp_path, capsys, monkeypatch):
+    """#13 section 2 item 7: Ctrl-C gives one line that tells the truth about the checkpoint; a
+    checkpoint with a valid checksum but a wrong-typed field is refused by name."""
+    from kseed import rundir as R
+    from kseed import simulation as S
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(S, "run", interrupted)
+        rc, so, se = _run(capsys, *TINY, "--out", tmp_path / "a")
+        assert rc == 2 and "before the first checkpoint; nothing to resume" in _error_line(se)
+        mp.setattr(S, "checkpoint_config", interrupted)  # Ctrl-C while reading the checkpoint
+        rc, so, se = _run(capsys, "--out", tmp_path / "a", "--resume")
+        assert rc == 2 and "interrupted" in _error_line(se)
+    good = tmp_path / "good"
+    assert _run(capsys, *TINY, "--rounds", 1, "--out", good)[0] == 0
+    with monkeypatch.context() as mp:
+        mp.setattr(S, "run", interrupted)
+        rc, so, se = _run(capsys, "--out", good, "--resume", "--rounds", 2, "--quiet")
+        assert rc == 2 and "checkpoint is kept" in _error_line(se)
+    doc = json.loads((good / "checkpoint.json").read_text())
+    for field, value in (("client_loss", [1.0]), ("client_loss", {"0": "x"}), ("round", "1"),
+                         ("acc", 5), ("base_identity", [1])):
+        bad = json.loads(json.dumps(doc))
+        bad["server"][field] = value
+        bad["sha256"] = R._digest(R._payload(bad))  # a valid checksum over the edited checkpoint
+        (good / "checkpoint.json").write_text(json.dumps(bad))
+        rc, so, se = _run(capsys, "--out", good, "--resume", "--rounds", 2, "--quiet")
+        line = _error_line(se)
+        assert rc == 2 and "corrupt server checkpoint" in line and field in line, (field, line)

@@ -22,9 +22,22 @@ def test_dolly_load_heldout_and_prompt():
     assert len(test) == 12 and all(e["category"] == held for e in test)
     assert all(e["category"] != held for e in train)
     with_ctx = next(e for e in ex if e["input"])
-    p = D.format_prompt(with_ctx)
+    no_ctx = next(e for e in ex if not e["input"])
+    # the default: the reference code's Dolly/NI template, exactly, no newline after "Response:"
+    assert D.format_prompt(with_ctx) == (
+        "Below is an instruction that describes a task, paired with an input that provides further "
+        "context. Write a response for the task request.\n\n### Instruction:\n"
+        + with_ctx["instruction"] + "\n\n### Input:\n" + with_ctx["input"] + "\n\n### Response:")
+    assert D.format_prompt(no_ctx) == (
+        "Below is an instruction that describes a task. Write a response for the task request.\n\n"
+        "### Instruction:\n" + no_ctx["instruction"] + "\n\n### Response:")
+    # --prompt alpaca: the standard Alpaca wording with its trailing newline
+    p = D.format_prompt(with_ctx, "alpaca")
+    assert "appropriately completes the request" in p
     assert "### Input:\n" + with_ctx["input"] in p and p.endswith("### Response:\n")
-    assert "### Input" not in D.format_prompt(next(e for e in ex if not e["input"]))
+    assert "### Input" not in D.format_prompt(no_ctx, "alpaca")
+    with pytest.raises(ValueError, match="prompt template"):
+        D.format_prompt(no_ctx, "chatml")
 
 
 def test_dirichlet_minimum_and_iid():
@@ -44,6 +57,11 @@ def test_dirichlet_minimum_and_iid():
     assert max(map(len, iid)) - min(map(len, iid)) <= 1
     with pytest.raises(D.DataError, match="at least 30"):
         D.partition_dirichlet(cats, 5, 0.5, seed=3, min_per_client=30)
+    # --min-per-client 0 with a sparse split: still no empty client (a client needs data to train)
+    for seed in range(20):
+        sparse = D.partition_dirichlet(cats, 12, 0.1, seed=seed, min_per_client=0)
+        assert min(len(p) for p in sparse) >= 1
+        assert sorted(i for p in sparse for i in p) == list(range(len(train)))
 
 
 def test_ni_one_client_per_task():
@@ -80,6 +98,14 @@ def test_embedded_generator_and_tokenizer():
     items = M.tokenize_examples(tok, ex[:4], 64)
     for (ids, npr), e in zip(items, ex):
         assert len(ids) <= 64 and ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[npr:-1]) == e["output"]
+    for (ids, npr), e in zip(M.tokenize_examples(tok, ex[:4], 512), ex):
+        # reference: prompt and response tokenized as one text, the response appended directly
+        joint = tok(D.format_prompt(e) + e["output"], add_special_tokens=False)["input_ids"]
+        assert ids[:-1] == ([tok.bos_token_id] if tok.bos_token_id is not None else []) + joint
+        assert tok.decode(ids[:npr], skip_special_tokens=True) == D.format_prompt(e)
+    for (ids, npr), e in zip(M.tokenize_examples(tok, ex[:4], 512, "alpaca"), ex):
+        assert tok.decode(ids[:npr], skip_special_tokens=True) == D.format_prompt(e, "alpaca")
         assert tok.decode(ids[npr:-1]) == e["output"]
     ids, att, labels = M.collate(items, tok.pad_token_id, "cpu")
     assert (labels[0, :items[0][1]] == -100).all() and (labels[0, items[0][1]:len(items[0][0])] >= 0).all()

@@ -216,3 +216,166 @@ def test_state_dict_round_trip_and_mismatch():
         FedKSeedServer(_cfg(seed=8)).load_state_dict(st)
     with pytest.raises(ValueError, match="corrupt"):
         FedKSeedServer(cfg).load_state_dict(dict(st, acc="zz"))
+
+
+# ------------------------------------------------------------------ bounds (issue #13 section 1)
+def _up(rnd, cid, idx, g, n=10, loss=1.0):
+    return P.encode_up(P.UpMessage(round=rnd, client_id=cid, num_examples=n,
+                                   indices=np.asarray(idx, dtype=np.uint32),
+                                   grads=np.asarray(g, dtype=np.float32), train_loss=loss), k=32)
+
+
+def test_lower_median():
+    from kseed.server import lower_median
+    assert lower_median([3.0]) == 3.0 and lower_median([1.0, 9.0]) == 1.0
+    assert lower_median([5.0, 1.0, 1e30, 2.0]) == 2.0 and lower_median([4, 1, 3]) == 3.0
+
+
+def test_bounds_one_pair_repeated_index_claims_and_loss():
+    """Each bound against a direct computation; the honest clients' pairs are untouched."""
+    cfg = _cfg(num_clients=4, clients_per_round=4, g_clip=10.0, norm_bound=1.5, weight_cap=2.0,
+               loss_cap=3.0)
+    s = FedKSeedServer(cfg)
+    rng = np.random.default_rng(3)
+    honest = {c: (rng.integers(0, 32, 10), rng.standard_normal(10)) for c in (0, 1, 2)}
+    ups = {c: _up(1, c, i, g, n=20 + c, loss=2.0 + 0.1 * c) for c, (i, g) in honest.items()}
+    ups[3] = _up(1, 3, [7] * 10, [1e6] * 10, n=2 ** 32 - 1, loss=1e30)  # repeated index, lies
+    st = s.aggregate(1, ups)
+    assert set(st["clipped"]) == {3}
+    why = st["clipped"][3]
+    assert "10 of 10 |g| clipped" in why and "seed indices" in why
+    assert "examples, capped" in why and "loss 1e+30 clipped" in why
+    med = sorted(np.median(np.abs(np.float32(g).astype(np.float64))) for _, g in honest.values())[1]
+    lim = 10 * med
+    assert st["bounds"]["g"] == pytest.approx(lim, rel=1e-12)
+    norms = sorted(np.linalg.norm(np.bincount(i, np.float32(g).astype(np.float64), minlength=32))
+                   for i, g in honest.values())
+    bound = 1.5 * norms[1]  # the liar's norm (lim on one index) is the largest
+    assert st["bounds"]["norm"] == pytest.approx(bound, rel=1e-9)
+    assert st["bounds"]["examples"] == 2 * 21 and st["bounds"]["loss"] == pytest.approx(3 * 2.1)
+    # direct computation: the liar is one pair's worth on index 7, scaled to the norm bound
+    w = np.array([20, 21, 22, 42], dtype=np.float64)
+    w /= w.sum()
+    want = np.zeros(32)
+    for c, (i, g) in honest.items():
+        np.add.at(want, i, -cfg.lr * w[c] * np.float32(g).astype(np.float64))
+    want[7] -= cfg.lr * w[3] * min(lim, bound)
+    assert np.allclose(s.acc, want, rtol=1e-9, atol=0)
+    assert s.client_loss[3] == pytest.approx(3 * 2.1)
+    # the true sizes, when the engine knows them, replace the claims
+    t = FedKSeedServer(cfg)
+    st = t.aggregate(1, ups, weights={0: 20, 1: 21, 2: 22, 3: 5})
+    assert "weighted by the known 5" in st["clipped"][3]
+
+
+def test_bounds_off_is_the_plain_aggregate():
+    off = dict(g_clip=0.0, norm_bound=0.0, weight_cap=0.0, loss_cap=0.0)
+    cfg = _cfg(num_clients=2, clients_per_round=2, **off)
+    s = FedKSeedServer(cfg)
+    st = s.aggregate(1, {0: _up(1, 0, [1, 2], [1.0, 2.0], n=1), 1: _up(1, 1, [3], [1e30], n=3)})
+    assert st["clipped"] == {} and st["bounds"] == {"g": None, "norm": None, "examples": None,
+                                                    "loss": None}
+    assert s.acc[3] == pytest.approx(-cfg.lr * 0.75 * 1e30)
+
+
+def test_client_refuses_down_messages_its_config_does_not_allow():
+    from kseed.client import FedKSeedClient
+    cfg = _cfg(clientwise_lr=True)
+    s = FedKSeedServer(cfg)
+    cl = FedKSeedClient(cfg, lambda: None, [{"instruction": "a", "input": "", "output": "b"}],
+                        client_id=0)
+    good = P.decode_down(s.make_down(1, 0))
+    cl._decode(P.encode_down(good))  # accepted
+    lo, hi = cfg.lr * (1 - cfg.lr_delta), cfg.lr * (1 + cfg.lr_delta)
+    import dataclasses
+    for field, value in (("local_steps", 2 ** 32 - 1), ("batch_size", 2 ** 32 - 1), ("lr", 1e300),
+                         ("lr", hi * 1.01), ("lr", lo * 0.99), ("eps", 0.5),
+                         ("client_seed", 12345), ("round", 0),
+                         ("probs", np.full(32, 1 / 32, dtype=np.float32))):
+        bad = dataclasses.replace(good, **{field: value})
+        with pytest.raises(P.ProtocolError, match=f"field {field} "):
+            cl.fit(P.encode_down(bad))
+    with pytest.raises(P.ProtocolError, match="lr must be > 0"):  # the wire format refuses it
+        P.encode_down(dataclasses.replace(good, lr=-1.0))
+    raw = bytearray(P.encode_down(good))
+    raw[40:48] = np.float64(-1.0).tobytes()
+    with pytest.raises(P.ProtocolError, match="lr -1.0"):
+        cl.fit(bytes(raw))
+    pro = FedKSeedClient(_cfg(sampling="pro"), lambda: None, cl.partition, client_id=0)
+    with pytest.raises(P.ProtocolError, match="field probs"):
+        pro._decode(s.make_down(1, 0))
+
+
+def test_fedmezo_clientwise_lr_against_the_formula():
+    """lr_i = lr0 + delta (s_i - mean s) / max_j |s_j - mean s| over the round's clients with a
+    signal; each signal kind; kseed's ratio rule as an option; the state survives a checkpoint."""
+    rng = np.random.default_rng(11)
+    for signal in ("round-wise", "five-round", "model-diff"):
+        cfg = _cfg(num_clients=5, clients_per_round=4, clientwise_lr=True, lr_signal=signal,
+                   lr_delta=0.5, g_clip=0.0, norm_bound=0.0, loss_cap=0.0)
+        s = FedKSeedServer(cfg)
+        hist, diffs = {}, {}
+        for rnd in range(1, 8):
+            ids = s.sample_clients(rnd)
+            sig = {}
+            for c in ids:
+                if signal == "model-diff" and c in diffs:
+                    sig[c] = diffs[c]
+                elif signal != "model-diff" and c in hist:
+                    sig[c] = hist[c][-1] if signal == "round-wise" else np.mean(hist[c][-5:])
+            lrs = {c: P.decode_down(s.make_down(rnd, c)).lr for c in ids}
+            if sig:
+                v = np.array([sig[c] for c in sorted(sig)])
+                dev = v - v.mean()
+                for c, d in zip(sorted(sig), dev):
+                    assert lrs[c] == pytest.approx(cfg.lr + 0.5 * cfg.lr * d / np.abs(dev).max(),
+                                                   rel=1e-12)
+            assert all(cfg.lr * 0.5 <= x <= cfg.lr * 1.5 * (1 + 1e-12) for x in lrs.values())
+            assert sum(1 for c in ids if c not in sig and lrs[c] == cfg.lr) == len(ids) - len(sig)
+            ups = {c: _up(rnd, c, rng.integers(0, 32, 10), rng.standard_normal(10),
+                          loss=float(rng.uniform(1, 3))) for c in ids}
+            deltas = {}
+            for c in ids:
+                u = P.decode_up(ups[c], k=32)
+                hist.setdefault(c, []).append(u.train_loss)
+                deltas[c] = -lrs[c] * np.bincount(u.indices, u.grads.astype(np.float64),
+                                                  minlength=32)
+            w = np.array([10.0] * len(ids)) / (10.0 * len(ids))
+            mean = sum(wc * deltas[c] for wc, c in zip(w, ids))
+            for c in ids:
+                diffs[c] = np.linalg.norm(deltas[c] - mean)
+            s.aggregate(rnd, ups)
+            if rnd == 4:  # a checkpoint in the middle changes nothing
+                t = FedKSeedServer(cfg)
+                t.load_state_dict(s.state_dict())
+                assert t.make_down(5, s.sample_clients(5)[0]) == s.make_down(5, s.sample_clients(5)[0])
+                s = t
+        assert {c: h[-5:] for c, h in hist.items()} == pytest.approx(s.client_loss_hist)
+    # kseed's ratio rule: lr x loss / mean loss, clipped to [0.5, 2]
+    cfg = _cfg(num_clients=3, clients_per_round=3, clientwise_lr=True, lr_rule="ratio")
+    s = FedKSeedServer(cfg)
+    s.aggregate(1, {c: _up(1, c, [c], [1.0], loss=l) for c, l in zip(range(3), (1.0, 2.0, 9.0))})
+    mean = np.mean([1.0, 2.0, min(9.0, 4 * 2.0)])
+    assert [P.decode_down(s.make_down(2, c)).lr for c in range(3)] == pytest.approx(
+        [cfg.lr * max(0.5, 1 / mean), cfg.lr * 2 / mean, cfg.lr * 2.0])
+
+
+def test_older_checkpoint_config_and_state_load():
+    """A checkpoint written before the bounds / the FedMeZO rule / the reference prompt: its config
+    keeps what that run did, and its server state (client_loss only) loads."""
+    from kseed.config import LEGACY
+    old = {k: v for k, v in _cfg(clientwise_lr=True).to_dict().items() if k not in LEGACY
+           and k not in ("lr_signal", "lr_delta")}
+    cfg = FedConfig.from_dict(old).validate()
+    assert cfg.lr_rule == "ratio" and cfg.prompt == "alpaca" and cfg.norm_bound == 0.0
+    s = FedKSeedServer(cfg)
+    s.aggregate(1, {c: _valid_up(1, c) for c in s.sample_clients(1)})
+    st = s.state_dict()
+    del st["client_loss_hist"], st["client_diff"]
+    t = FedKSeedServer(cfg)
+    t.load_state_dict(st)
+    assert t.client_loss == s.client_loss and t.make_down(2, 0) == s.make_down(2, 0)
+    with pytest.raises(ValueError, match="client_loss"):
+        t.load_state_dict(dict(st, client_loss=[1.0]))
+    with pytest.raises(ValueError, match="client_loss"):
+        t.load_state_dict(dict(st, client_loss={"0": float("nan")}))

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
+from . import config as C
 from .config import FedConfig
 
 _D = FedConfig()
@@ -57,15 +58,39 @@ _OPTIONS = [
     (("--pro-clip",), "pro_clip", float, "C: |g| clip of the FedKSeed-Pro statistics"),
     (("--embedded-examples",), "embedded_examples", int, "size of the embedded synthetic data set"),
     (("--rounding",), "rounding", str, "nearest | stochastic rounding of bf16/fp16 weights"),
+    (("--prompt",), "prompt", str,
+     "prompt template: reference (the FedKSeed code's Dolly/NI template, response appended "
+     "directly after '### Response:') | alpaca (the standard Alpaca wording)"),
+    (("--lr-rule",), "lr_rule", str,
+     "client-wise lr rule with --clientwise-lr: fedmezo (lr + delta (s_i - mean s) / max|s_j - "
+     "mean s|, FedMeZO) | ratio (lr x last loss / mean loss, clipped to [0.5, 2])"),
+    (("--lr-signal",), "lr_signal", str,
+     "s_i of the fedmezo rule: round-wise (last training loss) | five-round (mean of the last "
+     "five) | model-diff (distance of the last update from the round's mean update)"),
+    (("--lr-delta",), "lr_delta", float,
+     "delta of the fedmezo rule as a fraction of --lr, in [0, 0.99] (FedMeZO: 5e-6 at lr 1e-5 = "
+     "0.5)"),
+    (("--g-clip",), "g_clip", float,
+     "aggregation bound: |g| (and a client's sum of g on one seed index) <= this x the round's "
+     "lower median of the clients' median |g| (0: off)"),
+    (("--g-clip-abs",), "g_clip_abs", float, "aggregation bound: a fixed |g| limit as well (0: off)"),
+    (("--norm-bound",), "norm_bound", float,
+     "aggregation bound: a client's update norm <= this x the round's lower median norm (0: off)"),
+    (("--weight-cap",), "weight_cap", float,
+     "aggregation bound: a claimed example count <= this x the round's lower median claim, where "
+     "the server does not know the true sizes (0: off)"),
+    (("--loss-cap",), "loss_cap", float,
+     "aggregation bound: a reported training loss is clipped to [0, this x the round's lower "
+     "median] (0: off)"),
 ]
+_CHOICES = {"sampling": C.SAMPLINGS, "dataset": C.DATASETS, "dtype": C.DTYPES,
+            "partition": C.PARTITIONS, "rounding": C.ROUNDINGS, "prompt": C.PROMPTS,
+            "lr_rule": C.LR_RULES, "lr_signal": C.LR_SIGNALS}
 _FLAGS = [
     ("--equal-weights", "equal_weights", "aggregate clients with equal weights instead of by "
                                          "example count"),
-    ("--clientwise-lr", "clientwise_lr", "FedMeZO-style client-wise learning rates from the "
-                                         "clients' last losses"),
+    ("--clientwise-lr", "clientwise_lr", "client-wise learning rates (rule: --lr-rule)"),
 ]
-# Fields a resumed run may change; anything else must match the checkpoint.
-_RESUME_MAY_CHANGE = {"rounds", "eval_every", "rouge_every", "rouge_size", "max_new_tokens"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,17 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                "model from DIR's checkpoint and writes it with safetensors.")
     for flags, name, typ, help_ in _OPTIONS:
         default = getattr(_D, name)
-        kw = {}
-        if name == "sampling":
-            kw["choices"] = ["uniform", "pro"]
-        elif name == "dataset":
-            kw["choices"] = ["embedded", "dolly", "ni"]
-        elif name == "dtype":
-            kw["choices"] = ["fp32", "bf16", "fp16"]
-        elif name == "partition":
-            kw["choices"] = ["dirichlet", "iid"]
-        elif name == "rounding":
-            kw["choices"] = ["nearest", "stochastic"]
+        kw = {"choices": list(_CHOICES[name])} if name in _CHOICES else {}
         if "(default" not in help_:
             help_ = f"{help_} (default: {default})"
         ap.add_argument(*flags, dest=name, type=typ, default=None, help=help_, **kw)
@@ -120,7 +135,62 @@ def _export_parser() -> argparse.ArgumentParser:
                          "hash must match")
     ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     ap.add_argument("--backend", default=None, help="kseed_kernels backend (default: fastest)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a --to directory that already holds weights (default: off; "
+                         "the run's base model directory is refused even so)")
     return ap
+
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt",
+                 "*.pth", "*.gguf")
+
+
+def check_export_target(to: str, base_model: str, overwrite: bool) -> None:
+    """Refuse to export into the run's base model directory (w0: the run could never be resumed or
+    exported again), or into a directory that holds weights unless ``overwrite``."""
+    import glob
+    if os.path.exists(to) and not os.path.isdir(to):
+        raise ValueError(f"--to {to} exists and is not a directory")
+    if os.path.realpath(to) == os.path.realpath(base_model):
+        raise ValueError(f"--to {to} is the run's base model directory: exporting there would "
+                         "overwrite w0 (choose another directory)")
+    held = [f for p in _WEIGHT_FILES for f in glob.glob(os.path.join(glob.escape(to), p))]
+    if held and not overwrite:
+        raise ValueError(f"--to {to} already holds weights ({os.path.basename(sorted(held)[0])}); "
+                         "pass --overwrite to replace them")
+
+
+def check_device(device: str) -> None:
+    """One-line ValueError for a torch device that does not exist or is not available here."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch has no usable CUDA device "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        return
+    mod = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type,
+                                                                                      None)
+    if mod is None or not getattr(mod, "is_available", lambda: False)():
+        raise ValueError(f"--device {device}: device type {dev.type!r} is not available here")
+
+
+def check_backend(backend: Optional[str]) -> None:
+    """One-line ValueError for a kseed_kernels backend that is unknown or not usable here."""
+    if backend is None:
+        return
+    import kseed_kernels
+    usable = kseed_kernels.backends()
+    if backend not in usable:
+        raise ValueError(f"--backend {backend!r} is not usable here; choose one of "
+                         f"{', '.join(usable)}")
 
 
 def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
@@ -128,10 +198,12 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FedConfig)
              if getattr(args, f.name, None) is not None}
     if base is not None:
-        for name, v in given.items():
-            if name not in _RESUME_MAY_CHANGE and v != getattr(base, name):
-                raise ValueError(f"--{name.replace('_', '-')} {v} differs from the checkpoint's "
-                                 f"{getattr(base, name)}; a resumed run keeps its configuration")
+        for name in ("model", "data"):  # the same directory by another path is the same
+            v, b = given.get(name), getattr(base, name)
+            if v is not None and b is not None and os.path.realpath(v) == os.path.realpath(b):
+                given[name] = b
+        from .rounds import check_resume_config  # the one rule for what a resumed run may change
+        check_resume_config(base, dataclasses.replace(base, **given))
         return dataclasses.replace(base, **given)
     cfg = dataclasses.replace(FedConfig(), **given)
     if "dataset" not in given:
@@ -161,6 +233,20 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # during start-up (imports, data, model): nothing was written
+        return _fail("interrupted during start-up; nothing was written")
+
+
+def _interrupted(out: Optional[str]) -> int:
+    from .simulation import CHECKPOINT
+    if out is not None and os.path.isfile(os.path.join(out, CHECKPOINT)):
+        return _fail("interrupted; the last completed round's checkpoint is kept (--resume)")
+    return _fail("interrupted before the first checkpoint; nothing to resume")
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="kseed-fed: %(message)s")
     for name in ("transformers", "transformers.modeling_utils"):
@@ -168,17 +254,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from .datasets import DataError
-    from .modeling import ModelError
+    from .modeling import EMBEDDED_DIR, ModelError
     from .protocol import ProtocolError
     from .simulation import CheckpointError, checkpoint_config, export, run
     errors = (DataError, ModelError, CheckpointError, ProtocolError, ValueError, OSError)
+    out = None
     try:
         if argv and argv[0] == "export":
             a = _export_parser().parse_args(argv[1:])
+            check_device(a.device)
+            check_backend(a.backend)
+            base_model = a.model or checkpoint_config(a.out).model or EMBEDDED_DIR
+            check_export_target(a.to, base_model, a.overwrite)
             info = export(a.out, a.to, model_path=a.model, device=a.device, backend=a.backend)
             print(f"kseed-fed: exported round {info['round']} of {a.out} to {a.to}")
             return 0
         args = _parser().parse_args(argv)
+        check_device(args.device)
+        check_backend(args.backend)
         try:
             import transformers
             transformers.logging.set_verbosity_error()
@@ -201,12 +294,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.threads or cfg.model is None:
             import torch
             torch.set_num_threads(args.threads or 1)
+        out = args.out
         s = run(cfg, args.out, resume=args.resume, device=args.device, backend=args.backend,
                 progress=not args.quiet)
     except errors as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
-        return _fail("interrupted; the last completed round's checkpoint is kept (--resume)")
+        return _interrupted(out)
     first, last = s["eval_loss_first"], s["eval_loss_last"]
     msg = f"kseed-fed: {s['rounds']} rounds; held-out loss ({s['held_out']})"
     if first is not None and last is not None:

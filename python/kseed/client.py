@@ -17,6 +17,42 @@ from .config import FedConfig
 from .modeling import Workspace, batch_loss, collate, eval_loss, tokenize_examples
 
 
+def lr_range(cfg: FedConfig):
+    """(lowest, highest) lr the server may send under ``cfg`` (client-wise lr widens the range)."""
+    if not cfg.clientwise_lr:
+        return cfg.lr, cfg.lr
+    if cfg.lr_rule == "ratio":
+        return 0.5 * cfg.lr, 2.0 * cfg.lr
+    return cfg.lr * (1 - cfg.lr_delta), cfg.lr * (1 + cfg.lr_delta)
+
+
+def check_down(cfg: FedConfig, m: P.DownMessage) -> None:
+    """Refuse a down message whose local settings are not what this client's own config says
+    (ProtocolError naming the field): a server, or whoever speaks for it, cannot make the client run
+    2^32 steps, use batch 2^32, a perturbation other than --eps, an lr outside the configured rule's
+    range, another sampling, or another RNG seed than the one derived from (seed, round, client)."""
+    def bad(name, got, want):
+        raise P.ProtocolError(f"down message field {name} = {got!r} does not match this client's "
+                              f"config ({want})")
+    if m.local_steps != cfg.local_steps:
+        bad("local_steps", m.local_steps, f"--local-steps {cfg.local_steps}")
+    if m.batch_size != cfg.batch_size:
+        bad("batch_size", m.batch_size, f"--batch-size {cfg.batch_size}")
+    if m.eps != cfg.eps:
+        bad("eps", m.eps, f"--eps {cfg.eps}")
+    lo, hi = lr_range(cfg)
+    tol = 1e-9 * cfg.lr
+    if not lo - tol <= m.lr <= hi + tol:
+        bad("lr", m.lr, f"--lr {cfg.lr}: between {lo:g} and {hi:g}")
+    if (m.probs is not None) != (cfg.sampling == "pro"):
+        bad("probs", "present" if m.probs is not None else "absent", f"--sampling {cfg.sampling}")
+    if m.round < 1:
+        bad("round", m.round, "rounds count from 1")
+    want_seed = P.client_rng_seed(cfg.seed, m.round, m.client_id)
+    if m.client_seed != want_seed:
+        bad("client_seed", m.client_seed, f"derived from --seed {cfg.seed}, the round and the client")
+
+
 class FedKSeedClient:
     """A client: ``config`` (the run's FedConfig: seed and K give the seed pool), ``model_loader`` (a
     callable returning a ``kseed.modeling.Workspace``; it is called once, lazily), ``partition`` (this
@@ -44,7 +80,8 @@ class FedKSeedClient:
 
     def _tokenized(self):
         if self._items is None:
-            self._items = tokenize_examples(self.workspace.tok, self.partition, self.config.max_length)
+            self._items = tokenize_examples(self.workspace.tok, self.partition, self.config.max_length,
+                                            self.config.prompt)
         return self._items
 
     def _decode(self, down_bytes) -> P.DownMessage:
@@ -53,6 +90,7 @@ class FedKSeedClient:
         if self.client_id is not None and m.client_id != self.client_id:
             raise P.ProtocolError(f"down message is for client {m.client_id}, this is client "
                                   f"{self.client_id}")
+        check_down(self.config, m)
         return m
 
     def rebuild(self, coefs: np.ndarray) -> None:
@@ -103,7 +141,8 @@ class FedKSeedClient:
         if down_bytes is not None:
             self.rebuild(self._decode(down_bytes).coefs)
         items = (self._tokenized() if examples is None else
-                 tokenize_examples(self.workspace.tok, examples, self.config.max_length))
+                 tokenize_examples(self.workspace.tok, examples, self.config.max_length,
+                                   self.config.prompt))
         loss = eval_loss(self.workspace.model, items, self.workspace.pad_id, self.workspace.device,
                          batch_size)
         return {"loss": loss, "num_examples": len(items)}

@@ -2,8 +2,27 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
+
+# Largest accepted --lr / --eps: zeroth-order step sizes in use are 1e-7..1e-3 (MeZO, FedKSeed) and
+# perturbations 1e-4..1e-2; a value above 1 is a typo (e.g. 1e30), not a setting.
+MAX_LR = 1.0
+MAX_EPS = 1.0
+LR_RULES = ("fedmezo", "ratio")
+LR_SIGNALS = ("round-wise", "five-round", "model-diff")
+PROMPTS = ("reference", "alpaca")
+SAMPLINGS = ("uniform", "pro")
+DATASETS = ("embedded", "dolly", "ni")
+PARTITIONS = ("dirichlet", "iid")
+DTYPES = ("fp32", "bf16", "fp16")
+ROUNDINGS = ("nearest", "stochastic")
+
+# Values for fields an older checkpoint does not have: they reproduce what that run did (no
+# aggregation bounds, kseed's own client-wise lr rule, the Alpaca prompt), so it resumes bitwise.
+LEGACY = {"g_clip": 0.0, "g_clip_abs": 0.0, "norm_bound": 0.0, "weight_cap": 0.0, "loss_cap": 0.0,
+          "lr_rule": "ratio", "prompt": "alpaca"}
 
 
 @dataclass
@@ -22,9 +41,18 @@ class FedConfig:
     eps: float = 1e-3
     sampling: str = "uniform"  # or "pro"
     pro_clip: float = 1000.0
-    clientwise_lr: bool = False  # FedMeZO-style client-wise learning rates
+    clientwise_lr: bool = False  # client-wise learning rates (FedMeZO)
+    lr_rule: str = "fedmezo"  # fedmezo: lr0 + delta (s_i - mean s) / max|s_j - mean s| | ratio
+    lr_signal: str = "model-diff"  # s_i of the fedmezo rule: round-wise | five-round | model-diff
+    lr_delta: float = 0.5  # the fedmezo rule's delta as a fraction of --lr (FedMeZO: 5e-6 / 1e-5)
     batch_size: int = 8
     max_length: int = 128
+    # aggregation bounds (one client's influence per round; 0 = off; see README "Threat model")
+    g_clip: float = 20.0  # |g| <= g_clip x the round's lower median of the clients' median |g|
+    g_clip_abs: float = 0.0  # a fixed bound on |g| as well
+    norm_bound: float = 1.5  # client update norm <= norm_bound x the round's lower median norm
+    weight_cap: float = 4.0  # claimed examples <= weight_cap x the round's lower median claim
+    loss_cap: float = 4.0  # reported loss clipped to [0, loss_cap x the round's lower median]
     # data and model
     model: Optional[str] = None  # None: the embedded model
     data: Optional[str] = None  # None: the embedded generator
@@ -37,6 +65,7 @@ class FedConfig:
     embedded_examples: int = 2000
     dtype: str = "fp32"
     rounding: str = "nearest"
+    prompt: str = "reference"  # reference (the FedKSeed code's Dolly/NI template) | alpaca
     # evaluation
     eval_every: int = 1
     rouge_every: int = 0  # 0: Rouge-L only at the end
@@ -48,40 +77,65 @@ class FedConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FedConfig":
+        """From to_dict(); fields missing from an older run's dict take their LEGACY values."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a mapping, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{**{k: v for k, v in LEGACY.items() if k not in d}, **d})
 
     def validate(self) -> "FedConfig":
-        def pos(name, strict=True):
+        """Check every field (types, ranges, NaN/inf); ValueError naming the flag."""
+        def flag(name):
+            return "--" + name.replace("_", "-")
+
+        def num(name, lo=None, strict=True, hi=None, kind=(int, float)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (v <= 0 if strict else v < 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if strict else '>= 0'}, "
-                                 f"got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise ValueError(f"{flag(name)} must be a number, got {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{flag(name)} must be finite, got {v!r}")
+            if lo is not None and (v <= lo if strict else v < lo):
+                raise ValueError(f"{flag(name)} must be {'>' if strict else '>='} {lo}, got {v!r}")
+            if hi is not None and v > hi:
+                raise ValueError(f"{flag(name)} must be <= {hi}, got {v!r}")
+
         for n in ("rounds", "num_clients", "clients_per_round", "num_seeds", "batch_size",
-                  "max_length", "eps", "eval_size", "pro_clip", "alpha"):
-            pos(n)
+                  "max_length", "eval_size", "embedded_examples"):
+            num(n, 0, kind=int)
         for n in ("local_steps", "seed", "min_replies", "min_per_client", "eval_every", "rouge_every",
                   "rouge_size", "max_new_tokens"):
-            pos(n, strict=False)
+            num(n, 0, strict=False, kind=int)
+        num("lr", 0, hi=MAX_LR)
+        num("eps", 0, hi=MAX_EPS)
+        for n in ("pro_clip", "alpha"):
+            num(n, 0)
+        num("lr_delta", 0, strict=False, hi=0.99)
+        for n in ("g_clip", "g_clip_abs", "norm_bound", "weight_cap", "loss_cap"):
+            num(n, 0, strict=False)
+            if n != "g_clip_abs" and 0 < getattr(self, n) < 1:
+                raise ValueError(f"{flag(n)} must be 0 (off) or >= 1 (a multiple of the round's "
+                                 f"median), got {getattr(self, n)!r}")
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"--clients-per-round ({self.clients_per_round}) is more than "
                              f"--num-clients ({self.num_clients})")
         if self.min_replies > self.clients_per_round:
             raise ValueError(f"--min-replies ({self.min_replies}) is more than --clients-per-round "
                              f"({self.clients_per_round})")
-        if self.sampling not in ("uniform", "pro"):
-            raise ValueError(f"--sampling must be uniform or pro, got {self.sampling!r}")
-        if self.dataset not in ("embedded", "dolly", "ni"):
-            raise ValueError(f"--dataset must be embedded, dolly or ni, got {self.dataset!r}")
-        if self.partition not in ("dirichlet", "iid"):
-            raise ValueError(f"--partition must be dirichlet or iid, got {self.partition!r}")
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"--dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
-        if self.rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"--rounding must be nearest or stochastic, got {self.rounding!r}")
+        for n, choices in (("sampling", SAMPLINGS), ("dataset", DATASETS), ("partition", PARTITIONS),
+                           ("dtype", DTYPES), ("rounding", ROUNDINGS), ("lr_rule", LR_RULES),
+                           ("lr_signal", LR_SIGNALS), ("prompt", PROMPTS)):
+            if getattr(self, n) not in choices:
+                raise ValueError(f"{flag(n)} must be {' | '.join(choices)}, got "
+                                 f"{getattr(self, n)!r}")
+        for n in ("equal_weights", "clientwise_lr"):
+            if not isinstance(getattr(self, n), bool):
+                raise ValueError(f"{flag(n)} must be true or false, got {getattr(self, n)!r}")
+        for n in ("model", "data", "eval_category"):
+            if getattr(self, n) is not None and not isinstance(getattr(self, n), str):
+                raise ValueError(f"{flag(n)} must be a string, got {getattr(self, n)!r}")
         if self.max_length < 8:
             raise ValueError("--max-length must be >= 8")
         return self

@@ -1,5 +1,5 @@
 """Instruction data for the driver: Dolly-15K jsonl, Natural Instructions 2.x, and the embedded
-synthetic generator; the Alpaca-style prompt; federated partitions (Dirichlet over categories with a
+synthetic generator; the prompt templates (the reference code's, Alpaca's); federated partitions (Dirichlet over categories with a
 minimum per client, IID, one client per NI task).
 
 An example is a dict {"instruction", "input", "output", "category"}; the loss is on the output only.
@@ -18,19 +18,33 @@ class DataError(ValueError):
     """Input data that is missing, unreadable or malformed (the message names the file and problem)."""
 
 
+# The FedKSeed reference code's Dolly / Natural Instructions template: no newline after "### Response:",
+# the target (response + EOS) follows directly.
+REFERENCE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                   "further context. Write a response for the task request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+REFERENCE_NO_INPUT = ("Below is an instruction that describes a task. Write a response for the task "
+                      "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+# The standard Alpaca wording (kseed's earlier default, --prompt alpaca).
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
                 "further context. Write a response that appropriately completes the request.\n\n"
                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that "
                    "appropriately completes the request.\n\n"
                    "### Instruction:\n{instruction}\n\n### Response:\n")
+TEMPLATES = {"reference": (REFERENCE_INPUT, REFERENCE_NO_INPUT),
+             "alpaca": (PROMPT_INPUT, PROMPT_NO_INPUT)}
 
 
-def format_prompt(ex: dict) -> str:
-    """The Alpaca prompt of an example (the response follows it; the loss covers the response only)."""
+def format_prompt(ex: dict, style: str = "reference") -> str:
+    """The prompt of an example in the template ``style`` (reference | alpaca); the response follows
+    it and the loss covers the response only."""
+    if style not in TEMPLATES:
+        raise ValueError(f"unknown prompt template {style!r}; choose one of {sorted(TEMPLATES)}")
+    with_input, without = TEMPLATES[style]
     if ex.get("input"):
-        return PROMPT_INPUT.format(instruction=ex["instruction"], input=ex["input"])
-    return PROMPT_NO_INPUT.format(instruction=ex["instruction"])
+        return with_input.format(instruction=ex["instruction"], input=ex["input"])
+    return without.format(instruction=ex["instruction"])
 
 
 # ------------------------------------------------------------------------------------ Dolly
@@ -166,7 +180,9 @@ def partition_iid(n_examples: int, num_clients: int, seed: int) -> List[List[int
 def partition_dirichlet(categories: Sequence[str], num_clients: int, alpha: float, seed: int,
                         min_per_client: int = 10, max_tries: int = 1000) -> List[List[int]]:
     """Dirichlet(alpha) over categories: each category's examples are split among the clients by a
-    Dirichlet draw, redrawn until every client holds at least ``min_per_client`` examples."""
+    Dirichlet draw, redrawn until every client holds at least ``min_per_client`` examples (at least
+    one, whatever ``min_per_client`` says: a client without data cannot train)."""
+    min_per_client = max(1, min_per_client)
     n = len(categories)
     if num_clients * min_per_client > n:
         raise DataError(f"cannot give {num_clients} clients at least {min_per_client} examples each "

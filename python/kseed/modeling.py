@@ -71,16 +71,26 @@ def model_hash(model: torch.nn.Module) -> str:
 
 
 # -------------------------------------------------------------------------------- tokenising
-def tokenize_examples(tok, examples: Sequence[dict], max_length: int) -> List[tuple]:
+def tokenize_examples(tok, examples: Sequence[dict], max_length: int,
+                      prompt: str = "reference") -> List[tuple]:
     """[(input_ids, n_prompt)] with the response (plus EOS) after the prompt, cut to max_length
-    (the response keeps at most half, the prompt loses its beginning first)."""
+    (the response keeps at most half, the prompt loses its beginning first).  ``prompt``: the
+    template (kseed.datasets.format_prompt); with "reference" the response is appended directly to
+    the prompt text and the two are tokenized together, the first len(prompt tokens) masked, as the
+    reference code does; with "alpaca" they are tokenized apart."""
     out = []
     eos = tok.eos_token_id
     for ex in examples:
-        p = tok(format_prompt(ex), add_special_tokens=False)["input_ids"]
+        text = format_prompt(ex, prompt)
+        p = tok(text, add_special_tokens=False)["input_ids"]
+        if prompt == "reference":
+            joint = tok(text + ex["output"], add_special_tokens=False)["input_ids"]
+            r = joint[min(len(p), len(joint)):]
+            p = joint[:len(p)]
+        else:
+            r = tok(ex["output"], add_special_tokens=False)["input_ids"]
         if tok.bos_token_id is not None:
             p = [tok.bos_token_id] + p
-        r = tok(ex["output"], add_special_tokens=False)["input_ids"]
         if eos is not None:
             r = r + [eos]
         r = r[: max(1, max_length // 2)] if len(p) + len(r) > max_length else r
@@ -143,13 +153,13 @@ def eval_loss(model, items: Sequence[tuple], pad_id: int, device, batch_size: in
 
 @torch.no_grad()
 def rouge_l(model, tok, examples: Sequence[dict], max_length: int, device,
-            max_new_tokens: int = 128) -> float:
+            max_new_tokens: int = 128, prompt: str = "reference") -> float:
     """Mean Rouge-L F1 of greedy generations against the references."""
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     scores = []
     for ex in examples:
-        p = tok(format_prompt(ex), add_special_tokens=False)["input_ids"]
+        p = tok(format_prompt(ex, prompt), add_special_tokens=False)["input_ids"]
         if tok.bos_token_id is not None:
             p = [tok.bos_token_id] + p
         p = p[-max(1, max_length - max_new_tokens):]

@@ -94,6 +94,12 @@ def derive_seed(run_seed: int, *parts: int) -> int:
     return int.from_bytes(hashlib.sha256(msg).digest()[:8], "little")
 
 
+def client_rng_seed(run_seed: int, rnd: int, client_id: int) -> int:
+    """The RNG seed of a client's local training in a round (seed choice and batches): the server
+    sends it, the client checks it."""
+    return derive_seed(run_seed, 2, rnd, client_id)
+
+
 # --------------------------------------------------------------------------------- messages
 @dataclass
 class DownMessage:
@@ -157,6 +163,8 @@ def encode_down(m: DownMessage) -> bytes:
             raise ProtocolError(f"{name} must be finite, got {v}")
     if not float(m.eps) > 0:
         raise ProtocolError(f"eps must be > 0, got {m.eps}")
+    if not float(m.lr) > 0:
+        raise ProtocolError(f"lr must be > 0, got {m.lr}")
     steps = _u32("local_steps", m.local_steps)
     bs = _u32("batch_size", m.batch_size)
     if bs < 1:
@@ -213,7 +221,7 @@ def decode_down(data, *, expected_round: Optional[int] = None, expected_k: Optio
     if expected_fingerprint is not None and fp != expected_fingerprint:
         raise ProtocolError("seed-pool fingerprint mismatch: the server uses another seed pool "
                             "(different --seed or --num-seeds)")
-    if not (math.isfinite(lr) and math.isfinite(eps) and eps > 0):
+    if not (math.isfinite(lr) and math.isfinite(eps) and eps > 0 and lr > 0):
         raise ProtocolError(f"bad local config in down message: lr {lr}, eps {eps}")
     if bs < 1:
         raise ProtocolError("batch size 0 in down message")
@@ -300,5 +308,6 @@ def decode_up(data, *, k: int, expected_round: Optional[int] = None,
 
 
 __all__ = ["VERSION", "ProtocolError", "DownMessage", "UpMessage", "encode_down", "decode_down",
-           "encode_up", "decode_up", "seed_pool", "fingerprint", "derive_seed", "up_size",
+           "encode_up", "decode_up", "seed_pool", "fingerprint", "derive_seed", "client_rng_seed",
+           "up_size",
            "DOWN_HEADER_SIZE", "UP_HEADER_SIZE"]

@@ -52,9 +52,9 @@ Deliver = Callable[[int, Dict[int, bytes]], Delivery]
 
 def check_resume_config(saved: FedConfig, cfg: FedConfig, where: str = "the checkpoint") -> None:
     """CheckpointError naming every field outside RESUME_MAY_CHANGE where ``cfg`` differs from
-    ``saved`` (paths compared as absolute paths)."""
+    ``saved`` (paths compared resolved: the same directory by another path is the same)."""
     def norm(name, v):
-        return os.path.abspath(v) if name in ("model", "data") and isinstance(v, str) else v
+        return os.path.realpath(v) if name in ("model", "data") and isinstance(v, str) else v
 
     diff = [f.name for f in dataclasses.fields(FedConfig) if f.name not in RESUME_MAY_CHANGE
             and norm(f.name, getattr(cfg, f.name)) != norm(f.name, getattr(saved, f.name))]
@@ -166,7 +166,9 @@ class Federation:
         downs = {c: server.make_down(rnd, c) for c in ids}
         got = deliver(rnd, downs)
         try:
-            stats = server.aggregate(rnd, got.uploads)
+            # the server knows the true partition sizes: a client's claimed example count is only
+            # recorded, never trusted (the ServerApp builds the same partitions from the run seed)
+            stats = server.aggregate(rnd, got.uploads, weights={c: len(self.parts[c]) for c in ids})
         except NotEnoughReplies as exc:
             self.log.error("%s; dropped before aggregation: %s", exc, got.failed)
             raise
@@ -186,6 +188,7 @@ class Federation:
                "bytes_down_per_client": {str(c): len(downs[c]) for c in sent},
                "bytes_up_per_client": {str(c): len(u) for c, u in sorted(got.uploads.items())},
                "clients": ids, "accepted": stats["accepted"], "rejected": rejected,
+               "clipped": {str(k): v for k, v in stats["clipped"].items()},
                "steps": stats["steps"]}
         if got.timings is not None:
             rebuild = {str(c): t["rebuild-s"] for c, t in got.timings.items() if "rebuild-s" in t}

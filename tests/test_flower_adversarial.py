@@ -1,0 +1,97 @@
+"""The aggregation bound on Flower: a registered ClientApp that lies (g = 3e38 on every pair) is
+bounded by the ServerApp's round loop as in the simulation.  No processes: an in-process Grid carries
+the ServerApp's messages to the kseed ClientApp's own query/train functions (one node per partition);
+the lying node wraps train() and rewrites the upload bytes."""
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from kseed import protocol as P  # noqa: E402
+from kseed.flower import client_app  # noqa: E402
+from kseed.flower.common import RECORD, UP_KEY  # noqa: E402
+from kseed.flower.server_app import run_federation  # noqa: E402
+
+RC = {"num-clients": 4, "clients-per-round": 4, "local-steps": 4, "num-seeds": 64, "eval-size": 16,
+      "embedded-examples": 240, "min-per-client": 10, "rouge-size": 0, "seed": 3, "rounds": 2,
+      "lr": 2e-5, "batch-size": 4, "prompt": "alpaca", "round-timeout": 60.0, "node-wait-timeout": 5.0}
+LIAR = 0
+
+
+def lying_train(msg, context):
+    """The kseed ClientApp's train(), then every g of the upload set to 3e38."""
+    reply = client_app.train(msg, context)
+    rec = reply.content[RECORD]
+    up = P.decode_up(rec[UP_KEY], k=int(context.run_config["num-seeds"]))
+    up.grads = np.full_like(up.grads, 3e38)
+    fields = dict(rec.items())
+    fields[UP_KEY] = P.encode_up(up, k=int(context.run_config["num-seeds"]))
+    return Message(RecordDict({RECORD: ConfigRecord(fields)}), reply_to=msg)
+
+
+class InProcessGrid:
+    """Enough of flwr's Grid for run_federation: node ids, push/pull (discovery) and
+    send_and_receive (rounds), each message answered by the node's ClientApp function."""
+
+    def __init__(self, run_config, liar=None):
+        self.run_config = run_config
+        self.nodes = {100 + p: p for p in range(run_config["num-clients"])}
+        self.liar = liar
+        self.pending = {}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def _answer(self, m):
+        m.metadata.__dict__["_message_id"] = m.object_id
+        pid = self.nodes[m.metadata.dst_node_id]
+        ctx = Context(run_id=1, node_id=m.metadata.dst_node_id,
+                      node_config={"partition-id": pid, "num-partitions": len(self.nodes)},
+                      state=RecordDict(), run_config=self.run_config)
+        if m.metadata.message_type == "query":
+            fn = client_app.query
+        else:
+            fn = lying_train if pid == self.liar else client_app.train
+        reply = fn(m, ctx)
+        reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+        return reply
+
+    def push_messages(self, msgs):
+        ids = []
+        for m in msgs:
+            reply = self._answer(m)
+            self.pending[m.metadata.message_id] = reply
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.pending.pop(i) for i in ids if i in self.pending]
+
+    def send_and_receive(self, msgs, *, timeout=None):
+        return [self._answer(m) for m in msgs]
+
+
+def _federate(run_config, liar=None):
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    try:
+        return run_federation(InProcessGrid(run_config, liar), run_config)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.mark.slow  # every train message loads the data and the model afresh, as a SuperNode does
+def test_flower_lying_clientapp_is_bounded(tmp_path):
+    clean = _federate(dict(RC, out=str(tmp_path / "clean")))
+    lied = _federate(dict(RC, out=str(tmp_path / "lied")), liar=LIAR)
+    c, l = clean["eval_loss_last"], lied["eval_loss_last"]
+    assert math.isfinite(l) and abs(l - c) <= 0.05 * c, (l, c)
+    # without the bound the same lie wrecks the run
+    off = dict(RC, out=str(tmp_path / "off"), rounds=1, **{"g-clip": 0.0, "norm-bound": 0.0})
+    wrecked = _federate(off, liar=LIAR)["eval_loss_last"]
+    assert not math.isfinite(wrecked) or wrecked > 1.5 * c, wrecked
