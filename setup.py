@@ -36,11 +36,14 @@ def extension():
         sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
         sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
         nvcc = ["-O3", "-std=c++17", "--fmad=false", "-DKSEED_WITH_CUDA"]
+        # py_limited_api: no pybind11 and only Python's limited API (csrc/registration.cpp; torch
+        # defines Py_LIMITED_API), so one wheel serves every CPython >= 3.10 (abi3; torch sets Py_LIMITED_API to 3.10), as
+        # pytorch/extension-cpp does.
         return CUDAExtension("kseed_kernels._C", sources,
                              extra_compile_args={"cxx": cxx + ["-DKSEED_WITH_CUDA"], "nvcc": nvcc},
-                             extra_link_args=["-fopenmp"])
+                             extra_link_args=["-fopenmp"], py_limited_api=True)
     return CppExtension("kseed_kernels._C", sources, extra_compile_args={"cxx": cxx},
-                        extra_link_args=["-fopenmp"])
+                        extra_link_args=["-fopenmp"], py_limited_api=True)
 
 
 setup(
@@ -54,7 +57,7 @@ setup(
     package_data={"kseed_kernels": ["data/*"], "kseed": ["data/*", "data/**/*", "flower/app/*"]},
     ext_modules=[extension()] if glob.glob(os.path.join(HERE, "csrc", "*.cpp")) else [],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "transformers>=4.40", "tokenizers", "safetensors",
                       "tqdm", "matplotlib", "rouge-score"],
     entry_points={"console_scripts": ["kseed-fed=kseed.cli:main",
@@ -64,5 +67,6 @@ setup(
         "flower": ["flwr==1.41.0"],
         "test": ["pytest", "scipy", "triton==3.9.0"],
     },
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
     zip_safe=False,
 )

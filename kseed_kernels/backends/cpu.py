@@ -21,26 +21,17 @@ def set_isa(name=None) -> None:
     """
     if name is not None and not isinstance(name, str):
         raise TypeError(f"isa must be a str or None, got {type(name).__name__}")
-    _ops()
-    from .. import _C
-
-    _C.set_isa(name)
+    _ops().set_cpu_isa(name)
 
 
 def isa() -> str:
     """The SIMD path the next CPU kernel call will use."""
-    _ops()
-    from .. import _C
-
-    return _C.isa()
+    return _ops().cpu_isa()
 
 
 def supported_isas() -> list:
     """The SIMD paths this CPU (and this build) can run, "scalar" always included."""
-    _ops()
-    from .. import _C
-
-    return list(_C.supported_isas())
+    return list(_ops().cpu_supported_isas())
 
 
 def available() -> bool:
