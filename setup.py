@@ -8,7 +8,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -50,9 +50,10 @@ setup(
     name="kseed",
     version="0.1.0",
     description="Seed-based zeroth-order federated fine-tuning (FedKSeed) with fused Philox kernels",
-    packages=["kseed_kernels", "kseed_kernels.backends", "kseed", "kseed.flower"],
-    package_dir={"kseed_kernels": "kseed_kernels", "kseed_kernels.backends": "kseed_kernels/backends",
-                 "kseed": "python/kseed"},
+    # kseed_kernels and its backend folders from the top level, the driver kseed from python/.
+    packages=find_packages(where=HERE, include=["kseed_kernels", "kseed_kernels.*"]) +
+    ["kseed"] + ["kseed." + p for p in find_packages(where=os.path.join(HERE, "python", "kseed"))],
+    package_dir={"kseed": "python/kseed"},
     include_package_data=True,
     package_data={"kseed_kernels": ["data/*"], "kseed": ["data/*", "data/**/*", "flower/app/*"]},
     ext_modules=[extension()] if glob.glob(os.path.join(HERE, "csrc", "*.cpp")) else [],

@@ -14,7 +14,8 @@ import torch
 
 import kseed_kernels as kk
 from kseed_kernels import _spec as S
-from kseed_kernels import reference as R
+from kseed_kernels import torch_reference as R
+from kseed_kernels.backends import Update
 from kseed_kernels.backends import reference as bref
 
 from bitwise import same_bits
@@ -57,7 +58,7 @@ def _key(seeds, coefs, rounding):
 
 def _oracle(x, seeds, coefs, stream, rounding, sk):
     out = x.detach().cpu().clone()
-    bref.apply_seeds_(out, seeds, coefs, stream, rounding, sk)
+    bref.apply([out], [stream], Update(seeds, coefs, rounding, sk))
     return out
 
 

@@ -30,7 +30,8 @@ def _child_main(device_name: str) -> dict:
 
     import kseed_kernels as kk
     from kseed_kernels import _spec as S
-    from kseed_kernels import reference as R
+    from kseed_kernels import torch_reference as R
+    from kseed_kernels.backends import Update
     from kseed_kernels.backends import reference as bref
     from kseed_kernels.backends import triton as bt
 
@@ -58,7 +59,7 @@ def _child_main(device_name: str) -> dict:
 
     def oracle_apply(x_cpu, seeds, coefs, stream, rounding, sk):
         out = x_cpu.clone()
-        bref.apply_seeds_(out, seeds, coefs, stream, rounding, sk)
+        bref.apply([out], [stream], Update(seeds, coefs, rounding, sk))
         return out
 
     def case(name):
@@ -129,7 +130,7 @@ def _child_main(device_name: str) -> dict:
                     stream = int(torch.randint(0, 2**32, (1,), generator=gen))
                     sk = key(seeds, coefs, rounding)
                     got = x.to(dev, copy=True)
-                    bt.apply_seeds_(got, seeds, coefs, stream, rounding, sk)
+                    bt.apply([got], [stream], Update(seeds, coefs, rounding, sk))
                     want = oracle_apply(x, seeds, coefs, stream, rounding, sk)
                     assert same_bits(got, want), (dtype, rounding, k, n)
                     assert not torch.equal(bits(got), bits(x)) or n == 1, "nothing was written"
@@ -155,7 +156,7 @@ def _child_main(device_name: str) -> dict:
                     seeds, coefs = seeds_of(3), coefs_of(3, scale)
                     sk = key(seeds, coefs, rounding)
                     got = x.to(dev, copy=True)
-                    bt.apply_seeds_(got, seeds, coefs, 11, rounding, sk)
+                    bt.apply([got], [11], Update(seeds, coefs, rounding, sk))
                     want = oracle_apply(x, seeds, coefs, 11, rounding, sk)
                     assert same_bits(got, want), (dtype, rounding, scale)
 
@@ -170,14 +171,14 @@ def _child_main(device_name: str) -> dict:
                 streams = [int(s) for s in torch.randint(0, 2**32, (len(xs),), generator=gen)]
                 sk = key(seeds, coefs, rounding)
                 got = [x.to(dev, copy=True) for x in xs]
-                bt.apply_seeds_multi_(got, streams, seeds, coefs, rounding, sk)
+                bt.apply(got, streams, Update(seeds, coefs, rounding, sk))
                 for g, x, st in zip(got, xs, streams):
                     assert same_bits(g, oracle_apply(x, seeds, coefs, st, rounding, sk)), (k, rounding)
         # one tensor only; and a single dtype
         seeds, coefs = seeds_of(2), coefs_of(2)
         x = torch.randn(77, generator=gen)
         got = [x.to(dev, copy=True)]
-        bt.apply_seeds_multi_(got, [5], seeds, coefs, "nearest", 0)
+        bt.apply(got, [5], Update(seeds, coefs, "nearest", 0))
         assert same_bits(got[0], oracle_apply(x, seeds, coefs, 5, "nearest", 0))
 
     @case("chunking")
@@ -193,11 +194,11 @@ def _child_main(device_name: str) -> dict:
                     x = torch.randn(37, generator=gen).to(dtype)
                     sk = key(seeds, coefs, rounding)
                     got = x.to(dev, copy=True)
-                    bt.apply_seeds_(got, seeds, coefs, 9, rounding, sk)
+                    bt.apply([got], [9], Update(seeds, coefs, rounding, sk))
                     assert same_bits(got, oracle_apply(x, seeds, coefs, 9, rounding, sk)), (dtype, rounding)
                     ys = [torch.randn(n, generator=gen).to(dtype) for n in (5, 19)]
                     got = [y.to(dev, copy=True) for y in ys]
-                    bt.apply_seeds_multi_(got, [1, 2], seeds, coefs, rounding, sk)
+                    bt.apply(got, [1, 2], Update(seeds, coefs, rounding, sk))
                     for g, y, st in zip(got, ys, (1, 2)):
                         assert same_bits(g, oracle_apply(y, seeds, coefs, st, rounding, sk))
         finally:
