@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 CASES = ("registry", "philox_kat", "spec_vectors", "gaussian", "apply", "special_values", "multi",
-         "chunking", "public_api")
+         "chunking", "out_of_place", "public_api")
 
 
 # ----------------------------------------------------------------------------------- the child
@@ -203,6 +203,53 @@ def _child_main(device_name: str) -> dict:
                         assert same_bits(g, oracle_apply(y, seeds, coefs, st, rounding, sk))
         finally:
             bt.K_CHUNK, bt.SLAB = old
+
+    @case("out_of_place")
+    def _():
+        # out = round(base + acc) into separate memory, base unchanged: one tensor, the multi-tensor
+        # table (src and dst rows), the chunked path, misaligned views, and the public API.
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for rounding in ("nearest", "stochastic"):
+                seeds, coefs = seeds_of(3), coefs_of(3)
+                sk = key(seeds, coefs, rounding)
+                xs = [torch.randn(n, generator=gen).to(dtype) for n in (1029, 5, 2100)]
+                streams = [int(s) for s in torch.randint(0, 2**32, (3,), generator=gen)]
+                wants = [oracle_apply(x, seeds, coefs, st, rounding, sk) for x, st in zip(xs, streams)]
+                bases = [x.to(dev, copy=True) for x in xs]
+                outs = [torch.full_like(b, 3.0) for b in bases]
+                bt.apply(outs[:1], streams[:1], Update(seeds, coefs, rounding, sk), bases[:1])
+                assert same_bits(outs[0], wants[0]), ("single", dtype, rounding)
+                outs = [torch.full_like(b, 3.0) for b in bases]
+                bt.apply(outs, streams, Update(seeds, coefs, rounding, sk), bases)
+                for o, w, b, x in zip(outs, wants, bases, xs):
+                    assert same_bits(o, w), ("multi", dtype, rounding)
+                    assert same_bits(b, x), "base changed"
+                base = torch.randn(1031, generator=gen).to(dtype).to(dev, copy=True)[1:]
+                out = torch.empty(1031, dtype=dtype, device=dev)[1:]
+                got = kk.apply_seeds(base, seeds, coefs, out=out, stream=5, backend="triton",
+                                     rounding=rounding)
+                want = kk.apply_seeds(base.cpu(), seeds, coefs, stream=5, backend="reference",
+                                      rounding=rounding)
+                assert got is out and same_bits(got, want), ("misaligned", dtype, rounding)
+        old = bt.K_CHUNK, bt.SLAB
+        bt.K_CHUNK, bt.SLAB = 3, 8
+        try:
+            seeds, coefs = seeds_of(8), coefs_of(8)
+            x = torch.randn(37, generator=gen).to(torch.bfloat16)
+            sk = key(seeds, coefs, "stochastic")
+            base = x.to(dev, copy=True)
+            out = torch.zeros_like(base)
+            bt.apply([out], [9], Update(seeds, coefs, "stochastic", sk), [base])
+            assert same_bits(out, oracle_apply(x, seeds, coefs, 9, "stochastic", sk)), "chunked"
+            assert same_bits(base, x), "chunked: base changed"
+        finally:
+            bt.K_CHUNK, bt.SLAB = old
+        bs = [torch.randn(9, generator=gen).to(dev, copy=True),
+              torch.randn(4, 4, generator=gen).half().to(dev, copy=True).t()]
+        got = kk.apply_seeds_multi(bs, [1, 2], [7, 8], [0.1, -0.2], backend="triton")
+        want = kk.apply_seeds_multi([b.cpu() for b in bs], [1, 2], [7, 8], [0.1, -0.2],
+                                    backend="reference")
+        assert all(same_bits(a, b) for a, b in zip(got, want)), "public multi"
 
     @case("public_api")
     def _():
