@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/irange.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -64,6 +65,23 @@ inline int check_rounding(int64_t rounding) {
                     "kseed: rounding must be ", int(kRoundNearest), " (nearest) or ",
                     int(kRoundStochastic), " (stochastic), got ", rounding);
   return int(rounding);
+}
+
+// The out tensor of gaussian_ (float32, 1-d, contiguous, writable, on `device_type`) and its offset;
+// returns the checked stream id.
+inline uint32_t check_gaussian(const at::Tensor& out, int64_t stream, int64_t offset,
+                               c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(out.device().type() == device_type, "kseed (", c10::DeviceTypeName(device_type),
+                    "): out must be a ", c10::DeviceTypeName(device_type), " tensor, got ",
+                    out.device());
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "kseed: out must be float32, got ",
+                   out.scalar_type());
+  TORCH_CHECK_VALUE(out.dim() == 1, "kseed: out must be 1-d, got ", out.dim(), " dims");
+  TORCH_CHECK_VALUE(out.is_contiguous(), "kseed: out must be contiguous");
+  check_writable(out, "out");
+  TORCH_CHECK_VALUE(offset >= 0 && offset <= kMaxIndex - out.numel(),
+                    "kseed: offset must be >= 0 with offset + numel <= 2^62, got offset ", offset);
+  return check_stream(stream, "stream");
 }
 
 // The seeds (int64 [K], uint64 bit patterns) and finite float32 coefficients [K] of an apply call, read
@@ -171,6 +189,65 @@ inline ApplyPlan build_plan(at::TensorList bases, at::TensorList outs, at::IntAr
     if (s.written && (last_written == nullptr || s.end > last_written->end)) last_written = &s;
   }
   return plan;
+}
+
+// Everything an apply call's kernels need, read and checked: its plan (tiles of tile_elems elements),
+// seeds and coefficients, rounding code and stochastic-rounding key, and the tensors' device.
+struct ApplyCall {
+  ApplyPlan plan;
+  SeedsCoefs sc;
+  int rounding;
+  uint64_t sr_key;
+  c10::optional<at::Device> device;
+  bool empty() const { return sc.K == 0 || plan.empty(); }
+};
+
+inline ApplyCall read_apply(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
+                            const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding,
+                            int64_t sr_key, c10::DeviceType device_type, int64_t tile_elems) {
+  const int r = check_rounding(rounding);
+  SeedsCoefs sc = read_seeds_coefs(seeds, coefs);
+  c10::optional<at::Device> device;
+  ApplyPlan plan = build_plan(bases, outs, streams, device_type, tile_elems, &device);
+  return ApplyCall{std::move(plan), std::move(sc), r, uint64_t(sr_key), device};
+}
+
+// The four apply ops of a device, all through its Run(bases, outs, streams, seeds, coefs, rounding,
+// sr_key) (bases empty: in place), and their registration: impl_apply_ops<run_apply>(m) in the device's
+// TORCH_LIBRARY_IMPL block.
+using RunApply = void (*)(at::TensorList, at::TensorList, at::IntArrayRef, const at::Tensor&,
+                          const at::Tensor&, int64_t, int64_t);
+
+template <RunApply Run>
+struct ApplyOps {
+  static void in_place(at::Tensor& tensor, const at::Tensor& seeds, const at::Tensor& coefs,
+                       int64_t stream, int64_t rounding, int64_t sr_key) {
+    Run({}, {tensor}, {stream}, seeds, coefs, rounding, sr_key);
+  }
+  static void multi(at::TensorList tensors, at::IntArrayRef streams, const at::Tensor& seeds,
+                    const at::Tensor& coefs, int64_t rounding, int64_t sr_key) {
+    Run({}, tensors, streams, seeds, coefs, rounding, sr_key);
+  }
+  static void out(const at::Tensor& base, at::Tensor& out, const at::Tensor& seeds,
+                  const at::Tensor& coefs, int64_t stream, int64_t rounding, int64_t sr_key) {
+    Run({base}, {out}, {stream}, seeds, coefs, rounding, sr_key);
+  }
+  static void multi_out(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
+                        const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding,
+                        int64_t sr_key) {
+    TORCH_CHECK_VALUE(bases.size() == outs.size(),
+                      "kseed: bases and outs must have the same length, got ", bases.size(), " and ",
+                      outs.size());
+    if (!outs.empty()) Run(bases, outs, streams, seeds, coefs, rounding, sr_key);
+  }
+};
+
+template <RunApply Run>
+void impl_apply_ops(torch::Library& m) {
+  m.impl("apply_seeds_", &ApplyOps<Run>::in_place);
+  m.impl("apply_seeds_multi_", &ApplyOps<Run>::multi);
+  m.impl("apply_seeds_out", &ApplyOps<Run>::out);
+  m.impl("apply_seeds_multi_out", &ApplyOps<Run>::multi_out);
 }
 
 }  // namespace checks

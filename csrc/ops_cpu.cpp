@@ -21,7 +21,6 @@
 
 namespace {
 
-using kseed::ApplyPlan;
 using kseed::DType;
 using kseed::PlanGroup;
 using kseed::PlanRow;
@@ -40,13 +39,16 @@ Isa current_isa() {
   return isa;
 }
 
-// Every tile of every group of the plan: dst = round(src + sum_k coefs[k] z(seeds[k], stream, e)).
-void run_plan(const ApplyPlan& plan, const kseed::checks::SeedsCoefs& sc, int rounding,
-              uint64_t sr_key) {
-  if (plan.empty() || sc.K == 0) return;
+// Every tile of every group of the call's plan: dst = round(src + sum_k coefs[k] z(seeds[k], stream, e)).
+void run_apply(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
+               const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding, int64_t sr_key) {
+  const kseed::checks::ApplyCall call = kseed::checks::read_apply(
+      bases, outs, streams, seeds, coefs, rounding, sr_key, kCPU, kseed::cpu::tile_elems());
+  if (call.empty()) return;
   const Isa isa = current_isa();
-  const int64_t tile = plan.tile_elems();
-  for (const PlanGroup& g : plan.groups()) {
+  const int64_t tile = call.plan.tile_elems();
+  const kseed::checks::SeedsCoefs& sc = call.sc;
+  for (const PlanGroup& g : call.plan.groups()) {
     const PlanRow* rows = g.rows.data();
     const int nrows = int(g.rows.size());
     const size_t es = size_t(kseed::dtype_size(g.dtype));
@@ -59,20 +61,10 @@ void run_plan(const ApplyPlan& plan, const kseed::checks::SeedsCoefs& sc, int ro
         const int64_t len = std::min(tile, x.numel - e0);
         kseed::cpu::apply_tile(isa, g.dtype, static_cast<const char*>(x.src) + es * size_t(e0),
                                static_cast<char*>(x.dst) + es * size_t(e0), uint64_t(e0), len,
-                               sc.s(), sc.c(), sc.K, x.stream, rounding, sr_key);
+                               sc.s(), sc.c(), sc.K, x.stream, call.rounding, call.sr_key);
       }
     });
   }
-}
-
-void run_apply(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
-               const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding, int64_t sr_key) {
-  const int r = kseed::checks::check_rounding(rounding);
-  const kseed::checks::SeedsCoefs sc = kseed::checks::read_seeds_coefs(seeds, coefs);
-  c10::optional<at::Device> device;
-  const ApplyPlan plan =
-      kseed::checks::build_plan(bases, outs, streams, kCPU, kseed::cpu::tile_elems(), &device);
-  run_plan(plan, sc, r, uint64_t(sr_key));
 }
 
 // ---------------------------------------------------------------------------------------- ops
@@ -117,15 +109,7 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
 }
 
 void gaussian_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
-  TORCH_CHECK_VALUE(out.device().is_cpu(), "kseed (CPU): out must be a CPU tensor");
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "kseed: out must be float32, got ",
-                   out.scalar_type());
-  TORCH_CHECK_VALUE(out.dim() == 1, "kseed: out must be 1-d, got ", out.dim(), " dims");
-  TORCH_CHECK_VALUE(out.is_contiguous(), "kseed: out must be contiguous");
-  kseed::checks::check_writable(out, "out");
-  const uint32_t st = check_stream(stream, "stream");
-  TORCH_CHECK_VALUE(offset >= 0 && offset <= kMaxIndex - out.numel(),
-                    "kseed: offset must be >= 0 with offset + numel <= 2^62, got offset ", offset);
+  const uint32_t st = kseed::checks::check_gaussian(out, stream, offset, kCPU);
   const int64_t n = out.numel();
   if (n == 0) return;
   const Isa isa = current_isa();
@@ -138,30 +122,6 @@ void gaussian_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset)
       kseed::cpu::gaussian_tile(isa, p + j0, uint64_t(seed), st, uint64_t(offset + j0), len);
     }
   });
-}
-
-void apply_seeds_cpu(at::Tensor& tensor, const at::Tensor& seeds, const at::Tensor& coefs,
-                     int64_t stream, int64_t rounding, int64_t sr_key) {
-  run_apply({}, {tensor}, {stream}, seeds, coefs, rounding, sr_key);
-}
-
-void apply_seeds_multi_cpu(at::TensorList tensors, at::IntArrayRef streams, const at::Tensor& seeds,
-                           const at::Tensor& coefs, int64_t rounding, int64_t sr_key) {
-  run_apply({}, tensors, streams, seeds, coefs, rounding, sr_key);
-}
-
-void apply_seeds_out_cpu(const at::Tensor& base, at::Tensor& out, const at::Tensor& seeds,
-                         const at::Tensor& coefs, int64_t stream, int64_t rounding, int64_t sr_key) {
-  run_apply({base}, {out}, {stream}, seeds, coefs, rounding, sr_key);
-}
-
-void apply_seeds_multi_out_cpu(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
-                               const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding,
-                               int64_t sr_key) {
-  TORCH_CHECK_VALUE(bases.size() == outs.size(), "kseed: bases and outs must have the same length, got ",
-                    bases.size(), " and ", outs.size());
-  if (outs.empty()) return;
-  run_apply(bases, outs, streams, seeds, coefs, rounding, sr_key);
 }
 
 // Benchmark floor on the CPU: per tile of kFloorTileElems elements, the noise sum into a float32 scratch
@@ -236,10 +196,7 @@ void set_cpu_tile_elems(int64_t n) {
 TORCH_LIBRARY_IMPL(kseed, CPU, m) {
   m.impl("philox4x32_10", &philox4x32_10_cpu);
   m.impl("gaussian_", &gaussian_cpu);
-  m.impl("apply_seeds_", &apply_seeds_cpu);
-  m.impl("apply_seeds_multi_", &apply_seeds_multi_cpu);
-  m.impl("apply_seeds_out", &apply_seeds_out_cpu);
-  m.impl("apply_seeds_multi_out", &apply_seeds_multi_out_cpu);
+  kseed::checks::impl_apply_ops<run_apply>(m);
   m.impl("_noise_floor", &noise_floor_cpu);
 }
 

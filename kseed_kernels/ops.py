@@ -197,10 +197,15 @@ def _update(seeds, coefs, rounding) -> tuple:
 
 
 def _run(mod, outs, streams, seeds, coefs, rounding, bases=None) -> None:
-    """mod.apply on the non-empty tensors (K >= 1), through contiguous copies where a tensor is not
-    contiguous (element i is always the row-major index); results are copied back into such outs."""
+    """mod.apply on the non-empty tensors, through contiguous copies where a tensor is not contiguous
+    (element i is always the row-major index); results are copied back into such outs.  K = 0: nothing
+    in place, a copy of each base out of place."""
     keep = [i for i, o in enumerate(outs) if o.numel()]
-    if not keep:
+    if not keep or seeds.numel() == 0:
+        if bases is not None:
+            with torch.no_grad():
+                for i in keep:
+                    outs[i].copy_(bases[i])
         return
     upd = _backends.Update(seeds, coefs, rounding,
                            _sr_key(seeds, coefs, rounding, [outs[i].dtype for i in keep]))
@@ -218,6 +223,15 @@ def _check_sequence(x, name: str, what: str) -> list:
     if isinstance(x, (torch.Tensor, str, bytes)) or not isinstance(x, Sequence):
         raise TypeError(f"{name} must be a sequence of {what}")
     return list(x)
+
+
+def _check_tensors(x, name: str):
+    """A sequence of float tensors: (the list, the names "name[i]" for messages)."""
+    ts = _check_sequence(x, name, "tensors")
+    names = [f"{name}[{i}]" for i in range(len(ts))]
+    for t, n in zip(ts, names):
+        _check_tensor(t, n)
+    return ts, names
 
 
 def _check_streams(streams, n: int, of: str) -> list:
@@ -309,9 +323,7 @@ def apply_seeds_(tensor, seeds, coefs, *, stream=0, backend=None, rounding="near
     stream = _check_stream(stream)
     s, c, rounding = _update(seeds, coefs, rounding)
     _check_writable(tensor, "tensor")
-    mod = _backends.pick(tensor.device, backend)
-    if s.numel():
-        _run(mod, [tensor], [stream], s, c, rounding)
+    _run(_backends.pick(tensor.device, backend), [tensor], [stream], s, c, rounding)
     return tensor
 
 
@@ -321,11 +333,8 @@ def apply_seeds_multi_(tensors, streams, seeds, coefs, *, backend=None, rounding
     ``tensors``: a sequence of float32 / bf16 / fp16 tensors on one device, none sharing memory with
     another; ``streams``: one stream id per tensor.  Returns ``tensors``.
     """
-    ts = _check_sequence(tensors, "tensors", "tensors")
+    ts, names = _check_tensors(tensors, "tensors")
     st = _check_streams(streams, len(ts), "tensors")
-    names = [f"tensors[{i}]" for i in range(len(ts))]
-    for t, name in zip(ts, names):
-        _check_tensor(t, name)
     s, c, rounding = _update(seeds, coefs, rounding)
     if not ts:
         return tensors
@@ -333,9 +342,7 @@ def apply_seeds_multi_(tensors, streams, seeds, coefs, *, backend=None, rounding
     for t, name in zip(ts, names):
         _check_writable(t, name)
     _check_no_overlap(list(zip(names, ts)), hint="list each tensor once")
-    mod = _backends.pick(ts[0].device, backend)
-    if s.numel():
-        _run(mod, ts, st, s, c, rounding)
+    _run(_backends.pick(ts[0].device, backend), ts, st, s, c, rounding)
     return tensors
 
 
@@ -350,12 +357,7 @@ def apply_seeds(base, seeds, coefs, *, out=None, stream=0, backend=None, roundin
     stream = _check_stream(stream)
     s, c, rounding = _update(seeds, coefs, rounding)
     (out,) = _outs_for([base], None if out is None else [out], ["base"], ["out"])
-    mod = _backends.pick(base.device, backend)
-    if s.numel() == 0:
-        with torch.no_grad():
-            out.copy_(base)
-    else:
-        _run(mod, [out], [stream], s, c, rounding, bases=[base])
+    _run(_backends.pick(base.device, backend), [out], [stream], s, c, rounding, bases=[base])
     return out
 
 
@@ -363,11 +365,8 @@ def apply_seeds_multi(bases, streams, seeds, coefs, *, outs=None, backend=None, 
     """apply_seeds on every base of a list into its out, each with its own stream id, in one (or a few)
     launches.  ``outs``: a sequence of tensors matching ``bases`` (no out sharing memory with any base
     or other out), or None for fresh contiguous ones.  Returns the outs (a list)."""
-    bs = _check_sequence(bases, "bases", "tensors")
+    bs, bnames = _check_tensors(bases, "bases")
     st = _check_streams(streams, len(bs), "bases")
-    bnames = [f"bases[{i}]" for i in range(len(bs))]
-    for b, name in zip(bs, bnames):
-        _check_tensor(b, name)
     s, c, rounding = _update(seeds, coefs, rounding)
     if outs is not None:
         outs = _check_sequence(outs, "outs", "tensors")
@@ -379,11 +378,5 @@ def apply_seeds_multi(bases, streams, seeds, coefs, *, outs=None, backend=None, 
     os_ = _outs_for(bs, outs, bnames, [f"outs[{i}]" for i in range(len(bs))])
     if not bs:
         return os_
-    mod = _backends.pick(bs[0].device, backend)
-    if s.numel() == 0:
-        with torch.no_grad():
-            for b, o in zip(bs, os_):
-                o.copy_(b)
-    else:
-        _run(mod, os_, st, s, c, rounding, bases=bs)
+    _run(_backends.pick(bs[0].device, backend), os_, st, s, c, rounding, bases=bs)
     return os_

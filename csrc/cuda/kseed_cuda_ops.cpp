@@ -20,7 +20,6 @@
 
 namespace {
 
-using kseed::ApplyPlan;
 using kseed::PlanGroup;
 using kseed::PlanRow;
 
@@ -35,10 +34,11 @@ void check_cuda(cudaError_t err, const char* what) {
 
 // Packs [rows of all groups][seeds][coefs] into one pinned buffer, copies it to `device` on the
 // current stream and launches one apply per group.
-void run_plan(const ApplyPlan& plan, const kseed::checks::SeedsCoefs& sc, int rounding,
-              uint64_t sr_key, const at::Device& device) {
+void run_plan(const kseed::checks::ApplyCall& call) {
+  const kseed::checks::SeedsCoefs& sc = call.sc;
+  const at::Device& device = *call.device;
   const int64_t K = sc.K;
-  const std::vector<PlanGroup> groups = plan.groups();
+  const std::vector<PlanGroup> groups = call.plan.groups();
   size_t table_bytes = 0;
   for (const PlanGroup& g : groups) table_bytes += g.rows.size() * sizeof(PlanRow);
   const size_t seeds_at = table_bytes;               // multiple of 8
@@ -64,7 +64,7 @@ void run_plan(const ApplyPlan& plan, const kseed::checks::SeedsCoefs& sc, int ro
   for (const PlanGroup& g : groups) {
     const auto* table = reinterpret_cast<const PlanRow*>(d + off);
     check_cuda(kseed::cuda::launch_apply(g.dtype, table, int(g.rows.size()), g.tiles, d_seeds,
-                                         d_coefs, K, rounding, sr_key, g.aligned, cs),
+                                         d_coefs, K, call.rounding, call.sr_key, g.aligned, cs),
                "apply launch");
     off += g.rows.size() * sizeof(PlanRow);
   }
@@ -74,57 +74,22 @@ void run_plan(const ApplyPlan& plan, const kseed::checks::SeedsCoefs& sc, int ro
 
 void run_apply(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
                const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding, int64_t sr_key) {
-  const int r = kseed::checks::check_rounding(rounding);
-  const kseed::checks::SeedsCoefs sc = kseed::checks::read_seeds_coefs(seeds, coefs);
-  c10::optional<at::Device> device;
-  const ApplyPlan plan =
-      kseed::checks::build_plan(bases, outs, streams, kCUDA, kseed::cuda::kTileElems, &device);
-  if (sc.K == 0 || plan.empty()) return;
-  const c10::cuda::CUDAGuard guard(*device);
-  run_plan(plan, sc, r, uint64_t(sr_key), *device);
+  const kseed::checks::ApplyCall call = kseed::checks::read_apply(
+      bases, outs, streams, seeds, coefs, rounding, sr_key, kCUDA, kseed::cuda::kTileElems);
+  if (call.empty()) return;
+  const c10::cuda::CUDAGuard guard(*call.device);
+  run_plan(call);
 }
 
 // ---------------------------------------------------------------------------------------- ops
 void gaussian_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
-  TORCH_CHECK_VALUE(out.is_cuda(), "kseed (CUDA): out must be a CUDA tensor");
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "kseed: out must be float32, got ",
-                   out.scalar_type());
-  TORCH_CHECK_VALUE(out.dim() == 1, "kseed: out must be 1-d, got ", out.dim(), " dims");
-  TORCH_CHECK_VALUE(out.is_contiguous(), "kseed: out must be contiguous");
-  kseed::checks::check_writable(out, "out");
-  const uint32_t st = check_stream(stream, "stream");
-  TORCH_CHECK_VALUE(offset >= 0 && offset <= kMaxIndex - out.numel(),
-                    "kseed: offset must be >= 0 with offset + numel <= 2^62, got offset ", offset);
+  const uint32_t st = kseed::checks::check_gaussian(out, stream, offset, kCUDA);
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   check_cuda(kseed::cuda::launch_gaussian(out.data_ptr<float>(), out.numel(), uint64_t(seed), st,
                                           uint64_t(offset),
                                           c10::cuda::getCurrentCUDAStream().stream()),
              "gaussian_ launch");
-}
-
-void apply_seeds_cuda(at::Tensor& tensor, const at::Tensor& seeds, const at::Tensor& coefs,
-                      int64_t stream, int64_t rounding, int64_t sr_key) {
-  run_apply({}, {tensor}, {stream}, seeds, coefs, rounding, sr_key);
-}
-
-void apply_seeds_multi_cuda(at::TensorList tensors, at::IntArrayRef streams, const at::Tensor& seeds,
-                            const at::Tensor& coefs, int64_t rounding, int64_t sr_key) {
-  run_apply({}, tensors, streams, seeds, coefs, rounding, sr_key);
-}
-
-void apply_seeds_out_cuda(const at::Tensor& base, at::Tensor& out, const at::Tensor& seeds,
-                          const at::Tensor& coefs, int64_t stream, int64_t rounding, int64_t sr_key) {
-  run_apply({base}, {out}, {stream}, seeds, coefs, rounding, sr_key);
-}
-
-void apply_seeds_multi_out_cuda(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
-                                const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding,
-                                int64_t sr_key) {
-  TORCH_CHECK_VALUE(bases.size() == outs.size(), "kseed: bases and outs must have the same length, got ",
-                    bases.size(), " and ", outs.size());
-  if (outs.empty()) return;
-  run_apply(bases, outs, streams, seeds, coefs, rounding, sr_key);
 }
 
 // Benchmark helper: the generate-and-sum floor of an apply over numel elements (one float per CTA).
@@ -149,9 +114,6 @@ at::Tensor noise_floor_cuda(const at::Tensor& like, const at::Tensor& seeds, con
 
 TORCH_LIBRARY_IMPL(kseed, CUDA, m) {
   m.impl("gaussian_", &gaussian_cuda);
-  m.impl("apply_seeds_", &apply_seeds_cuda);
-  m.impl("apply_seeds_multi_", &apply_seeds_multi_cuda);
-  m.impl("apply_seeds_out", &apply_seeds_out_cuda);
-  m.impl("apply_seeds_multi_out", &apply_seeds_multi_out_cuda);
+  kseed::checks::impl_apply_ops<run_apply>(m);
   m.impl("_noise_floor", &noise_floor_cuda);
 }
