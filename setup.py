@@ -8,7 +8,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -36,25 +36,29 @@ def extension():
         sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
         sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
         nvcc = ["-O3", "-std=c++17", "--fmad=false", "-DKSEED_WITH_CUDA"]
+        # py_limited_api: no pybind11 and only Python's limited API (csrc/registration.cpp; torch
+        # defines Py_LIMITED_API), so one wheel serves every CPython >= 3.10 (abi3; torch sets Py_LIMITED_API to 3.10), as
+        # pytorch/extension-cpp does.
         return CUDAExtension("kseed_kernels._C", sources,
                              extra_compile_args={"cxx": cxx + ["-DKSEED_WITH_CUDA"], "nvcc": nvcc},
-                             extra_link_args=["-fopenmp"])
+                             extra_link_args=["-fopenmp"], py_limited_api=True)
     return CppExtension("kseed_kernels._C", sources, extra_compile_args={"cxx": cxx},
-                        extra_link_args=["-fopenmp"])
+                        extra_link_args=["-fopenmp"], py_limited_api=True)
 
 
 setup(
     name="kseed",
     version="0.1.0",
     description="Seed-based zeroth-order federated fine-tuning (FedKSeed) with fused Philox kernels",
-    packages=["kseed_kernels", "kseed_kernels.backends", "kseed", "kseed.flower"],
-    package_dir={"kseed_kernels": "kseed_kernels", "kseed_kernels.backends": "kseed_kernels/backends",
-                 "kseed": "python/kseed"},
+    # kseed_kernels and its backend folders from the top level, the driver kseed from python/.
+    packages=find_packages(where=HERE, include=["kseed_kernels", "kseed_kernels.*"]) +
+    ["kseed"] + ["kseed." + p for p in find_packages(where=os.path.join(HERE, "python", "kseed"))],
+    package_dir={"kseed": "python/kseed"},
     include_package_data=True,
     package_data={"kseed_kernels": ["data/*"], "kseed": ["data/*", "data/**/*", "flower/app/*"]},
     ext_modules=[extension()] if glob.glob(os.path.join(HERE, "csrc", "*.cpp")) else [],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "transformers>=4.40", "tokenizers", "safetensors",
                       "tqdm", "matplotlib", "rouge-score"],
     entry_points={"console_scripts": ["kseed-fed=kseed.cli:main",
@@ -66,5 +70,6 @@ setup(
         "flower-simulation": ["flwr[simulation]==1.41.0", "ray==2.55.1"],
         "test": ["pytest", "scipy", "triton==3.9.0"],
     },
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
     zip_safe=False,
 )

@@ -1,6 +1,8 @@
 """kseed_kernels: Philox-seeded Gaussian perturbations and fused K-seed updates (docs/SPEC.md)."""
 from .ops import (
+    apply_seeds,
     apply_seeds_,
+    apply_seeds_multi,
     apply_seeds_multi_,
     backends,
     gaussian,
@@ -11,7 +13,9 @@ from .model import ModelSeeds
 
 __all__ = [
     "ModelSeeds",
+    "apply_seeds",
     "apply_seeds_",
+    "apply_seeds_multi",
     "apply_seeds_multi_",
     "backends",
     "gaussian",

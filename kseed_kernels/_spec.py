@@ -1,7 +1,9 @@
-"""Constants of the kseed noise spec (docs/SPEC.md), as exact float32 bit patterns.
+"""Constants of the kseed noise spec (docs/SPEC.md), as exact float32 bit patterns, and the small codes
+every backend shares (dtype and rounding codes, the multi-tensor plan's table layout).
 
-Every backend uses exactly these numbers.  csrc/kseed_spec.h holds the same values for C++ and CUDA (LOG_C0.., SIN_C0.., COS_C0..);
-tests/test_spec_constants.py checks that the two copies agree.
+Every backend uses exactly these numbers.  csrc/kseed_spec.h holds the same spec values for C++ and CUDA
+(LOG_C0.., SIN_C0.., COS_C0..), csrc/kseed_types.h the same dtype and rounding codes, csrc/kseed_plan.h
+the same plan row; tests/test_spec_constants.py checks that the copies agree.
 """
 import struct
 
@@ -42,6 +44,24 @@ SIN_COEFS = tuple(_f32(b) for b in SIN_COEF_BITS)
 COS_COEFS = tuple(_f32(b) for b in COS_COEF_BITS)
 LN2_HI = _f32(LN2_HI_BITS)
 LN2_LO = _f32(LN2_LO_BITS)
+
+# Element types of weight tensors, by torch dtype name (csrc/kseed_types.h: enum class DType).
+DTYPE_F32 = 0
+DTYPE_BF16 = 1
+DTYPE_F16 = 2
+DTYPE_CODES = {"float32": DTYPE_F32, "bfloat16": DTYPE_BF16, "float16": DTYPE_F16}
+
+# Rounding of the final write (csrc/kseed_types.h: enum Rounding), by the public API's names.
+ROUND_NEAREST = 0
+ROUND_STOCHASTIC = 1
+ROUNDING_CODES = {"nearest": ROUND_NEAREST, "stochastic": ROUND_STOCHASTIC}
+
+# The multi-tensor plan of an apply call (csrc/kseed_plan.h: struct PlanRow, used by the CPU and CUDA
+# kernels): one row per tensor with these fields, in this order.  The Triton backend keeps the same
+# layout as an int64 table [len(PLAN_FIELDS), T] whose row f holds field PLAN_FIELDS[f] of every tensor
+# (src and dst are data addresses, src == dst for the in-place update).
+PLAN_FIELDS = ("src", "dst", "numel", "stream", "first_tile")
+PLAN_SRC, PLAN_DST, PLAN_NUMEL, PLAN_STREAM, PLAN_FIRST_TILE = range(len(PLAN_FIELDS))
 
 # Stochastic-rounding key (see docs/SPEC.md, "Stochastic rounding").
 SR_KEY_INIT = 0x6B73656564535221

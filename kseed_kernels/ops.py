@@ -143,19 +143,127 @@ def _check_tensor(t, what: str = "tensor") -> torch.Tensor:
     return t
 
 
+def _check_writable(t: torch.Tensor, what: str) -> None:
+    """A tensor the op writes.  kseed follows torch's rule for in-place ops: an inference tensor (made
+    under torch.inference_mode) is written only inside inference mode, on every backend."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{what} is an inference tensor (made under torch.inference_mode); it can be "
+                         "written only inside torch.inference_mode(), as torch's in-place ops require; "
+                         "clone it first or call inside inference_mode")
+
+
+def _span(t: torch.Tensor):
+    """(storage address, first byte, end byte) of the memory a tensor's elements may occupy."""
+    es = t.element_size()
+    lo = hi = t.storage_offset()
+    for n, st in zip(t.shape, t.stride()):
+        if st > 0:
+            hi += (n - 1) * st
+        else:
+            lo += (n - 1) * st
+    return t.untyped_storage().data_ptr(), lo * es, (hi + 1) * es
+
+
+def _check_no_overlap(written, read=(), hint="a tensor an op writes must not share memory with any "
+                      "other tensor of the call") -> None:
+    """ValueError if a written (name, tensor) overlaps another written one or a read one in memory."""
+    by_storage: dict = {}
+    for is_written, items in ((True, written), (False, read)):
+        for name, t in items:
+            if t.numel():
+                ptr, lo, hi = _span(t)
+                by_storage.setdefault(ptr, []).append((lo, hi, is_written, name))
+    for spans in by_storage.values():
+        spans.sort(key=lambda x: x[:2])
+        for a in range(len(spans)):
+            for b in range(a + 1, len(spans)):
+                if spans[b][0] >= spans[a][1]:
+                    break
+                if spans[a][2] or spans[b][2]:
+                    raise ValueError(f"{spans[a][3]} and {spans[b][3]} overlap in memory; {hint}")
+
+
 def _sr_key(seeds: torch.Tensor, coefs: torch.Tensor, rounding: str, dtypes) -> int:
     if rounding != "stochastic" or all(d == torch.float32 for d in dtypes):
         return 0
     return S.sr_key(seeds.numpy().view(np.uint64), coefs.numpy().view(np.uint32))
 
 
-def _run_contiguous(fn, tensors):
-    """Call fn(list of contiguous tensors) and write results back into any non-contiguous inputs."""
-    work = [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    fn(work)
-    for t, w in zip(tensors, work):
-        if w is not t:
-            t.copy_(w)
+def _update(seeds, coefs, rounding) -> tuple:
+    """The checked seeds, coefs and rounding of an apply call: (seeds, coefs, rounding)."""
+    rounding = _check_rounding(rounding)
+    s = normalize_seeds(seeds)
+    return s, normalize_coefs(coefs, s.numel()), rounding
+
+
+def _run(mod, outs, streams, seeds, coefs, rounding, bases=None) -> None:
+    """mod.apply on the non-empty tensors, through contiguous copies where a tensor is not contiguous
+    (element i is always the row-major index); results are copied back into such outs.  K = 0: nothing
+    in place, a copy of each base out of place."""
+    keep = [i for i, o in enumerate(outs) if o.numel()]
+    if not keep or seeds.numel() == 0:
+        if bases is not None:
+            with torch.no_grad():
+                for i in keep:
+                    outs[i].copy_(bases[i])
+        return
+    upd = _backends.Update(seeds, coefs, rounding,
+                           _sr_key(seeds, coefs, rounding, [outs[i].dtype for i in keep]))
+    with torch.no_grad():
+        work = [outs[i] if outs[i].is_contiguous() else outs[i].contiguous() if bases is None
+                else torch.empty_like(outs[i], memory_format=torch.contiguous_format) for i in keep]
+        src = None if bases is None else [bases[i].contiguous() for i in keep]
+        mod.apply(work, [streams[i] for i in keep], upd, src)
+        for i, w in zip(keep, work):
+            if w is not outs[i]:
+                outs[i].copy_(w)
+
+
+def _check_sequence(x, name: str, what: str) -> list:
+    if isinstance(x, (torch.Tensor, str, bytes)) or not isinstance(x, Sequence):
+        raise TypeError(f"{name} must be a sequence of {what}")
+    return list(x)
+
+
+def _check_tensors(x, name: str):
+    """A sequence of float tensors: (the list, the names "name[i]" for messages)."""
+    ts = _check_sequence(x, name, "tensors")
+    names = [f"{name}[{i}]" for i in range(len(ts))]
+    for t, n in zip(ts, names):
+        _check_tensor(t, n)
+    return ts, names
+
+
+def _check_streams(streams, n: int, of: str) -> list:
+    streams = _check_sequence(streams, "streams", "ints")
+    if len(streams) != n:
+        raise ValueError(f"{of} and streams must have the same length, got {n} {of} and "
+                         f"{len(streams)} streams")
+    return [_check_uint(f"streams[{i}]", x, _U32, "[0, 2^32)") for i, x in enumerate(streams)]
+
+
+def _one_device(tensors) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _outs_for(bases, outs, base_names, out_names) -> list:
+    """outs (checked against their bases: dtype, shape, device, writable) or fresh contiguous ones."""
+    if outs is None:
+        return [torch.empty_like(b, memory_format=torch.contiguous_format) for b in bases]
+    for b, o, bn, on in zip(bases, outs, base_names, out_names):
+        _check_tensor(o, on)
+        if o.dtype != b.dtype:
+            raise TypeError(f"{on} must have the dtype of {bn}, got {o.dtype} and {b.dtype}")
+        if o.shape != b.shape:
+            raise ValueError(f"{on} must have the shape of {bn}, got {tuple(o.shape)} and "
+                             f"{tuple(b.shape)}")
+        if o.device != b.device:
+            raise ValueError(f"{on} must be on the device of {bn}, got {o.device} and {b.device}")
+        _check_writable(o, on)
+    _check_no_overlap(list(zip(out_names, outs)), list(zip(base_names, bases)))
+    return list(outs)
 
 
 # --------------------------------------------------------------------------------------- ops
@@ -181,9 +289,9 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     k = key.expand(*lead, 2).contiguous()
     if c.device.type == "cpu" and "cpu" in backends():
         return torch.ops.kseed.philox4x32_10(c, k)
-    from . import reference
+    from . import torch_reference
 
-    return reference.philox4x32_10(c, k)
+    return torch_reference.philox4x32_10(c, k)
 
 
 def gaussian(seed, numel, *, stream=0, offset=0, device=None, backend=None) -> torch.Tensor:
@@ -208,59 +316,67 @@ def apply_seeds_(tensor, seeds, coefs, *, stream=0, backend=None, rounding="near
     The sum runs in float32 in ascending k; the result is rounded once to the tensor's dtype, to
     nearest even or (bf16 / fp16, rounding="stochastic") stochastically with Philox bits.  Works on any
     float32 / bf16 / fp16 tensor; element i is the row-major index, so non-contiguous tensors are
-    handled through a contiguous copy.  K = 0 is a no-op.  Returns ``tensor``.
+    handled through a contiguous copy.  K = 0 is a no-op.  An inference tensor is written only inside
+    torch.inference_mode (ValueError otherwise), as torch's in-place ops require.  Returns ``tensor``.
     """
     _check_tensor(tensor)
     stream = _check_stream(stream)
-    rounding = _check_rounding(rounding)
-    s = normalize_seeds(seeds)
-    c = normalize_coefs(coefs, s.numel())
-    mod = _backends.pick(tensor.device, backend)
-    if s.numel() == 0 or tensor.numel() == 0:
-        return tensor
-    key = _sr_key(s, c, rounding, (tensor.dtype,))
-    with torch.no_grad():
-        _run_contiguous(lambda ts: mod.apply_seeds_(ts[0], s, c, stream, rounding, key), [tensor])
+    s, c, rounding = _update(seeds, coefs, rounding)
+    _check_writable(tensor, "tensor")
+    _run(_backends.pick(tensor.device, backend), [tensor], [stream], s, c, rounding)
     return tensor
 
 
 def apply_seeds_multi_(tensors, streams, seeds, coefs, *, backend=None, rounding="nearest"):
     """apply_seeds_ on every tensor of a list, each with its own stream id, in one (or a few) launches.
 
-    ``tensors``: a sequence of float32 / bf16 / fp16 tensors on one device (each at most once);
-    ``streams``: one stream id per tensor.  Returns ``tensors``.
+    ``tensors``: a sequence of float32 / bf16 / fp16 tensors on one device, none sharing memory with
+    another; ``streams``: one stream id per tensor.  Returns ``tensors``.
     """
-    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
-        raise TypeError("tensors must be a sequence of tensors")
-    if isinstance(streams, (str, bytes)) or not isinstance(streams, Sequence):
-        raise TypeError("streams must be a sequence of ints")
-    if len(streams) != len(tensors):
-        raise ValueError(f"tensors and streams must have the same length, got {len(tensors)} "
-                         f"tensors and {len(streams)} streams")
-    for i, t in enumerate(tensors):
-        _check_tensor(t, f"tensors[{i}]")
-    st = [_check_uint(f"streams[{i}]", x, _U32, "[0, 2^32)") for i, x in enumerate(streams)]
-    rounding = _check_rounding(rounding)
-    s = normalize_seeds(seeds)
-    c = normalize_coefs(coefs, s.numel())
-    if not tensors:
+    ts, names = _check_tensors(tensors, "tensors")
+    st = _check_streams(streams, len(ts), "tensors")
+    s, c, rounding = _update(seeds, coefs, rounding)
+    if not ts:
         return tensors
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    seen = {}
-    for i, t in enumerate(tensors):
-        if t.numel() and t.data_ptr() in seen:
-            raise ValueError(f"tensors[{i}] shares its storage with tensors[{seen[t.data_ptr()]}]; "
-                             "list each tensor once")
-        seen[t.data_ptr()] = i
-    mod = _backends.pick(tensors[0].device, backend)
-    live = [(t, x) for t, x in zip(tensors, st) if t.numel()]
-    if s.numel() == 0 or not live:
-        return tensors
-    key = _sr_key(s, c, rounding, [t.dtype for t, _ in live])
-    with torch.no_grad():
-        _run_contiguous(
-            lambda ts: mod.apply_seeds_multi_(ts, [x for _, x in live], s, c, rounding, key),
-            [t for t, _ in live])
+    _one_device(ts)
+    for t, name in zip(ts, names):
+        _check_writable(t, name)
+    _check_no_overlap(list(zip(names, ts)), hint="list each tensor once")
+    _run(_backends.pick(ts[0].device, backend), ts, st, s, c, rounding)
     return tensors
+
+
+def apply_seeds(base, seeds, coefs, *, out=None, stream=0, backend=None, rounding="nearest"):
+    """Out of place: out <- round(float32(base) + sum_k coefs[k] * z(seeds[k], stream, i)).
+
+    Bitwise what ``out.copy_(base); apply_seeds_(out, ...)`` gives, in one pass: base is only read (each
+    element once) and out written once.  ``out``: a tensor of base's shape, dtype and device that shares
+    no memory with base, or None for a fresh contiguous one.  K = 0 copies base.  Returns ``out``.
+    """
+    _check_tensor(base, "base")
+    stream = _check_stream(stream)
+    s, c, rounding = _update(seeds, coefs, rounding)
+    (out,) = _outs_for([base], None if out is None else [out], ["base"], ["out"])
+    _run(_backends.pick(base.device, backend), [out], [stream], s, c, rounding, bases=[base])
+    return out
+
+
+def apply_seeds_multi(bases, streams, seeds, coefs, *, outs=None, backend=None, rounding="nearest"):
+    """apply_seeds on every base of a list into its out, each with its own stream id, in one (or a few)
+    launches.  ``outs``: a sequence of tensors matching ``bases`` (no out sharing memory with any base
+    or other out), or None for fresh contiguous ones.  Returns the outs (a list)."""
+    bs, bnames = _check_tensors(bases, "bases")
+    st = _check_streams(streams, len(bs), "bases")
+    s, c, rounding = _update(seeds, coefs, rounding)
+    if outs is not None:
+        outs = _check_sequence(outs, "outs", "tensors")
+        if len(outs) != len(bs):
+            raise ValueError(f"bases and outs must have the same length, got {len(bs)} bases and "
+                             f"{len(outs)} outs")
+    if bs:
+        _one_device(bs)
+    os_ = _outs_for(bs, outs, bnames, [f"outs[{i}]" for i in range(len(bs))])
+    if not bs:
+        return os_
+    _run(_backends.pick(bs[0].device, backend), os_, st, s, c, rounding, bases=bs)
+    return os_

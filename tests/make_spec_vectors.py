@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kseed_kernels import reference  # noqa: E402
+from kseed_kernels import torch_reference as reference  # noqa: E402
 
 SEEDS = [0, 1, 42, 0xFFFFFFFF, 1 << 32, 0x0123456789ABCDEF, 1 << 63, (1 << 64) - 1]
 STREAMS = [0, 1, 0x7FFFFFFF, 1 << 31, 0xFFFFFFFF]

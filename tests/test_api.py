@@ -17,8 +17,8 @@ BACKENDS = ["reference"] + cpu_backends()
 
 
 def test_public_names():
-    for name in ("philox4x32_10", "gaussian", "apply_seeds_", "apply_seeds_multi_", "stream_id",
-                 "backends"):
+    for name in ("philox4x32_10", "gaussian", "apply_seeds_", "apply_seeds_multi_", "apply_seeds",
+                 "apply_seeds_multi", "stream_id", "backends"):
         assert callable(getattr(kseed_kernels, name))
     b = kseed_kernels.backends()
     assert "reference" in b and isinstance(b, list)

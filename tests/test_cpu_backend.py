@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kseed_kernels as kk
-from kseed_kernels import reference as R
+from kseed_kernels import torch_reference as R
 
 from bitwise import bits
 
@@ -200,26 +200,24 @@ def _run_all(ws, streams, seeds, coefs):
 
 
 def test_threads_and_tiles_do_not_change_results(gen):
-    from kseed_kernels import _C
-
     ws = [rand_weights(gen, (n,), d) for n, d in
           [(50021, torch.float32), (30000, torch.bfloat16), (12345, torch.float16), (7, torch.float32)]]
     streams = [1, 2, 2**32 - 1, 0]
     seeds, coefs = rand_seeds(gen, 3), [0.3, -0.7, 1.1]
-    threads, tile = torch.get_num_threads(), _C.tile_elems()
+    threads, tile = torch.get_num_threads(), torch.ops.kseed.cpu_tile_elems()
     try:
         torch.set_num_threads(1)
         base, gbase = _run_all(ws, streams, seeds, coefs)
         for n_threads, t in [(2, tile), (1, 67), (2, 1000), (2, 1), (3, 4093)]:
             torch.set_num_threads(n_threads)
-            _C.set_tile_elems(t)
+            torch.ops.kseed.set_cpu_tile_elems(t)
             out, g = _run_all(ws, streams, seeds, coefs)
             for a, b in zip(out, base):
                 assert_same_bits(a, b, f"threads {n_threads} tile {t}")
             assert_same_bits(g, gbase, f"gaussian threads {n_threads} tile {t}")
     finally:
         torch.set_num_threads(threads)
-        _C.set_tile_elems(tile)
+        torch.ops.kseed.set_cpu_tile_elems(tile)
     # and the single-threaded result is the reference's
     for w, st, b in zip(ws, streams, base):
         want = w.clone()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kseed_kernels as kk
-from kseed_kernels import reference as R
+from kseed_kernels import torch_reference as R
 
 from bitwise import bits
 

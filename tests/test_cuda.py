@@ -14,7 +14,8 @@ import torch
 
 import kseed_kernels as kk
 from kseed_kernels import _spec as S
-from kseed_kernels import reference as R
+from kseed_kernels import torch_reference as R
+from kseed_kernels.backends import Update
 from kseed_kernels.backends import reference as bref
 
 from bitwise import same_bits
@@ -57,7 +58,7 @@ def _key(seeds, coefs, rounding):
 
 def _oracle(x, seeds, coefs, stream, rounding, sk):
     out = x.detach().cpu().clone()
-    bref.apply_seeds_(out, seeds, coefs, stream, rounding, sk)
+    bref.apply([out], [stream], Update(seeds, coefs, rounding, sk))
     return out
 
 
@@ -113,6 +114,30 @@ def test_apply_bitwise(gen, dtype, rounding, k, n):
     assert same_bits(got, _cpu_oracle(x, seeds, coefs, stream, rounding))
     if k * n <= 50_000:
         assert same_bits(got, _oracle(x, seeds, coefs, stream, rounding, _key(seeds, coefs, rounding)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_apply_out_of_place(gen, dtype, rounding):
+    """apply_seeds / apply_seeds_multi on the GPU: bitwise copy + in-place, the base unchanged, with
+    aligned and misaligned bases and outs."""
+    seeds = _seeds(gen, 5)
+    coefs = (torch.randn(5, generator=gen) * 1e-2).float()
+    for n, b_off, o_off in ((5000, 0, 0), (4099, 1, 0), (2049, 0, 1), (7, 1, 1)):
+        x = torch.randn(n + b_off, generator=gen).to(dtype)[b_off:]
+        base = torch.empty(n + b_off, dtype=dtype, device="cuda")[b_off:]
+        base.copy_(x)
+        out = torch.empty(n + o_off, dtype=dtype, device="cuda")[o_off:]
+        got = kk.apply_seeds(base, seeds, coefs, out=out, stream=9, rounding=rounding, backend="cuda")
+        assert got is out
+        assert same_bits(out, _cpu_oracle(x, seeds, coefs, 9, rounding)), (n, b_off, o_off)
+        assert same_bits(base, x), "base changed"
+    xs = [torch.randn(n, generator=gen).to(DTYPES[i % 3]) for i, n in enumerate((3, 2048, 9000, 1))]
+    outs = kk.apply_seeds_multi([x.cuda() for x in xs], [1, 2, 3, 4], seeds, coefs, rounding=rounding,
+                                backend="cuda")
+    want = kk.apply_seeds_multi(xs, [1, 2, 3, 4], seeds, coefs, rounding=rounding,
+                                backend="cpu" if "cpu" in kk.backends() else "reference")
+    assert all(same_bits(a, b) for a, b in zip(outs, want))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

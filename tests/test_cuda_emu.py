@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import kseed_kernels as kk
+from kseed_kernels import _spec as S
 from kseed_kernels import ops
 
 from bitwise import bits
@@ -32,7 +33,7 @@ EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
 TILE = 2048   # kTileElems of csrc/cuda/kseed_cuda.cuh
 THREADS = 256  # kThreads
 SEED_TILE = 256  # kSeedTile
-DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DT_CODE = {getattr(torch, name): code for name, code in S.DTYPE_CODES.items()}
 
 
 def _cuda_include():
@@ -92,14 +93,17 @@ def _streams(gen, n):
     return [int(x) for x in torch.randint(0, 2**32, (n,), dtype=torch.int64, generator=gen)]
 
 
-
-def _apply_job(tensors, streams, seeds, coefs, rounding, shifts):
-    code = 0 if rounding == "nearest" else 1
+def _apply_job(tensors, streams, seeds, coefs, rounding, shifts, out_shifts=None):
+    """In place (op 0), or out of place (op 3) with each out placed out_shifts[i] elements past an
+    aligned address."""
+    code = S.ROUNDING_CODES[rounding]
     key = ops._sr_key(seeds, coefs, rounding, [t.dtype for t in tensors if t.numel()])
-    job = struct.pack("<iqiQi", 0, seeds.numel(), code, key, len(tensors))
+    job = struct.pack("<iqiQi", 0 if out_shifts is None else 3, seeds.numel(), code, key, len(tensors))
     job += seeds.numpy().tobytes() + coefs.numpy().tobytes()
-    for t, st, sh in zip(tensors, streams, shifts):
+    for i, (t, st, sh) in enumerate(zip(tensors, streams, shifts)):
         job += struct.pack("<iIqq", DT_CODE[t.dtype], st, t.numel(), sh)
+        if out_shifts is not None:
+            job += struct.pack("<q", out_shifts[i])
         job += t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
     return job
 
@@ -155,6 +159,26 @@ def test_apply_unaligned_path_matches_cpu(emu, tmp_path, gen, dtype):
         kk.apply_seeds_multi_(want, streams, seeds, coefs, rounding=rounding, backend="cpu")
         for g, w in zip(got, want):
             assert torch.equal(bits(g), bits(w)), f"shifts {shifts}: results differ"
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_apply_out_of_place_matches_cpu(emu, tmp_path, gen, rounding):
+    """The kernels' source and destination pointers: out = round(base + acc) into separate memory, the
+    base unchanged (the emulation fails the run if it is written), with aligned and misaligned bases and
+    outs (the vector path needs both aligned)."""
+    dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(SIZES))]
+    ws = _weights(gen, SIZES, dtypes)
+    streams = _streams(gen, len(ws))
+    seeds, coefs = _seeds(gen, 3), _coefs(gen, 3)
+    want = kk.apply_seeds_multi(ws, streams, seeds, coefs, rounding=rounding, backend="cpu")
+    n = len(ws)
+    for shifts, out_shifts in (([0] * n, [0] * n), ([0] * n, [1] * n), ([3] * n, [0] * n)):
+        got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, shifts, out_shifts),
+                          tmp_path), ws)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert torch.equal(bits(g), bits(w)), (
+                f"tensor {i} ({w.dtype}, {w.numel()} elements, shifts {shifts[i]}/{out_shifts[i]}, "
+                f"{rounding}): {int((bits(g) != bits(w)).sum())} elements differ")
 
 
 def test_apply_can_fail(emu, tmp_path, gen):

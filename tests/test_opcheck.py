@@ -53,3 +53,58 @@ def test_meta_shapes():
     k = torch.empty(2, 3, 2, dtype=torch.int64, device="meta")
     out = torch.ops.kseed.philox4x32_10(c, k)
     assert out.shape == (2, 3, 4) and out.dtype == torch.int64 and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rounding", [0, 1])
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_apply_seeds_out(gen, dtype, rounding, device):
+    base = torch.randn(3, 11, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty_like(base)
+    seeds, coefs = _args(gen)
+    torch.library.opcheck(torch.ops.kseed.apply_seeds_out.default,
+                          (base, out, seeds, coefs, 12345, rounding, -77))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_apply_seeds_multi_out(gen, device):
+    bases = [torch.randn(9, generator=gen).to(device),
+             torch.randn(2, 5, generator=gen).to(device=device, dtype=torch.float16)]
+    outs = [torch.empty_like(b) for b in bases]
+    seeds, coefs = _args(gen)
+    torch.library.opcheck(torch.ops.kseed.apply_seeds_multi_out.default,
+                          (bases, outs, [1, 2**32 - 1], seeds, coefs, 1, 99))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_noise_floor(gen, device):
+    like = torch.empty(0, device=device)
+    seeds, coefs = _args(gen)
+    torch.library.opcheck(torch.ops.kseed._noise_floor.default, (like, seeds, coefs, 5000, 7))
+
+
+def test_noise_floor_meta_shape():
+    out = torch.ops.kseed._noise_floor(torch.empty(0, device="meta"), torch.zeros(2, dtype=torch.int64),
+                                       torch.zeros(2), 4097, 0)
+    assert out.shape == (3,) and out.dtype == torch.float32 and out.device.type == "meta"
+
+
+def test_settings_ops():
+    ops = torch.ops.kseed
+    assert ops.cpu_isa() in ops.cpu_supported_isas() and "scalar" in ops.cpu_supported_isas()
+    assert ops.cpu_best_isa() in ops.cpu_supported_isas()
+    tile = ops.cpu_tile_elems()
+    try:
+        ops.set_cpu_tile_elems(123)
+        assert ops.cpu_tile_elems() == 123
+        with pytest.raises(ValueError, match="tile must be in"):
+            ops.set_cpu_tile_elems(0)
+    finally:
+        ops.set_cpu_tile_elems(tile)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        ops.set_cpu_isa("sse9")
+    ops.set_cpu_isa("scalar")
+    try:
+        assert ops.cpu_isa() == "scalar"
+    finally:
+        ops.set_cpu_isa(None)

@@ -8,7 +8,7 @@ import torch
 
 import kseed_kernels
 from kseed_kernels import _spec as S
-from kseed_kernels import reference as R
+from kseed_kernels import torch_reference as R
 
 from conftest import cpu_backends
 

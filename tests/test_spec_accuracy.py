@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from kseed_kernels import reference as R
+from kseed_kernels import torch_reference as R
 
 
 def test_radius_all_uniforms():

@@ -33,3 +33,28 @@ def test_ln2_split_is_exact_enough():
     # LN2_HI has at most 17 significant bits, so e * LN2_HI is exact for |e| <= 31.
     mant = (S.LN2_HI_BITS & 0x7FFFFF) | 0x800000
     assert (mant & ((1 << 7) - 1)) == 0
+
+
+CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
+
+
+def test_dtype_and_rounding_codes_match_kseed_types_h():
+    text = open(os.path.join(CSRC, "kseed_types.h")).read()
+    dtype = re.search(r"enum class DType\s*:\s*int\s*\{([^}]*)\}", text).group(1)
+    codes = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+)\s*=\s*(\d+)", dtype)}
+    assert codes == {"F32": S.DTYPE_F32, "BF16": S.DTYPE_BF16, "F16": S.DTYPE_F16}
+    assert sorted(S.DTYPE_CODES.values()) == sorted(codes.values())
+    rounding = re.search(r"enum Rounding\s*:\s*int\s*\{([^}]*)\}", text).group(1)
+    codes = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+)\s*=\s*(\d+)", rounding)}
+    assert codes == {"kRoundNearest": S.ROUND_NEAREST, "kRoundStochastic": S.ROUND_STOCHASTIC}
+    assert S.ROUNDING_CODES == {"nearest": S.ROUND_NEAREST, "stochastic": S.ROUND_STOCHASTIC}
+
+
+def test_plan_fields_match_kseed_plan_h():
+    """Triton's int64 plan table has one row per field of the C++ PlanRow, in the same order."""
+    text = open(os.path.join(CSRC, "kseed_plan.h")).read()
+    body = re.search(r"struct PlanRow\s*\{([^}]*)\}", text).group(1)
+    fields = [m.group(1) for m in re.finditer(r"^\s*[\w:* ]+?\b(\w+);", body, re.M)]
+    assert [f for f in fields if f != "reserved"] == list(S.PLAN_FIELDS)
+    assert [S.PLAN_SRC, S.PLAN_DST, S.PLAN_NUMEL, S.PLAN_STREAM, S.PLAN_FIRST_TILE] == \
+        [S.PLAN_FIELDS.index(f) for f in ("src", "dst", "numel", "stream", "first_tile")]

@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 CASES = ("registry", "philox_kat", "spec_vectors", "gaussian", "apply", "special_values", "multi",
-         "chunking", "public_api")
+         "chunking", "out_of_place", "public_api")
 
 
 # ----------------------------------------------------------------------------------- the child
@@ -30,7 +30,8 @@ def _child_main(device_name: str) -> dict:
 
     import kseed_kernels as kk
     from kseed_kernels import _spec as S
-    from kseed_kernels import reference as R
+    from kseed_kernels import torch_reference as R
+    from kseed_kernels.backends import Update
     from kseed_kernels.backends import reference as bref
     from kseed_kernels.backends import triton as bt
 
@@ -58,7 +59,7 @@ def _child_main(device_name: str) -> dict:
 
     def oracle_apply(x_cpu, seeds, coefs, stream, rounding, sk):
         out = x_cpu.clone()
-        bref.apply_seeds_(out, seeds, coefs, stream, rounding, sk)
+        bref.apply([out], [stream], Update(seeds, coefs, rounding, sk))
         return out
 
     def case(name):
@@ -129,7 +130,7 @@ def _child_main(device_name: str) -> dict:
                     stream = int(torch.randint(0, 2**32, (1,), generator=gen))
                     sk = key(seeds, coefs, rounding)
                     got = x.to(dev, copy=True)
-                    bt.apply_seeds_(got, seeds, coefs, stream, rounding, sk)
+                    bt.apply([got], [stream], Update(seeds, coefs, rounding, sk))
                     want = oracle_apply(x, seeds, coefs, stream, rounding, sk)
                     assert same_bits(got, want), (dtype, rounding, k, n)
                     assert not torch.equal(bits(got), bits(x)) or n == 1, "nothing was written"
@@ -155,7 +156,7 @@ def _child_main(device_name: str) -> dict:
                     seeds, coefs = seeds_of(3), coefs_of(3, scale)
                     sk = key(seeds, coefs, rounding)
                     got = x.to(dev, copy=True)
-                    bt.apply_seeds_(got, seeds, coefs, 11, rounding, sk)
+                    bt.apply([got], [11], Update(seeds, coefs, rounding, sk))
                     want = oracle_apply(x, seeds, coefs, 11, rounding, sk)
                     assert same_bits(got, want), (dtype, rounding, scale)
 
@@ -170,14 +171,14 @@ def _child_main(device_name: str) -> dict:
                 streams = [int(s) for s in torch.randint(0, 2**32, (len(xs),), generator=gen)]
                 sk = key(seeds, coefs, rounding)
                 got = [x.to(dev, copy=True) for x in xs]
-                bt.apply_seeds_multi_(got, streams, seeds, coefs, rounding, sk)
+                bt.apply(got, streams, Update(seeds, coefs, rounding, sk))
                 for g, x, st in zip(got, xs, streams):
                     assert same_bits(g, oracle_apply(x, seeds, coefs, st, rounding, sk)), (k, rounding)
         # one tensor only; and a single dtype
         seeds, coefs = seeds_of(2), coefs_of(2)
         x = torch.randn(77, generator=gen)
         got = [x.to(dev, copy=True)]
-        bt.apply_seeds_multi_(got, [5], seeds, coefs, "nearest", 0)
+        bt.apply(got, [5], Update(seeds, coefs, "nearest", 0))
         assert same_bits(got[0], oracle_apply(x, seeds, coefs, 5, "nearest", 0))
 
     @case("chunking")
@@ -193,15 +194,62 @@ def _child_main(device_name: str) -> dict:
                     x = torch.randn(37, generator=gen).to(dtype)
                     sk = key(seeds, coefs, rounding)
                     got = x.to(dev, copy=True)
-                    bt.apply_seeds_(got, seeds, coefs, 9, rounding, sk)
+                    bt.apply([got], [9], Update(seeds, coefs, rounding, sk))
                     assert same_bits(got, oracle_apply(x, seeds, coefs, 9, rounding, sk)), (dtype, rounding)
                     ys = [torch.randn(n, generator=gen).to(dtype) for n in (5, 19)]
                     got = [y.to(dev, copy=True) for y in ys]
-                    bt.apply_seeds_multi_(got, [1, 2], seeds, coefs, rounding, sk)
+                    bt.apply(got, [1, 2], Update(seeds, coefs, rounding, sk))
                     for g, y, st in zip(got, ys, (1, 2)):
                         assert same_bits(g, oracle_apply(y, seeds, coefs, st, rounding, sk))
         finally:
             bt.K_CHUNK, bt.SLAB = old
+
+    @case("out_of_place")
+    def _():
+        # out = round(base + acc) into separate memory, base unchanged: one tensor, the multi-tensor
+        # table (src and dst rows), the chunked path, misaligned views, and the public API.
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for rounding in ("nearest", "stochastic"):
+                seeds, coefs = seeds_of(3), coefs_of(3)
+                sk = key(seeds, coefs, rounding)
+                xs = [torch.randn(n, generator=gen).to(dtype) for n in (1029, 5, 2100)]
+                streams = [int(s) for s in torch.randint(0, 2**32, (3,), generator=gen)]
+                wants = [oracle_apply(x, seeds, coefs, st, rounding, sk) for x, st in zip(xs, streams)]
+                bases = [x.to(dev, copy=True) for x in xs]
+                outs = [torch.full_like(b, 3.0) for b in bases]
+                bt.apply(outs[:1], streams[:1], Update(seeds, coefs, rounding, sk), bases[:1])
+                assert same_bits(outs[0], wants[0]), ("single", dtype, rounding)
+                outs = [torch.full_like(b, 3.0) for b in bases]
+                bt.apply(outs, streams, Update(seeds, coefs, rounding, sk), bases)
+                for o, w, b, x in zip(outs, wants, bases, xs):
+                    assert same_bits(o, w), ("multi", dtype, rounding)
+                    assert same_bits(b, x), "base changed"
+                base = torch.randn(1031, generator=gen).to(dtype).to(dev, copy=True)[1:]
+                out = torch.empty(1031, dtype=dtype, device=dev)[1:]
+                got = kk.apply_seeds(base, seeds, coefs, out=out, stream=5, backend="triton",
+                                     rounding=rounding)
+                want = kk.apply_seeds(base.cpu(), seeds, coefs, stream=5, backend="reference",
+                                      rounding=rounding)
+                assert got is out and same_bits(got, want), ("misaligned", dtype, rounding)
+        old = bt.K_CHUNK, bt.SLAB
+        bt.K_CHUNK, bt.SLAB = 3, 8
+        try:
+            seeds, coefs = seeds_of(8), coefs_of(8)
+            x = torch.randn(37, generator=gen).to(torch.bfloat16)
+            sk = key(seeds, coefs, "stochastic")
+            base = x.to(dev, copy=True)
+            out = torch.zeros_like(base)
+            bt.apply([out], [9], Update(seeds, coefs, "stochastic", sk), [base])
+            assert same_bits(out, oracle_apply(x, seeds, coefs, 9, "stochastic", sk)), "chunked"
+            assert same_bits(base, x), "chunked: base changed"
+        finally:
+            bt.K_CHUNK, bt.SLAB = old
+        bs = [torch.randn(9, generator=gen).to(dev, copy=True),
+              torch.randn(4, 4, generator=gen).half().to(dev, copy=True).t()]
+        got = kk.apply_seeds_multi(bs, [1, 2], [7, 8], [0.1, -0.2], backend="triton")
+        want = kk.apply_seeds_multi([b.cpu() for b in bs], [1, 2], [7, 8], [0.1, -0.2],
+                                    backend="reference")
+        assert all(same_bits(a, b) for a, b in zip(got, want)), "public multi"
 
     @case("public_api")
     def _():

@@ -1,7 +1,7 @@
 """The Triton kernels compiled ahead of time for real NVIDIA GPUs (sm_90, sm_80), no GPU needed.
 
 tests/test_triton.py checks the kernels' bits in Triton's interpreter, which never runs the GPU compiler.
-Here every kernel variant that kseed_kernels.backends.triton launches is compiled to PTX and to a cubin
+Here every kernel variant that kseed_kernels/backends/triton launches is compiled to PTX and to a cubin
 (Triton's own ptxas), and the generated code is checked against the spec's arithmetic (docs/SPEC.md):
 every float add / sub / mul is one round-to-nearest binary32 operation (``*.rn.f32``: PTX never contracts
 an operation with an explicit rounding mode), no fma / mad on floats, square roots are ``sqrt.rn.f32``,
@@ -39,11 +39,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import triton.language as tl  # noqa: E402
 
-from kseed_kernels import triton_kernels as tk  # noqa: E402
+from kseed_kernels import _spec as S  # noqa: E402
+from kseed_kernels.backends import Update  # noqa: E402
+from kseed_kernels.backends.triton import kernels as tk  # noqa: E402
 from kseed_kernels.backends import triton as bt  # noqa: E402
 
 ARCHS = (90, 80)
-# Entry points of triton_kernels (the @triton.jit functions the host launches).
+# Entry points of backends/triton/kernels.py (the @triton.jit functions the host launches).
 ENTRY_POINTS = ("gaussian_kernel", "apply_kernel", "apply_multi_kernel", "noise_floor_kernel",
                 "philox_kernel")
 # Kernels that compute normals, hence square roots.
@@ -78,14 +80,20 @@ def _record_launches():
         coefs = torch.full((k_long,), 1e-3)
         bt.gaussian(5, 100, 3, 7, "cpu")
         for dtype in bt._DTYPE_CODE:
-            for rounding in bt._ROUNDING:
+            for rounding in S.ROUNDING_CODES:
                 for k in (3, k_long):
-                    bt.apply_seeds_(torch.zeros(100, dtype=dtype), seeds[:k], coefs[:k], 1, rounding, 9)
+                    upd = Update(seeds[:k], coefs[:k], rounding, 9)
+                    bt.apply([torch.zeros(100, dtype=dtype)], [1], upd)
+                    # out of place: a source and a destination
+                    bt.apply([torch.zeros(100, dtype=dtype)], [1], upd, [torch.ones(100, dtype=dtype)])
+                upd = Update(seeds[:3], coefs[:3], rounding, 9)
                 # a view that is not 16-byte aligned: the pointer loses its divisibility attribute
-                bt.apply_seeds_(torch.zeros(101, dtype=dtype)[1:], seeds[:3], coefs[:3], 1, rounding, 9)
-                for n_tensors in (1, 3):  # SEARCH_STEPS 0 and 2
+                bt.apply([torch.zeros(101, dtype=dtype)[1:]], [1], upd)
+                bt.apply([torch.zeros(100, dtype=dtype)], [1], upd, [torch.ones(101, dtype=dtype)[1:]])
+                for n_tensors in (2, 3):  # SEARCH_STEPS 1 and 2
                     ts = [torch.zeros(10 + i, dtype=dtype) for i in range(n_tensors)]
-                    bt.apply_seeds_multi_(ts, list(range(n_tensors)), seeds[:3], coefs[:3], rounding, 9)
+                    bt.apply(ts, list(range(n_tensors)), upd)
+                    bt.apply(ts, list(range(n_tensors)), upd, [t + 1 for t in ts])
         bt.noise_floor(4096, seeds[:3], coefs[:3], 1, "cpu")
         bt.philox4x32_10(torch.zeros(8, 4, dtype=torch.int64), torch.zeros(8, 2, dtype=torch.int64))
     finally:
@@ -256,7 +264,7 @@ def test_launch_coverage(launches):
     assert apply == {(d, r, a, f) for d in (0, 1, 2) for r in (0, 1) for a in (False, True)
                      for f in (False, True)}
     multi = {(d["DTYPE"], d["ROUNDING"], d["SEARCH_STEPS"]) for d in map(dict, seen["apply_multi_kernel"])}
-    assert multi == {(d, r, s) for d in (0, 1, 2) for r in (0, 1) for s in (0, 2)}
+    assert multi == {(d, r, s) for d in (0, 1, 2) for r in (0, 1) for s in (1, 2)}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

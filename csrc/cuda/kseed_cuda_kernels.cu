@@ -1,12 +1,13 @@
 // Torch-free CUDA kernels of the kseed noise spec; see kseed_cuda.cuh for the API.
 //
 // apply: one CTA per tile of kTileElems consecutive elements of one tensor (the tensor found by a
-// binary search of the device-side table, so one launch serves a whole parameter list).  Each thread
+// binary search of the device-side table of plan rows, ../kseed_plan.h, so one launch serves a whole
+// parameter list).  Each thread
 // owns kBlocksPerThread Philox blocks, i.e. 4 * kBlocksPerThread elements in float32 registers.  The
 // seeds are staged kSeedTile at a time in shared memory together with their ten precomputed round
 // keys and their coefficient; the K loop then costs, per seed and thread, five broadcast 16-byte
-// shared loads plus the Philox rounds and the transform of each owned block.  The tensor is read and
-// written once, after the whole K loop, with 16-byte (float32) or 8-byte (16-bit types) accesses.
+// shared loads plus the Philox rounds and the transform of each owned block.  The source is read and
+// the destination written once (the same tensor for the in-place update), after the whole K loop, with 16-byte (float32) or 8-byte (16-bit types) accesses.
 #include <cuda_fp16.h>
 
 #include "../kseed_core.h"
@@ -130,30 +131,19 @@ __device__ __forceinline__ V pack4(const T (&x)[4]) {
   return v;
 }
 
-// Binary search: the last table row whose first_tile <= tile.
-__device__ __forceinline__ int find_work(const TensorWork* __restrict__ works, int n, int64_t tile) {
-  int lo = 0, size = n;
-  while (size > 1) {
-    const int half = size >> 1;
-    if (works[lo + half].first_tile <= tile) lo += half;
-    size -= half;
-  }
-  return lo;
-}
-
 // ------------------------------------------------------------------------------------ kernels
 template <DType DT, int ROUND, bool ALIGNED>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
-    apply_kernel(const TensorWork* __restrict__ works, int num_works,
+    apply_kernel(const PlanRow* __restrict__ rows, int num_rows,
                  const uint64_t* __restrict__ seeds, const float* __restrict__ coefs, int64_t K,
                  uint64_t sr_key) {
   using T = typename Elem<DT>::T;
   __shared__ SeedRec recs[kSeedTile];
-  __shared__ TensorWork w_sh;
+  __shared__ PlanRow w_sh;
   const int64_t tile = blockIdx.x;
-  if (threadIdx.x == 0) w_sh = works[find_work(works, num_works, tile)];
+  if (threadIdx.x == 0) w_sh = rows[find_row(rows, num_rows, tile)];
   __syncthreads();
-  const TensorWork w = w_sh;
+  const PlanRow w = w_sh;
   const int64_t blk0 = (tile - w.first_tile) * (int64_t(kThreads) * kBlocksPerThread);
 
   uint64_t blk[kBlocksPerThread];
@@ -161,7 +151,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   own_blocks(blk0, blk, acc);
   accumulate(acc, blk, w.stream, seeds, coefs, K, recs);
 
-  T* data = static_cast<T*>(w.data);
+  // src == dst for the in-place update: each element is read before it is written, by the same thread.
+  const T* src = static_cast<const T*>(w.src);
+  T* dst = static_cast<T*>(w.dst);
   const Key srk = key_of(sr_key);
 #pragma unroll
   for (int v = 0; v < kBlocksPerThread; ++v) {
@@ -177,16 +169,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     }
     if (ALIGNED && e0 + 4 <= w.numel) {
       using V = typename Vec4<DT>::V;
-      V* p = reinterpret_cast<V*>(data + e0);
       T x[4];
-      unpack4(*p, x);
+      unpack4(*reinterpret_cast<const V*>(src + e0), x);
 #pragma unroll
       for (int l = 0; l < 4; ++l) x[l] = finish<DT, ROUND>(x[l], acc[v][l], rb[l]);
-      *p = pack4<T, V>(x);
+      *reinterpret_cast<V*>(dst + e0) = pack4<T, V>(x);
     } else {
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
-        if (e0 + l < w.numel) data[e0 + l] = finish<DT, ROUND>(data[e0 + l], acc[v][l], rb[l]);
+        if (e0 + l < w.numel) dst[e0 + l] = finish<DT, ROUND>(src[e0 + l], acc[v][l], rb[l]);
       }
     }
   }
@@ -234,15 +225,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 }
 
 template <DType DT, int ROUND>
-cudaError_t launch_typed(const TensorWork* works, int num_works, int64_t total_tiles,
+cudaError_t launch_typed(const PlanRow* rows, int num_rows, int64_t total_tiles,
                          const uint64_t* seeds, const float* coefs, int64_t K, uint64_t sr_key,
                          bool aligned, cudaStream_t s) {
   if (aligned) {
     KSEED_LAUNCH(dim3(unsigned(total_tiles)), kThreads, s, apply_kernel<DT, ROUND, true>)
-    (works, num_works, seeds, coefs, K, sr_key);
+    (rows, num_rows, seeds, coefs, K, sr_key);
   } else {
     KSEED_LAUNCH(dim3(unsigned(total_tiles)), kThreads, s, apply_kernel<DT, ROUND, false>)
-    (works, num_works, seeds, coefs, K, sr_key);
+    (rows, num_rows, seeds, coefs, K, sr_key);
   }
   return cudaGetLastError();
 }
@@ -261,24 +252,24 @@ cudaError_t launch_gaussian(float* out, int64_t numel, uint64_t seed, uint32_t s
   return cudaGetLastError();
 }
 
-cudaError_t launch_apply(DType dtype, const TensorWork* works, int num_works, int64_t total_tiles,
+cudaError_t launch_apply(DType dtype, const PlanRow* rows, int num_rows, int64_t total_tiles,
                          const uint64_t* seeds, const float* coefs, int64_t K, int rounding,
                          uint64_t sr_key, bool aligned, cudaStream_t cu_stream) {
-  if (total_tiles <= 0 || K <= 0 || num_works <= 0) return cudaSuccess;
+  if (total_tiles <= 0 || K <= 0 || num_rows <= 0) return cudaSuccess;
   if (total_tiles > 0x7FFFFFFFll) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::F32:  // nothing to narrow: stochastic rounding is nearest
-      return launch_typed<DType::F32, 0>(works, num_works, total_tiles, seeds, coefs, K, sr_key,
+      return launch_typed<DType::F32, 0>(rows, num_rows, total_tiles, seeds, coefs, K, sr_key,
                                          aligned, cu_stream);
     case DType::BF16:
-      return rounding == 1 ? launch_typed<DType::BF16, 1>(works, num_works, total_tiles, seeds,
+      return rounding == 1 ? launch_typed<DType::BF16, 1>(rows, num_rows, total_tiles, seeds,
                                                           coefs, K, sr_key, aligned, cu_stream)
-                           : launch_typed<DType::BF16, 0>(works, num_works, total_tiles, seeds,
+                           : launch_typed<DType::BF16, 0>(rows, num_rows, total_tiles, seeds,
                                                           coefs, K, sr_key, aligned, cu_stream);
     case DType::F16:
-      return rounding == 1 ? launch_typed<DType::F16, 1>(works, num_works, total_tiles, seeds,
+      return rounding == 1 ? launch_typed<DType::F16, 1>(rows, num_rows, total_tiles, seeds,
                                                          coefs, K, sr_key, aligned, cu_stream)
-                           : launch_typed<DType::F16, 0>(works, num_works, total_tiles, seeds,
+                           : launch_typed<DType::F16, 0>(rows, num_rows, total_tiles, seeds,
                                                          coefs, K, sr_key, aligned, cu_stream);
   }
   return cudaErrorInvalidValue;

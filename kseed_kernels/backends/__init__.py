@@ -1,22 +1,48 @@
 """The backend registry: the one place that knows which backends exist and picks one.
 
-A backend is a module with:
+Each backend is a package here (reference/, cpu/, triton/, cuda/) whose module has:
   NAME: str
   available() -> bool                      usable in this process
   serves(device: torch.device) -> bool     can work on tensors of this device
   gaussian(seed, numel, stream, offset, device) -> float32 tensor [numel]
-  apply_seeds_(tensor, seeds, coefs, stream, rounding, sr_key) -> None
-  apply_seeds_multi_(tensors, streams, seeds, coefs, rounding, sr_key) -> None
+  apply(outs, streams, upd, bases=None) -> None
+      outs[i] = round(bases[i] + sum_k upd.coefs[k] z(upd.seeds[k], streams[i], e)) for every tensor,
+      in place on outs when bases is None.
 Inputs reaching a backend are already validated by kseed_kernels.ops: tensors contiguous, float32 / bf16
-/ fp16, all on one device the backend serves, non-empty; seeds an int64 CPU tensor [K >= 1] holding the
-uint64 bit patterns; coefs a finite float32 CPU tensor [K]; stream a uint32 int; rounding "nearest" or
-"stochastic"; sr_key the uint64 stochastic-rounding key (an int).
+/ fp16, all on one device the backend serves, non-empty, writable; each base the shape and dtype of its
+out and no out overlapping a base or another out; streams uint32 ints; ``upd`` an Update with K >= 1.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import torch
+
+from .._spec import ROUNDING_CODES
+
+
+@dataclass(frozen=True)
+class Update:
+    """What an apply call adds, the same for every tensor of the call.
+
+    seeds: int64 CPU tensor [K] holding the uint64 bit patterns; coefs: finite float32 CPU tensor [K];
+    rounding: "nearest" or "stochastic"; sr_key: the call's uint64 stochastic-rounding key (an int).
+    New per-call options of the update (e.g. the noise family) become fields here.
+    """
+
+    seeds: torch.Tensor
+    coefs: torch.Tensor
+    rounding: str
+    sr_key: int
+
+    @property
+    def K(self) -> int:
+        return self.seeds.numel()
+
+    @property
+    def rounding_code(self) -> int:
+        return ROUNDING_CODES[self.rounding]
 
 # Order of preference per device type, fastest first (issue #3 refines the GPU choice per case).
 _PREFERENCE = {

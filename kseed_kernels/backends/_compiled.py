@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import torch
 
-_ROUNDING = {"nearest": 0, "stochastic": 1}
-
 
 def ops():
     """torch.ops.kseed, after loading the extension that registers it (ImportError if not built)."""
@@ -29,10 +27,23 @@ def gaussian(seed, numel, stream, offset, device):
     return out
 
 
-def apply_seeds_(tensor, seeds, coefs, stream, rounding, sr_key):
-    ops().apply_seeds_(tensor, seeds, coefs, stream, _ROUNDING[rounding], signed64(sr_key))
+def apply(outs, streams, upd, bases=None):
+    """One op call for the whole list: apply_seeds_[multi_] in place, apply_seeds_[multi_]out from bases."""
+    k = ops()
+    tail = (upd.seeds, upd.coefs)
+    flags = (upd.rounding_code, signed64(upd.sr_key))
+    if bases is None:
+        if len(outs) == 1:
+            k.apply_seeds_(outs[0], *tail, streams[0], *flags)
+        else:
+            k.apply_seeds_multi_(list(outs), list(streams), *tail, *flags)
+    elif len(outs) == 1:
+        k.apply_seeds_out(bases[0], outs[0], *tail, streams[0], *flags)
+    else:
+        k.apply_seeds_multi_out(list(bases), list(outs), list(streams), *tail, *flags)
 
 
-def apply_seeds_multi_(tensors, streams, seeds, coefs, rounding, sr_key):
-    ops().apply_seeds_multi_(list(tensors), list(streams), seeds, coefs, _ROUNDING[rounding],
-                             signed64(sr_key))
+def noise_floor(n, seeds, coefs, stream, device):
+    """Benchmark helper: the generate-and-sum work of an apply over n elements, one float per 2048."""
+    like = torch.empty(0, device=device)
+    return ops()._noise_floor(like, seeds, coefs.to(torch.float32), n, stream)

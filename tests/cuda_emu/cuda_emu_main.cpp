@@ -10,9 +10,12 @@
 //                    shift > 0 places the tensor `shift` elements past an aligned address, so that its
 //                    dtype group takes the kernels' unaligned (scalar I/O) path, as the torch binding
 //                    would (csrc/cuda/kseed_cuda_ops.cpp: one aligned flag per dtype group).
+//   op 3 (apply out of place): as op 0, with an int64 out_shift after each tensor's shift: the tensor
+//                    is the base (only read; the run fails if it changes) and the result goes to a
+//                    separate guarded buffer placed out_shift elements past an aligned address.
 //   op 1 (gaussian): uint64 seed, uint32 stream, uint64 offset, int64 numel
 //   op 2 (floor):    int64 K, uint32 stream, int64 numel; uint64 seeds[K]; float coefs[K]
-// OUT: op 0 the n tensors' elements after the update, in order; op 1 float[numel]; op 2 one float per
+// OUT: op 0 the n tensors' elements after the update, in order (op 3: the n outs); op 1 float[numel]; op 2 one float per
 // tile.  Prints the number of launches and emulated threads.
 #include "cuda_emu.h"
 
@@ -106,12 +109,12 @@ int main(int argc, char** argv) {
   }
   const int op = r.get<int32_t>();
   std::vector<char> out;
-  if (op == 0 || op == 2) {
+  if (op == 0 || op == 2 || op == 3) {
     int64_t K = 0, numel = 0;
     int rounding = 0, n = 0;
     uint64_t sr_key = 0;
     uint32_t stream = 0;
-    if (op == 0) {
+    if (op != 2) {
       K = r.get<int64_t>();
       rounding = r.get<int32_t>();
       sr_key = r.get<uint64_t>();
@@ -135,27 +138,35 @@ int main(int argc, char** argv) {
       mem.check("floor output");
       out.assign(reinterpret_cast<char*>(res), reinterpret_cast<char*>(res) + tiles * 4);
     } else {
-      // One guarded buffer per tensor, the tensor `shift` elements past a 64-byte boundary.
+      // One guarded buffer per tensor, the tensor `shift` elements past a 64-byte boundary; out of
+      // place, a second one for the result.
       struct T {
         int dtype;
-        int64_t numel, shift;
-        Guarded mem;
+        int64_t numel, shift, out_shift;
+        Guarded mem, out_mem;
         char* data;
+        char* out;
+        std::vector<char> before;
       };
+      const bool in_place = op == 0;
       std::vector<T> ts(static_cast<size_t>(n));
-      kseed::cuda::ApplyPlan plan;
+      kseed::ApplyPlan plan(kseed::cuda::kTileElems);
       for (T& t : ts) {
         t.dtype = r.get<int32_t>();
         const uint32_t st = r.get<uint32_t>();
         t.numel = r.get<int64_t>();
         t.shift = r.get<int64_t>();
+        t.out_shift = in_place ? 0 : r.get<int64_t>();
         const size_t es = elem_size(t.dtype);
         t.data = t.mem.alloc(size_t(t.numel) * es, size_t(t.shift) * es);
         r.bytes(t.data, size_t(t.numel) * es);
-        if (t.numel > 0) plan.add(DType(t.dtype), t.data, t.numel, st);
+        t.before.assign(t.data, t.data + size_t(t.numel) * es);
+        t.out = in_place ? t.data : t.out_mem.alloc(size_t(t.numel) * es, size_t(t.out_shift) * es);
+        if (!in_place) std::memset(t.out, 0x5A, size_t(t.numel) * es);
+        if (t.numel > 0) plan.add(DType(t.dtype), t.data, t.out, t.numel, st);
       }
-      for (const kseed::cuda::ApplyGroup& g : plan.groups()) {
-        fail(kseed::cuda::launch_apply(g.dtype, g.works.data(), int(g.works.size()), g.tiles,
+      for (const kseed::PlanGroup& g : plan.groups()) {
+        fail(kseed::cuda::launch_apply(g.dtype, g.rows.data(), int(g.rows.size()), g.tiles,
                                        seeds.data(), coefs.data(), K, rounding, sr_key, g.aligned,
                                        nullptr),
              "launch_apply");
@@ -163,7 +174,14 @@ int main(int argc, char** argv) {
       for (const T& t : ts) {
         t.mem.check("tensor");
         const size_t nb = size_t(t.numel) * elem_size(t.dtype);
-        out.insert(out.end(), t.data, t.data + nb);
+        if (!in_place) {
+          t.out_mem.check("out");
+          if (std::memcmp(t.before.data(), t.data, nb) != 0) {
+            std::fprintf(stderr, "cuda_emu: an out-of-place apply wrote into its base\n");
+            std::exit(5);
+          }
+        }
+        out.insert(out.end(), t.out, t.out + nb);
       }
     }
   } else if (op == 1) {

@@ -2,13 +2,14 @@
 transform, the fused K-seed update with nearest / stochastic rounding, and its multi-tensor form.
 
 Every float operation is one IEEE binary32 operation in the spec's order.  Launch these kernels with
-``enable_fp_fusion=False`` (kseed_kernels.backends.triton does): otherwise Triton contracts a*b + c into
+``enable_fp_fusion=False`` (the launcher, kseed_kernels/backends/triton/__init__.py, does): otherwise Triton contracts a*b + c into
 an fma on the GPU and the bits change.  Square roots use ``tl.sqrt_rn`` (``tl.sqrt`` may be approximate);
 no fma, no libdevice transcendental is used.  Under TRITON_INTERPRET=1 the same kernels run on CPU
 tensors through numpy, which is how the test suite checks them without a GPU.
 
 Layout of the work: a program owns BLOCK consecutive Philox blocks (4 * BLOCK consecutive elements of
-one tensor).  For each seed it loads the seed's two key words and its coefficient once (scalars: the
+one tensor).  Each program reads its source elements (the base; the tensor itself for the in-place
+update) and writes its destination elements once.  For each seed it loads the seed's two key words and its coefficient once (scalars: the
 per-round key bumps are scalar work, once per seed per program, never per element), runs Philox once
 per block and adds c_k * z to four float32 accumulators (one per lane).  The accumulators stay in fp32
 registers across the whole K loop; the tensor is read and written once, after the loop.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import _spec as S
+from ... import _spec as S
 
 # Spec constants as compile-time values (Python floats are the exact float32 values; Triton rounds a
 # float literal to float32, which leaves them unchanged).
@@ -36,13 +37,17 @@ _LN2_LO = tl.constexpr(S.LN2_LO)
 _TWO_M21 = tl.constexpr(2.0 ** -21)
 _TWO_M24 = tl.constexpr(2.0 ** -24)
 
-# dtype codes (constexpr DTYPE of the apply kernels)
-DT_F32 = 0
-DT_BF16 = 1  # handled through its 16-bit pattern (uint16 / int16 pointer)
-DT_F16 = 2
-# rounding codes (constexpr ROUNDING)
-RN = 0
-SR = 1
+# The constexpr DTYPE and ROUNDING of the apply kernels are the shared codes of _spec.py (S.DTYPE_*,
+# S.ROUND_*; bfloat16 is handled through its 16-bit pattern, an int16 pointer).  The multi-tensor table
+# has the rows S.PLAN_FIELDS.
+_DT_F32 = tl.constexpr(S.DTYPE_F32)
+_DT_BF16 = tl.constexpr(S.DTYPE_BF16)
+_RN_SR = tl.constexpr(S.ROUND_STOCHASTIC)
+_PLAN_SRC = tl.constexpr(S.PLAN_SRC)
+_PLAN_DST = tl.constexpr(S.PLAN_DST)
+_PLAN_NUMEL = tl.constexpr(S.PLAN_NUMEL)
+_PLAN_STREAM = tl.constexpr(S.PLAN_STREAM)
+_PLAN_FIRST_TILE = tl.constexpr(S.PLAN_FIRST_TILE)
 
 
 # ------------------------------------------------------------------------------------------ Philox
@@ -220,7 +225,7 @@ def gaussian_kernel(out_ptr, numel_lo, numel_hi, seed_lo, seed_hi, stream, off_l
 # ------------------------------------------------------------------------------------ apply tile
 @triton.jit
 def _load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
-    if DTYPE == 1:
+    if DTYPE == _DT_BF16:
         bits = tl.load(ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True)
         v = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
@@ -232,16 +237,16 @@ def _load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
 def _round_store(ptr, offs, mask, v, gb0, stream, sr0, sr1, DTYPE: tl.constexpr,
                  ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
     """Round the float32 values v (elements of the Philox blocks gb0 + [0, BLOCK)) and store them."""
-    if DTYPE == 0:
+    if DTYPE == _DT_F32:
         tl.store(ptr + offs, v, mask=mask)
     else:
         vb = v.to(tl.uint32, bitcast=True)
-        if ROUNDING == 1:
+        if ROUNDING == _RN_SR:
             gb = gb0 + tl.arange(0, BLOCK).to(tl.int64)
             c0, c1, c2, c3 = _counter(gb, stream, 1)
             r0, r1, r2, r3 = _philox(c0, c1, c2, c3, sr0, sr1)
             rb = _interleave4(r0, r1, r2, r3, BLOCK)
-            if DTYPE == 1:
+            if DTYPE == _DT_BF16:
                 out = (vb + (rb >> 16)) >> 16
                 out = tl.where(v != v, 0x7FC0, out)
                 tl.store(ptr + offs, out.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
@@ -262,7 +267,7 @@ def _round_store(ptr, offs, mask, v, gb0, stream, sr0, sr1, DTYPE: tl.constexpr,
                 res = (res.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
                 tl.store(ptr + offs, res.to(tl.float16), mask=mask)
         else:
-            if DTYPE == 1:
+            if DTYPE == _DT_BF16:
                 out = (vb + 0x7FFF + ((vb >> 16) & 1)) >> 16
                 out = tl.where(v != v, 0x7FC0, out)
                 tl.store(ptr + offs, out.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
@@ -271,14 +276,14 @@ def _round_store(ptr, offs, mask, v, gb0, stream, sr0, sr1, DTYPE: tl.constexpr,
 
 
 @triton.jit
-def _apply_tile(x_ptr, n, tile, elem_base, acc_ptr, seeds_ptr, coefs_ptr, k_begin, k_end, stream,
+def _apply_tile(src_ptr, dst_ptr, n, tile, elem_base, acc_ptr, seeds_ptr, coefs_ptr, k_begin, k_end, stream,
                 sr0, sr1, DTYPE: tl.constexpr, ROUNDING: tl.constexpr, ACC_IN: tl.constexpr,
                 FINAL: tl.constexpr, BLOCK: tl.constexpr):
-    """One program's tile: elements [4 * BLOCK * tile, +4 * BLOCK) of x (n elements); the noise index of
-    local element e is elem_base + e (elem_base a multiple of 4).  Seeds k_begin .. k_end - 1.
+    """One program's tile: elements [4 * BLOCK * tile, +4 * BLOCK) of a tensor of n elements; the noise
+    index of local element e is elem_base + e (elem_base a multiple of 4).  Seeds k_begin .. k_end - 1.
 
-    ACC_IN: start from the float32 partial sums in acc_ptr (instead of +0.0).  FINAL: add to x, round and
-    store; otherwise store the partial sums to acc_ptr (never rounded to x's dtype).
+    ACC_IN: start from the float32 partial sums in acc_ptr (instead of +0.0).  FINAL: dst = round(src +
+    acc) (src == dst in place); otherwise store the partial sums to acc_ptr (never rounded to the dtype).
     """
     tile = tile.to(tl.int64)
     lb = tile * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # local Philox block
@@ -301,8 +306,8 @@ def _apply_tile(x_ptr, n, tile, elem_base, acc_ptr, seeds_ptr, coefs_ptr, k_begi
         offs = tile * (4 * BLOCK) + tl.arange(0, 4 * BLOCK).to(tl.int64)
         mask = offs < n
         acc = _interleave4(acc0, acc1, acc2, acc3, BLOCK)
-        v = _load_f32(x_ptr, offs, mask, DTYPE) + acc
-        _round_store(x_ptr, offs, mask, v, gb0, stream, sr0, sr1, DTYPE, ROUNDING, BLOCK)
+        v = _load_f32(src_ptr, offs, mask, DTYPE) + acc
+        _round_store(dst_ptr, offs, mask, v, gb0, stream, sr0, sr1, DTYPE, ROUNDING, BLOCK)
     else:
         e0 = lb * 4
         tl.store(acc_ptr + e0, acc0, mask=e0 < n)
@@ -313,11 +318,12 @@ def _apply_tile(x_ptr, n, tile, elem_base, acc_ptr, seeds_ptr, coefs_ptr, k_begi
 
 @triton.jit(do_not_specialize=["n_lo", "n_hi", "base_lo", "base_hi", "k_begin", "k_end", "stream",
                                "sr_lo", "sr_hi"])
-def apply_kernel(x_ptr, n_lo, n_hi, base_lo, base_hi, acc_ptr, seeds_ptr, coefs_ptr, k_begin, k_end,
-                 stream, sr_lo, sr_hi, DTYPE: tl.constexpr, ROUNDING: tl.constexpr,
+def apply_kernel(src_ptr, dst_ptr, n_lo, n_hi, base_lo, base_hi, acc_ptr, seeds_ptr, coefs_ptr,
+                 k_begin, k_end, stream, sr_lo, sr_hi, DTYPE: tl.constexpr, ROUNDING: tl.constexpr,
                  ACC_IN: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr):
-    """One tensor (x_ptr, n elements; bf16 passed as int16).  seeds_ptr: int32 [2K] (lo, hi words)."""
-    _apply_tile(x_ptr, _i64(n_lo, n_hi), tl.program_id(0), _i64(base_lo, base_hi), acc_ptr, seeds_ptr,
+    """One tensor of n elements: dst = round(src + acc) (the same pointer in place; bf16 passed as
+    int16).  seeds_ptr: int32 [2K] (lo, hi words)."""
+    _apply_tile(src_ptr, dst_ptr, _i64(n_lo, n_hi), tl.program_id(0), _i64(base_lo, base_hi), acc_ptr, seeds_ptr,
                 coefs_ptr, k_begin, k_end, _u32(stream), _u32(sr_lo), _u32(sr_hi), DTYPE, ROUNDING, ACC_IN,
                 FINAL, BLOCK)
 
@@ -325,29 +331,34 @@ def apply_kernel(x_ptr, n_lo, n_hi, base_lo, base_hi, acc_ptr, seeds_ptr, coefs_
 @triton.jit(do_not_specialize=["T", "K", "sr_lo", "sr_hi"])
 def apply_multi_kernel(table_ptr, T, seeds_ptr, coefs_ptr, K, sr_lo, sr_hi, DTYPE: tl.constexpr,
                        ROUNDING: tl.constexpr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
-    """Many tensors of one dtype in one launch, through the int64 table [4, T] (device-side):
-    row 0 the data addresses, row 1 the element counts, row 2 the stream ids, row 3 the first program of
-    each tensor (ascending, starting at 0).  Program pid finds its tensor by binary search."""
+    """Many tensors of one dtype in one launch, through the device-side int64 plan table
+    [len(PLAN_FIELDS), T]: row PLAN_SRC the source addresses, PLAN_DST the destination addresses (the
+    same in place), PLAN_NUMEL the element counts, PLAN_STREAM the stream ids, PLAN_FIRST_TILE the first
+    program of each tensor (ascending, starting at 0).  Program pid finds its tensor by binary search."""
     pid = tl.program_id(0).to(tl.int64)
     lo = pid * 0
     size = pid * 0 + T
     for _ in tl.static_range(SEARCH_STEPS):
         half = size // 2
-        first = tl.load(table_ptr + 3 * T + lo + half)
+        first = tl.load(table_ptr + _PLAN_FIRST_TILE * T + lo + half)
         lo = tl.where(first <= pid, lo + half, lo)
         size = size - half
-    addr = tl.load(table_ptr + lo)
-    n = tl.load(table_ptr + T + lo)
-    stream = tl.load(table_ptr + 2 * T + lo).to(tl.uint32)
-    tile = pid - tl.load(table_ptr + 3 * T + lo)
-    if DTYPE == 0:
-        x_ptr = addr.to(tl.pointer_type(tl.float32))
-    elif DTYPE == 1:
-        x_ptr = addr.to(tl.pointer_type(tl.int16))
+    src = tl.load(table_ptr + _PLAN_SRC * T + lo)
+    dst = tl.load(table_ptr + _PLAN_DST * T + lo)
+    n = tl.load(table_ptr + _PLAN_NUMEL * T + lo)
+    stream = tl.load(table_ptr + _PLAN_STREAM * T + lo).to(tl.uint32)
+    tile = pid - tl.load(table_ptr + _PLAN_FIRST_TILE * T + lo)
+    if DTYPE == _DT_F32:
+        src_ptr = src.to(tl.pointer_type(tl.float32))
+        dst_ptr = dst.to(tl.pointer_type(tl.float32))
+    elif DTYPE == _DT_BF16:
+        src_ptr = src.to(tl.pointer_type(tl.int16))
+        dst_ptr = dst.to(tl.pointer_type(tl.int16))
     else:
-        x_ptr = addr.to(tl.pointer_type(tl.float16))
-    _apply_tile(x_ptr, n, tile, n * 0, coefs_ptr, seeds_ptr, coefs_ptr, 0, K, stream, _u32(sr_lo),
-                _u32(sr_hi), DTYPE, ROUNDING, False, True, BLOCK)
+        src_ptr = src.to(tl.pointer_type(tl.float16))
+        dst_ptr = dst.to(tl.pointer_type(tl.float16))
+    _apply_tile(src_ptr, dst_ptr, n, tile, n * 0, coefs_ptr, seeds_ptr, coefs_ptr, 0, K, stream,
+                _u32(sr_lo), _u32(sr_hi), DTYPE, ROUNDING, False, True, BLOCK)
 
 
 @triton.jit(do_not_specialize=["K", "stream"])

@@ -193,13 +193,16 @@ def noise_sum(seeds, coefs: torch.Tensor, numel: int, stream: int, offset: int, 
 
 
 def apply_flat_(flat: torch.Tensor, seeds, coefs: torch.Tensor, stream: int, rounding: str,
-                sr_key: int) -> torch.Tensor:
-    """Apply the update to a contiguous 1-d tensor in place (chunked to bound memory)."""
+                sr_key: int, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The update of a contiguous 1-d tensor, chunked to bound memory: flat = round(src + acc) with src
+    = base (a contiguous 1-d tensor of flat's size and dtype, only read) or flat itself (in place)."""
     n = flat.numel()
+    src = flat if base is None else base
     for start in range(0, n, _CHUNK):
         part = flat[start:start + _CHUNK]
         m = part.numel()
-        v = part.to(torch.float32) + noise_sum(seeds, coefs, m, stream, start, flat.device)
+        v = src[start:start + m].to(torch.float32) + noise_sum(seeds, coefs, m, stream, start,
+                                                               flat.device)
         if flat.dtype == torch.float32:
             part.copy_(v)
         elif rounding == "stochastic":
@@ -211,22 +214,26 @@ def apply_flat_(flat: torch.Tensor, seeds, coefs: torch.Tensor, stream: int, rou
 
 
 def apply_seeds_(tensor: torch.Tensor, seeds, coefs: torch.Tensor, stream: int = 0,
-                 rounding: str = "nearest", sr_key: int = 0) -> torch.Tensor:
-    """Reference apply_seeds_ on normalised inputs: seeds a list of uint64 ints, coefs float32 [K]."""
+                 rounding: str = "nearest", sr_key: int = 0,
+                 base: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference apply_seeds_ on normalised inputs: seeds a list of uint64 ints, coefs float32 [K].
+
+    With ``base`` (same shape and dtype, only read): tensor = round(base + acc), the out-of-place form.
+    K = 0 then copies base into tensor.
+    """
+    if base is not None and len(seeds) == 0:
+        tensor.copy_(base)
+        return tensor
     if len(seeds) == 0 or tensor.numel() == 0:
         return tensor
+    src = None if base is None else base.contiguous().view(-1)
     if tensor.is_contiguous():
-        apply_flat_(tensor.view(-1), seeds, coefs, stream, rounding, sr_key)
+        apply_flat_(tensor.view(-1), seeds, coefs, stream, rounding, sr_key, src)
     else:
-        flat = tensor.contiguous().view(-1)
-        apply_flat_(flat, seeds, coefs, stream, rounding, sr_key)
+        flat = torch.empty(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        if src is None:
+            flat.copy_(tensor.reshape(-1))
+        apply_flat_(flat, seeds, coefs, stream, rounding, sr_key, src)
         tensor.copy_(flat.view(tensor.shape))
     return tensor
 
-
-def apply_seeds_multi_(tensors, streams, seeds, coefs: torch.Tensor, rounding: str = "nearest",
-                       sr_key: int = 0):
-    """apply_seeds_ on each tensor with its own stream id and the same (seeds, coefs)."""
-    for t, st in zip(tensors, streams):
-        apply_seeds_(t, seeds, coefs, st, rounding, sr_key)
-    return tensors

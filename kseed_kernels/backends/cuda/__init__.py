@@ -3,7 +3,7 @@ torch.ops.kseed dispatcher ops (TORCH_LIBRARY_IMPL(kseed, CUDA)).
 
 Seeds and coefficients are passed as the CPU tensors kseed_kernels.ops prepares; the C++ side packs them
 with the tensor table into one pinned buffer and copies it to the device in one asynchronous copy.  One
-apply launch per dtype serves a whole parameter list (apply_seeds_multi_), and the K-term sum stays in
+apply launch per dtype serves a whole parameter list (apply_seeds_multi_, apply_seeds_multi), and the K-term sum stays in
 float32 registers for any K (no chunking).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 NAME = "cuda"
-from ._compiled import apply_seeds_, apply_seeds_multi_, gaussian  # noqa: F401  (the interface)
-from ._compiled import ops as _ops
+from .._compiled import apply, gaussian, noise_floor  # noqa: F401  (the interface)
+from .._compiled import ops as _ops
 
 
 def available() -> bool:
@@ -31,8 +31,3 @@ def available() -> bool:
 def serves(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
-
-def noise_floor(n, seeds, coefs, stream, device):
-    """Benchmark helper: the generate-and-sum work of an apply over n elements, one float per CTA."""
-    like = torch.empty(0, device=device)
-    return _ops()._noise_floor(like, seeds, coefs.to(torch.float32), n, stream)

@@ -1,4 +1,4 @@
-"""Backend "triton": the Triton kernels of kseed_kernels.triton_kernels.
+"""Backend "triton": the launcher of the Triton kernels (kernels.py in this folder).
 
 Serves CUDA tensors when a GPU is present.  Under TRITON_INTERPRET=1 (set before triton is imported) it
 also serves CPU tensors: the same kernels then run through Triton's interpreter, which is how the tests
@@ -21,8 +21,9 @@ try:
 except ImportError:  # the backend is then simply unavailable
     triton = None
 
+from ... import _spec as S
+
 NAME = "triton"
-_ROUNDING = {"nearest": 0, "stochastic": 1}
 
 # Philox blocks per program (4 * BLOCK elements) and warps per program.
 BLOCK = 256
@@ -42,9 +43,9 @@ def _interpret() -> bool:
 def _kernels():
     global _tk
     if _tk is None:
-        from .. import triton_kernels
+        from . import kernels
 
-        _tk = triton_kernels
+        _tk = kernels
     return _tk
 
 
@@ -79,7 +80,7 @@ def _w(x: int):
     return _i32(x), _i32(x >> 32)
 
 
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_CODE = {getattr(torch, name): code for name, code in S.DTYPE_CODES.items()}
 
 
 def _kernel_view(t: torch.Tensor) -> torch.Tensor:
@@ -122,70 +123,77 @@ class _on:
             self.ctx.__exit__(*exc)
 
 
-def _launch_apply(x, n, elem_base, acc, s32, cf, k_begin, k_end, stream, sr_key, dcode, rcode,
+def _launch_apply(src, dst, n, elem_base, acc, s32, cf, k_begin, k_end, stream, sr_key, dcode, rcode,
                   acc_in, final):
     tk = _kernels()
     grid = (triton.cdiv(n, 4 * BLOCK),)
-    tk.apply_kernel[grid](x, *_w(n), *_w(elem_base), acc, s32, cf, k_begin, k_end, _i32(stream),
-                          *_w(sr_key), DTYPE=dcode, ROUNDING=rcode, ACC_IN=acc_in,
+    tk.apply_kernel[grid](src, dst, *_w(n), *_w(elem_base), acc, s32, cf, k_begin, k_end,
+                          _i32(stream), *_w(sr_key), DTYPE=dcode, ROUNDING=rcode, ACC_IN=acc_in,
                           FINAL=final, BLOCK=BLOCK, **_opts())
 
 
-def _apply_one(tensor, s32, cf, K, stream, rcode, sr_key):
-    dcode = _DTYPE_CODE[tensor.dtype]
-    flat = _kernel_view(tensor.view(-1))
-    n = flat.numel()
+def _apply_one(out, base, s32, cf, K, stream, rcode, sr_key):
+    """out = round(base + acc) for one tensor (base is out in place), K chunked past K_CHUNK."""
+    dcode = _DTYPE_CODE[out.dtype]
+    dst = _kernel_view(out.view(-1))
+    src = dst if base is out else _kernel_view(base.view(-1))
+    n = dst.numel()
     if K <= K_CHUNK:
-        _launch_apply(flat, n, 0, cf, s32, cf, 0, K, stream, sr_key, dcode, rcode, False, True)
+        _launch_apply(src, dst, n, 0, cf, s32, cf, 0, K, stream, sr_key, dcode, rcode, False, True)
         return
-    # Long history: per slab, K chunks accumulate into a float32 scratch, the last one rounds.
+    # Long history: per slab, K chunks accumulate into a float32 scratch, the last one reads the source,
+    # adds and rounds into the destination.
     slab = min(SLAB, n)
-    scratch = torch.empty(slab, dtype=torch.float32, device=tensor.device)
+    scratch = torch.empty(slab, dtype=torch.float32, device=out.device)
     for start in range(0, n, slab):  # slab is a multiple of 4 unless it is the whole tensor
-        part = flat[start:start + slab]
-        m = part.numel()
+        d = dst[start:start + slab]
+        sp = src[start:start + slab]
+        m = d.numel()
         for kb in range(0, K, K_CHUNK):
             ke = min(K, kb + K_CHUNK)
-            _launch_apply(part, m, start, scratch, s32, cf, kb, ke, stream, sr_key, dcode, rcode,
+            _launch_apply(sp, d, m, start, scratch, s32, cf, kb, ke, stream, sr_key, dcode, rcode,
                           kb > 0, ke == K)
 
 
-def apply_seeds_(tensor, seeds, coefs, stream, rounding, sr_key):
-    s32, cf = _device_args(seeds, coefs, tensor.device)
-    with _on(tensor.device):
-        _apply_one(tensor, s32, cf, seeds.numel(), stream, _ROUNDING[rounding], sr_key)
+def plan_table(items, per_prog: int) -> tuple:
+    """The int64 plan table [len(S.PLAN_FIELDS), T] of (base, out, stream) items of one dtype (the
+    layout of csrc/kseed_plan.h's PlanRow, one row per field) and the number of programs it covers."""
+    rows = [[] for _ in S.PLAN_FIELDS]
+    first = 0
+    for base, out, st in items:
+        n = out.numel()
+        rows[S.PLAN_SRC].append(base.data_ptr())
+        rows[S.PLAN_DST].append(out.data_ptr())
+        rows[S.PLAN_NUMEL].append(n)
+        rows[S.PLAN_STREAM].append(st)
+        rows[S.PLAN_FIRST_TILE].append(first)
+        first += -(-n // per_prog)
+    return torch.tensor(rows, dtype=torch.int64), first
 
 
-def apply_seeds_multi_(tensors, streams, seeds, coefs, rounding, sr_key):
-    """One launch per dtype over all tensors (device-side table of addresses, sizes, streams)."""
+def apply(outs, streams, upd, bases=None):
+    """One launch per dtype over all tensors (device-side plan table), or chunked per tensor for K past
+    K_CHUNK.  bases None: in place."""
     tk = _kernels()
-    device = tensors[0].device
-    K = seeds.numel()
-    rcode = _ROUNDING[rounding]
-    s32, cf = _device_args(seeds, coefs, device)
+    device = outs[0].device
+    K = upd.K
+    rcode = upd.rounding_code
+    bases = outs if bases is None else bases
+    s32, cf = _device_args(upd.seeds, upd.coefs, device)
     with _on(device):
-        if K > K_CHUNK:  # long histories: chunked, tensor by tensor
-            for t, st in zip(tensors, streams):
-                _apply_one(t, s32, cf, K, st, rcode, sr_key)
+        if K > K_CHUNK or len(outs) == 1:
+            for b, o, st in zip(bases, outs, streams):
+                _apply_one(o, b, s32, cf, K, st, rcode, upd.sr_key)
             return
         groups: dict = {}
-        for t, st in zip(tensors, streams):
-            groups.setdefault(t.dtype, []).append((t, st))
-        per_prog = 4 * BLOCK
+        for b, o, st in zip(bases, outs, streams):
+            groups.setdefault(o.dtype, []).append((b, o, st))
         for dtype, items in groups.items():
             T = len(items)
-            rows = [[], [], [], []]
-            first = 0
-            for t, st in items:
-                n = t.numel()
-                rows[0].append(t.data_ptr())
-                rows[1].append(n)
-                rows[2].append(st)
-                rows[3].append(first)
-                first += -(-n // per_prog)
-            table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+            table, progs = plan_table(items, 4 * BLOCK)
+            table = table.to(device, non_blocking=True)
             steps = max(1, math.ceil(math.log2(T))) if T > 1 else 0
-            tk.apply_multi_kernel[(first,)](table, T, s32, cf, K, *_w(sr_key),
+            tk.apply_multi_kernel[(progs,)](table, T, s32, cf, K, *_w(upd.sr_key),
                                             DTYPE=_DTYPE_CODE[dtype], ROUNDING=rcode, BLOCK=BLOCK,
                                             SEARCH_STEPS=steps, **_opts())
             # `table` may be freed when this returns: the CUDA caching allocator only hands its block
