@@ -55,6 +55,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "..", "python", "kseed", "data", "embedded"))
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--prompt", default="alpaca", choices=["alpaca", "reference"],
+                    help="the instruction template the tokenizer (and --alpaca-fraction of the "
+                         "pre-training) sees; kseed-fed's --prompt auto uses alpaca for the embedded "
+                         "model, so rebuild with the default to keep the two in step")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -73,7 +77,7 @@ def main(argv=None):
     rng = random.Random(args.seed)
     corpus = D.generate_embedded(20000, seed=args.seed + 1)
     tok_texts = [plain_text(e) for e in corpus[:4000]]
-    tok_texts += [D.format_prompt(e) + e["output"] for e in corpus[4000:6000]]
+    tok_texts += [D.format_prompt(e, args.prompt) + e["output"] for e in corpus[4000:6000]]
     tok = build_tokenizer(tok_texts, args.vocab_size)
     os.makedirs(args.out, exist_ok=True)
     fast = save_tokenizer(tok, args.out, 256)
@@ -92,7 +96,7 @@ def main(argv=None):
 
     def encode(ex):
         if rng.random() < args.alpaca_fraction:
-            text = D.format_prompt(ex) + ex["output"]
+            text = D.format_prompt(ex, args.prompt) + ex["output"]
         else:
             text = plain_text(ex)
         return fast(text, add_special_tokens=False)["input_ids"][:127] + [eos_id]

@@ -109,3 +109,18 @@ def test_embedded_generator_and_tokenizer():
         assert tok.decode(ids[npr:-1]) == e["output"]
     ids, att, labels = M.collate(items, tok.pad_token_id, "cpu")
     assert (labels[0, :items[0][1]] == -100).all() and (labels[0, items[0][1]:len(items[0][0])] >= 0).all()
+
+
+def test_prompt_auto_follows_the_data():
+    """--prompt auto (the default): the reference code's template for Dolly and NI, the Alpaca wording
+    for the embedded model (its tokenizer was built on it); an explicit choice always wins."""
+    from kseed.config import FedConfig
+    assert FedConfig().prompt == "auto"
+    assert FedConfig(dataset="embedded").prompt_template() == "alpaca"
+    assert FedConfig(dataset="dolly").prompt_template() == "reference"
+    assert FedConfig(dataset="ni").prompt_template() == "reference"
+    for style in ("reference", "alpaca"):
+        for ds in ("embedded", "dolly", "ni"):
+            assert FedConfig(dataset=ds, prompt=style).prompt_template() == style
+    with pytest.raises(ValueError, match="prompt"):
+        FedConfig(prompt="chatml").validate()

@@ -60,7 +60,8 @@ _OPTIONS = [
     (("--rounding",), "rounding", str, "nearest | stochastic rounding of bf16/fp16 weights"),
     (("--prompt",), "prompt", str,
      "prompt template: reference (the FedKSeed code's Dolly/NI template, response appended "
-     "directly after '### Response:') | alpaca (the standard Alpaca wording)"),
+     "directly after '### Response:') | alpaca (the standard Alpaca wording) | auto (reference for "
+     "Dolly and NI, alpaca for the embedded model, whose tokenizer was built on that wording)"),
     (("--lr-rule",), "lr_rule", str,
      "client-wise lr rule with --clientwise-lr: fedmezo (lr + delta (s_i - mean s) / max|s_j - "
      "mean s|, FedMeZO) | ratio (lr x last loss / mean loss, clipped to [0.5, 2])"),

@@ -81,7 +81,7 @@ class FedKSeedClient:
     def _tokenized(self):
         if self._items is None:
             self._items = tokenize_examples(self.workspace.tok, self.partition, self.config.max_length,
-                                            self.config.prompt)
+                                            self.config.prompt_template())
         return self._items
 
     def _decode(self, down_bytes) -> P.DownMessage:
@@ -142,7 +142,7 @@ class FedKSeedClient:
             self.rebuild(self._decode(down_bytes).coefs)
         items = (self._tokenized() if examples is None else
                  tokenize_examples(self.workspace.tok, examples, self.config.max_length,
-                                   self.config.prompt))
+                                   self.config.prompt_template()))
         loss = eval_loss(self.workspace.model, items, self.workspace.pad_id, self.workspace.device,
                          batch_size)
         return {"loss": loss, "num_examples": len(items)}

@@ -12,7 +12,7 @@ MAX_LR = 1.0
 MAX_EPS = 1.0
 LR_RULES = ("fedmezo", "ratio")
 LR_SIGNALS = ("round-wise", "five-round", "model-diff")
-PROMPTS = ("reference", "alpaca")
+PROMPTS = ("auto", "reference", "alpaca")
 SAMPLINGS = ("uniform", "pro")
 DATASETS = ("embedded", "dolly", "ni")
 PARTITIONS = ("dirichlet", "iid")
@@ -65,12 +65,23 @@ class FedConfig:
     embedded_examples: int = 2000
     dtype: str = "fp32"
     rounding: str = "nearest"
-    prompt: str = "reference"  # reference (the FedKSeed code's Dolly/NI template) | alpaca
+    # reference (the FedKSeed code's Dolly/NI template) | alpaca | auto: the template the data's base
+    # model was built for (reference for Dolly / NI, alpaca for the embedded model; see prompt_template)
+    prompt: str = "auto"
     # evaluation
     eval_every: int = 1
     rouge_every: int = 0  # 0: Rouge-L only at the end
     rouge_size: int = 16
     max_new_tokens: int = 32
+
+    def prompt_template(self) -> str:
+        """The prompt template this run uses: ``prompt`` unless it is "auto", which gives the
+        reference code's template for Dolly and Natural Instructions and the Alpaca wording for the
+        embedded dataset, whose base model's tokenizer was built on that wording (a template the
+        tokenizer never saw costs the base model a large part of what the federation learns)."""
+        if self.prompt != "auto":
+            return self.prompt
+        return "alpaca" if self.dataset == "embedded" else "reference"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -94,7 +94,7 @@ def global_evaluator(cfg: FedConfig, ws: M.Workspace, server, eval_ex: List[dict
                      ) -> Callable[[bool], Evaluation]:
     """A function ``evaluate(with_rouge) -> Evaluation`` of the server's current global model,
     rebuilt in ``ws`` from w0 and the server's coefficients in one fused pass."""
-    eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length, cfg.prompt)
+    eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length, cfg.prompt_template())
 
     def evaluate(with_rouge: bool) -> Evaluation:
         ws.rebuild(server.seeds, server.global_coefs())
@@ -102,7 +102,7 @@ def global_evaluator(cfg: FedConfig, ws: M.Workspace, server, eval_ex: List[dict
         rl = None
         if with_rouge:
             rl = M.rouge_l(ws.model, ws.tok, eval_ex[:cfg.rouge_size], cfg.max_length, ws.device,
-                           cfg.max_new_tokens, cfg.prompt)
+                           cfg.max_new_tokens, cfg.prompt_template())
         return Evaluation(loss, per_example, rl)
 
     return evaluate
