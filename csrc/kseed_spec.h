@@ -14,6 +14,7 @@ constexpr int PHILOX_ROUNDS = 10;
 
 constexpr uint32_t COUNTER_GAUSSIAN = 0;
 constexpr uint32_t COUNTER_STOCHASTIC_ROUNDING = 1;
+constexpr uint32_t COUNTER_RADEMACHER = 2;  // spec section 8: 128 sign bits a block
 
 // Scalars rather than arrays, so that CUDA device code can use them directly.
 constexpr uint32_t LOG_C0 = 0x3F800000u, LOG_C1 = 0xBEFFFFFCu, LOG_C2 = 0x3EAAAAA8u,

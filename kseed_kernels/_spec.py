@@ -23,6 +23,12 @@ PHILOX_ROUNDS = 10
 # Counter word 3 selects the purpose of the Philox block.
 COUNTER_GAUSSIAN = 0
 COUNTER_STOCHASTIC_ROUNDING = 1
+COUNTER_RADEMACHER = 2
+# Elements per Philox block: the Gaussian uses one 32-bit word per element (4 a block), the Rademacher
+# family one bit (128 a block).
+GAUSSIAN_BLOCK = 4
+RADEMACHER_BLOCK = 128
+NOISES = ("gaussian", "rademacher")
 
 # log(1 + t) = t * P(t), P(t) = sum_k LOG_COEFS[k] t^k, t in [sqrt(1/2) - 1, sqrt(2) - 1].
 LOG_COEF_BITS = (

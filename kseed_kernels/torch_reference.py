@@ -149,6 +149,34 @@ def gaussian(seed: int, numel: int, stream: int = 0, offset: int = 0, device=Non
     return out
 
 
+def rademacher_signbits(seed: int, numel: int, stream: int = 0, offset: int = 0,
+                        device=None) -> torch.Tensor:
+    """int64 tensor of the sign bits of r(seed, stream, offset + j), j in [0, numel) (spec section 8):
+    1 where r = -1, 0 where r = +1."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    out = torch.empty(numel, dtype=torch.int64, device=device)
+    per = S.RADEMACHER_BLOCK
+    shifts = torch.arange(32, dtype=torch.int64, device=device)
+    for start in range(0, numel, _CHUNK * per):
+        n = min(_CHUNK * per, numel - start)
+        first = offset + start
+        fb = first // per
+        nb = (first + n + per - 1) // per - fb
+        words = torch.stack(_blocks(seed, stream, fb, nb, S.COUNTER_RADEMACHER, device), dim=-1)
+        # [nb, 4] words -> [nb, 4, 32] bits, least significant first: element p of a block is bit
+        # (p & 31) of word p >> 5, which is exactly this row-major order.
+        bits = ((words.unsqueeze(-1) >> shifts) & 1).reshape(-1)
+        skip = first - fb * per
+        out[start:start + n] = bits[skip:skip + n]
+    return out
+
+
+def rademacher(seed: int, numel: int, stream: int = 0, offset: int = 0, device=None) -> torch.Tensor:
+    """float32 tensor of r(seed, stream, offset + j) in {-1, +1}, j in [0, numel) (spec section 8)."""
+    b = rademacher_signbits(seed, numel, stream, offset, device)
+    return (1 - 2 * b).to(torch.float32)
+
+
 def random_bits(key: int, numel: int, stream: int = 0, offset: int = 0, device=None) -> torch.Tensor:
     """int64 tensor of the uint32 stochastic-rounding words of elements offset .. offset + numel - 1."""
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -183,26 +211,34 @@ def round_stochastic(v: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) ->
 
 
 # -------------------------------------------------------------------------------------- apply
-def noise_sum(seeds, coefs: torch.Tensor, numel: int, stream: int, offset: int, device) -> torch.Tensor:
-    """acc = sum_k c_k z_k in float32, ascending k, starting from +0.0 (one mul then one add a term)."""
+def noise_sum(seeds, coefs: torch.Tensor, numel: int, stream: int, offset: int, device,
+              noise: str = "gaussian") -> torch.Tensor:
+    """acc = sum_k c_k n_k in float32, ascending k, starting from +0.0: for the Gaussian one mul then
+    one add a term; for the Rademacher family one exact sign flip (c_k or -c_k) then one add."""
     acc = torch.zeros(numel, dtype=torch.float32, device=device)
     cf = coefs.to(device=device, dtype=torch.float32)
     for k, s in enumerate(seeds):
-        acc = acc + cf[k] * gaussian(int(s), numel, stream, offset, device)
+        if noise == "rademacher":
+            neg = rademacher_signbits(int(s), numel, stream, offset, device).bool()
+            acc = acc + torch.where(neg, -cf[k], cf[k])
+        else:
+            acc = acc + cf[k] * gaussian(int(s), numel, stream, offset, device)
     return acc
 
 
 def apply_flat_(flat: torch.Tensor, seeds, coefs: torch.Tensor, stream: int, rounding: str,
-                sr_key: int, base: torch.Tensor | None = None) -> torch.Tensor:
+                sr_key: int, base: torch.Tensor | None = None,
+                noise: str = "gaussian") -> torch.Tensor:
     """The update of a contiguous 1-d tensor, chunked to bound memory: flat = round(src + acc) with src
-    = base (a contiguous 1-d tensor of flat's size and dtype, only read) or flat itself (in place)."""
+    = base (a contiguous 1-d tensor of flat's size and dtype, only read) or flat itself (in place), and
+    acc the sum over the seeds of the ``noise`` family (spec sections 4 and 8)."""
     n = flat.numel()
     src = flat if base is None else base
     for start in range(0, n, _CHUNK):
         part = flat[start:start + _CHUNK]
         m = part.numel()
         v = src[start:start + m].to(torch.float32) + noise_sum(seeds, coefs, m, stream, start,
-                                                               flat.device)
+                                                               flat.device, noise)
         if flat.dtype == torch.float32:
             part.copy_(v)
         elif rounding == "stochastic":
@@ -215,7 +251,7 @@ def apply_flat_(flat: torch.Tensor, seeds, coefs: torch.Tensor, stream: int, rou
 
 def apply_seeds_(tensor: torch.Tensor, seeds, coefs: torch.Tensor, stream: int = 0,
                  rounding: str = "nearest", sr_key: int = 0,
-                 base: torch.Tensor | None = None) -> torch.Tensor:
+                 base: torch.Tensor | None = None, noise: str = "gaussian") -> torch.Tensor:
     """Reference apply_seeds_ on normalised inputs: seeds a list of uint64 ints, coefs float32 [K].
 
     With ``base`` (same shape and dtype, only read): tensor = round(base + acc), the out-of-place form.
@@ -228,12 +264,12 @@ def apply_seeds_(tensor: torch.Tensor, seeds, coefs: torch.Tensor, stream: int =
         return tensor
     src = None if base is None else base.contiguous().view(-1)
     if tensor.is_contiguous():
-        apply_flat_(tensor.view(-1), seeds, coefs, stream, rounding, sr_key, src)
+        apply_flat_(tensor.view(-1), seeds, coefs, stream, rounding, sr_key, src, noise)
     else:
         flat = torch.empty(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
         if src is None:
             flat.copy_(tensor.reshape(-1))
-        apply_flat_(flat, seeds, coefs, stream, rounding, sr_key, src)
+        apply_flat_(flat, seeds, coefs, stream, rounding, sr_key, src, noise)
         tensor.copy_(flat.view(tensor.shape))
     return tensor
 
