@@ -60,3 +60,11 @@ const Kernels* neon_kernels();
 #else
 #define KSEED_INLINE inline
 #endif
+// Unroll the next loop completely (its trip count is a small constant).
+#if defined(__clang__)
+#define KSEED_UNROLL KSEED_PRAGMA(unroll)
+#elif defined(__GNUC__)
+#define KSEED_UNROLL KSEED_PRAGMA(GCC unroll 16)
+#else
+#define KSEED_UNROLL
+#endif

@@ -144,7 +144,9 @@ template <int U>
 KSEED_INLINE void accumulate_step(const RoundKeys& rk, uint64_t first_block, uint32_t stream, VF cv,
                                   float* acc) {
   VF z[4 * U];
+  KSEED_UNROLL
   for (int u = 0; u < U; ++u) normals_group(rk, first_block + uint64_t(u * kLanes), stream, z + 4 * u);
+  KSEED_UNROLL
   for (int g = 0; g < 4 * U; ++g) store_f(acc + kLanes * g, add(load_f(acc + kLanes * g), mul(cv, z[g])));
 }
 
