@@ -5,6 +5,7 @@
 #include "kernel_table.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 
 KSEED_TARGET_BEGIN("avx2,f16c")
@@ -23,7 +24,9 @@ namespace cpu {
 namespace {
 bool avx2_supported() {
   __builtin_cpu_init();  // idempotent; needed if this runs before libgcc's own initialisation
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  unsigned a, b, c, d;  // F16C by cpuid: older clang lacks __builtin_cpu_supports("f16c")
+  const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+  return __builtin_cpu_supports("avx2") && f16c;
 }
 }  // namespace
 const Kernels* avx2_kernels() {

@@ -20,6 +20,7 @@
 #include "cpu/kseed_cpu.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define KSEED_HW_F16 1
 #elif defined(__aarch64__)
@@ -288,7 +289,10 @@ __attribute__((target("f16c"))) static uint16_t hw_f16(float f) {
   return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
 }
 __attribute__((target("f16c"))) static float hw_f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
-static bool have_hw_f16() { return __builtin_cpu_supports("f16c"); }
+static bool have_hw_f16() {
+  unsigned a, b, c, d;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+}
 #elif defined(__aarch64__)
 static uint16_t hw_f16(float f) {  // FCVTN under the default FPCR: nearest even, NaN payload kept
   return vget_lane_u16(vreinterpret_u16_f16(vcvt_f16_f32(vdupq_n_f32(f))), 0);
