@@ -13,27 +13,11 @@ namespace kseed {
 namespace cpu {
 
 // ------------------------------------------------------------------------------------ ISA choice
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::Scalar: return "scalar";
-    case Isa::Avx2: return "avx2";
-    case Isa::Avx512: return "avx512";
-    case Isa::Neon: return "neon";
-  }
-  return "?";
-}
-
-bool parse_isa(const char* name, Isa* out) {
-  if (name == nullptr) return false;
-  if (std::strcmp(name, "scalar") == 0) { *out = Isa::Scalar; return true; }
-  if (std::strcmp(name, "avx2") == 0) { *out = Isa::Avx2; return true; }
-  if (std::strcmp(name, "avx512") == 0) { *out = Isa::Avx512; return true; }
-  if (std::strcmp(name, "neon") == 0) { *out = Isa::Neon; return true; }
-  return false;
-}
-
 namespace {
-// The dispatch table: one row per Isa, nullptr where this build lacks the path.
+// The paths' names and the one dispatch table, by Isa code (a row is nullptr where this build lacks
+// the path).
+constexpr const char* kIsaNames[kNumIsas] = {"scalar", "avx2", "avx512", "neon"};
+
 const Kernels* table(Isa isa) {
   static const Kernels* const rows[kNumIsas] = {scalar_kernels(), avx2_kernels(), avx512_kernels(),
                                                 neon_kernels()};
@@ -47,6 +31,22 @@ const Kernels& kernels(Isa isa) {
   return k != nullptr ? *k : *scalar_kernels();
 }
 }  // namespace
+
+const char* isa_name(Isa isa) {
+  const int i = int(isa);
+  return i >= 0 && i < kNumIsas ? kIsaNames[i] : "?";
+}
+
+bool parse_isa(const char* name, Isa* out) {
+  if (name == nullptr) return false;
+  for (int i = 0; i < kNumIsas; ++i) {
+    if (std::strcmp(name, kIsaNames[i]) == 0) {
+      *out = Isa(i);
+      return true;
+    }
+  }
+  return false;
+}
 
 bool isa_supported(Isa isa) {
   const Kernels* k = table(isa);
