@@ -177,6 +177,56 @@ KSEED_HD uint32_t lane_of(Block b, unsigned lane) {
   return lane == 0 ? b.x0 : lane == 1 ? b.x1 : lane == 2 ? b.x2 : b.x3;
 }
 
+// Round-to-nearest-even float32 -> bfloat16 bits (NaN -> the canonical quiet NaN 0x7FC0, as torch's
+// c10::BFloat16 does).  The one home of bf16 round-to-nearest for every backend.
+KSEED_HD uint16_t round_bf16_nearest(float v) {
+  const uint32_t b = float_to_bits(v);
+  if (v != v) return uint16_t(0x7FC0u);
+  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Round-to-nearest-even float32 -> float16 bits, overflow to +-inf; a NaN stays a NaN with its sign and
+// the top 10 payload bits, quieted (what the x86 F16C and the aarch64 FCVT conversions write; the spec
+// leaves the payload open).  The portable form of the hardware conversion.
+KSEED_HD uint16_t round_fp16_nearest(float v) {
+  const uint32_t w = float_to_bits(v);
+  const uint32_t sign = (w >> 16) & 0x8000u;
+  const uint32_t a = w & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return uint16_t(sign | 0x7E00u | ((a >> 13) & 0x3FFu));  // NaN, quieted
+  if (a >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // rounds to infinity (or is infinite)
+  if (a < 0x38800000u) {
+    // Below the smallest normal float16 (2^-14): a multiple of 2^-24 after rounding.  Adding 0.5 (bits
+    // 0x3F000000) shifts the value to where one float32 ulp is 2^-24, so the float add rounds it to
+    // nearest even; the low mantissa bits are then the float16 subnormal (or 0x400 = smallest normal).
+    const float s = fadd(bits_to_float(a), 0.5f);
+    return uint16_t(sign | (float_to_bits(s) - 0x3F000000u));
+  }
+  // Normal: rebias the exponent and round the 13 dropped mantissa bits to nearest even.
+  const uint32_t mant_odd = (a >> 13) & 1u;
+  const uint32_t r = a + 0xFFFu + mant_odd - (112u << 23);
+  return uint16_t(sign | (r >> 13));
+}
+
+// Exact bfloat16 bits -> float32.
+KSEED_HD float bf16_bits_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+// Exact float16 bits -> float32 (a NaN keeps its payload, quieted).
+KSEED_HD float fp16_bits_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1Fu;
+  const uint32_t m = h & 0x3FFu;
+  uint32_t bits;
+  if (e == 0x1F) {
+    bits = 0x7F800000u | (m << 13) | (m ? 0x400000u : 0u);
+  } else if (e != 0) {
+    bits = ((e + 112u) << 23) | (m << 13);
+  } else {
+    // Subnormal (or zero): m * 2^-24, exact in float32.
+    bits = float_to_bits(fmul(float(m), 5.9604644775390625e-08f));
+  }
+  return bits_to_float(sign | bits);
+}
+
 // Stochastic rounding of float32 v to bfloat16 (spec 5.3); returns the bfloat16's 16 bits.
 KSEED_HD uint16_t round_bf16_stochastic(float v, uint32_t rbits) {
   const uint32_t vb = float_to_bits(v);

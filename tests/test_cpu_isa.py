@@ -1,4 +1,4 @@
-"""Every SIMD path of the CPU kernels (scalar, AVX2, AVX-512: those this CPU runs) against the reference.
+"""Every SIMD path of the CPU kernels (scalar, AVX2, AVX-512, NEON: those this CPU runs) against the reference.
 
 The path is forced with kseed_kernels.backends.cpu.set_isa and with the KSEED_CPU_ISA environment
 variable; all paths must write bitwise the same results.
@@ -126,8 +126,28 @@ def test_set_isa_rejects_bad_names():
         CPU.set_isa("avx9000")
     with pytest.raises(TypeError):
         CPU.set_isa(3)
-    for name in ("scalar", "avx2", "avx512"):
+    for name in ("scalar", "avx2", "avx512", "neon"):
         if name not in ISAS:
             with pytest.raises(ValueError, match="not supported"):
                 CPU.set_isa(name)
     CPU.set_isa(None)
+
+
+def test_paths_of_this_machine(monkeypatch):
+    """The build offers the paths of its architecture (AVX2 / AVX-512 on x86-64, NEON on aarch64) and
+    picks the fastest by itself."""
+    import platform
+
+    monkeypatch.delenv("KSEED_CPU_ISA", raising=False)
+    CPU.set_isa(None)
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        assert "neon" in ISAS and CPU.isa() == "neon"
+        assert not {"avx2", "avx512"} & set(ISAS)
+    elif machine in ("x86_64", "amd64"):
+        assert "neon" not in ISAS
+        monkeypatch.setenv("KSEED_CPU_ISA", "neon")
+        with pytest.raises(ValueError, match="KSEED_CPU_ISA"):
+            kk.gaussian(1, 8, backend="cpu")
+        monkeypatch.delenv("KSEED_CPU_ISA")
+    assert CPU.isa() == ISAS[-1]

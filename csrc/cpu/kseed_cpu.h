@@ -1,5 +1,7 @@
 // Torch-free CPU kernels of the kseed noise spec (docs/SPEC.md): tiles of the fused K-seed update and
-// of the Gaussian, with a portable scalar path and explicit AVX2 / AVX-512 paths chosen at run time.
+// of the Gaussian, with a portable scalar path and SIMD paths (AVX2, AVX-512 on x86-64, NEON on
+// aarch64) chosen at run time.  All paths are one kernel source (kernels-inl.h) over a small vector type
+// per ISA (vec_<isa>-inl.h), reached through one dispatch table (kernel_table.h).
 //
 // Every path gives bitwise the same results (tests/cpp and tests/test_cpu_isa.py check it): the SIMD
 // code evaluates the spec's formulas lane by lane with separate multiply and add instructions, never an
@@ -71,38 +73,6 @@ void philox_words(Isa isa, Key key, uint32_t stream, uint32_t word3, uint64_t fi
 // dst == src is allowed.
 void finish(Isa isa, DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r,
             int64_t n, int rounding);
-
-// The portable scalar final write (also used by the SIMD paths for the last, partial vector).
-void finish_scalar(DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r,
-                   int64_t n, int rounding);
-
-// Scalar float32 -> float16 bits, round to nearest even (NaN: quiet, keeps the top payload bits,
-// as the x86 F16C conversion does).
-uint16_t f32_to_f16_bits(float f);
-// Scalar float32 -> bfloat16 bits, round to nearest even (NaN: 0x7FC0, as c10::BFloat16).
-uint16_t f32_to_bf16_bits(float f);
-
-// ISA-specific entry points (defined in kseed_cpu_avx2.cpp / kseed_cpu_avx512.cpp).
-namespace avx2 {
-bool compiled();
-void accumulate_normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float c,
-                        float* acc);
-void normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
-void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t first_block, int64_t nblocks,
-                  uint32_t* out);
-void finish(DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r, int64_t n,
-            int rounding);
-}  // namespace avx2
-namespace avx512 {
-bool compiled();
-void accumulate_normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float c,
-                        float* acc);
-void normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
-void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t first_block, int64_t nblocks,
-                  uint32_t* out);
-void finish(DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r, int64_t n,
-            int rounding);
-}  // namespace avx512
 
 }  // namespace cpu
 }  // namespace kseed

@@ -20,7 +20,12 @@
 #include "cpu/kseed_cpu.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
+#define KSEED_HW_F16 1
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define KSEED_HW_F16 1
 #endif
 
 using namespace kseed;
@@ -44,8 +49,8 @@ static int g_checks = 0;
 
 static std::vector<Isa> paths() {
   std::vector<Isa> out;
-  for (Isa i : {Isa::Scalar, Isa::Avx2, Isa::Avx512}) {
-    if (isa_supported(i)) out.push_back(i);
+  for (int i = 0; i < kNumIsas; ++i) {
+    if (isa_supported(Isa(i))) out.push_back(Isa(i));
   }
   return out;
 }
@@ -231,7 +236,7 @@ static void test_tiles() {
         for (auto& x : w0) x = nd(rng);
         std::vector<uint16_t> h0(static_cast<size_t>(n));
         for (int64_t j = 0; j < n; ++j) {
-          h0[size_t(j)] = dt == DType::BF16 ? f32_to_bf16_bits(w0[size_t(j)]) : f32_to_f16_bits(w0[size_t(j)]);
+          h0[size_t(j)] = dt == DType::BF16 ? round_bf16_nearest(w0[size_t(j)]) : round_fp16_nearest(w0[size_t(j)]);
         }
         // scalar tile against the one-element core
         std::vector<float> ref = w0;
@@ -283,11 +288,68 @@ static void test_tiles() {
 __attribute__((target("f16c"))) static uint16_t hw_f16(float f) {
   return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
 }
+__attribute__((target("f16c"))) static float hw_f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+static bool have_hw_f16() {
+  unsigned a, b, c, d;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+}
+#elif defined(__aarch64__)
+static uint16_t hw_f16(float f) {  // FCVTN under the default FPCR: nearest even, NaN payload kept
+  return vget_lane_u16(vreinterpret_u16_f16(vcvt_f16_f32(vdupq_n_f32(f))), 0);
+}
+static float hw_f16_to_f32(uint16_t h) {
+  return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+static bool have_hw_f16() { return true; }
 #endif
 
+// The scalar path's final write against kseed_core.h's per-element functions (the spec's scalar home),
+// on random bit patterns: every dtype and rounding.
+static void test_finish_core() {
+  std::mt19937_64 rng(4242);
+  const int64_t n = 5000;
+  std::vector<float> acc(static_cast<size_t>(n));
+  std::vector<uint32_t> r(static_cast<size_t>(n)), w32(static_cast<size_t>(n));
+  std::vector<uint16_t> w16(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) {
+    acc[size_t(j)] = bits_to_float(random_bits(rng));
+    r[size_t(j)] = uint32_t(rng());
+    w32[size_t(j)] = random_bits(rng);
+    w16[size_t(j)] = uint16_t(rng());
+  }
+  for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+    for (int rounding : {0, 1}) {
+      std::vector<uint32_t> o32(static_cast<size_t>(n));
+      std::vector<uint16_t> o16(static_cast<size_t>(n));
+      const bool f32 = dt == DType::F32;
+      finish(Isa::Scalar, dt, f32 ? static_cast<const void*>(w32.data()) : static_cast<const void*>(w16.data()),
+             f32 ? static_cast<void*>(o32.data()) : static_cast<void*>(o16.data()), acc.data(), r.data(), n,
+             rounding);
+      for (int64_t j = 0; j < n; ++j) {
+        const size_t i = size_t(j);
+        if (f32) {
+          const float want = fadd(bits_to_float(w32[i]), acc[i]);
+          CHECK(o32[i] == float_to_bits(want), "core finish f32 j=%lld", (long long)j);
+        } else if (dt == DType::BF16) {
+          const float v = fadd(bf16_bits_to_float(w16[i]), acc[i]);
+          const uint16_t want = rounding == 1 ? round_bf16_stochastic(v, r[i]) : round_bf16_nearest(v);
+          CHECK(o16[i] == want, "core finish bf16 rounding %d j=%lld: %04x want %04x", rounding, (long long)j,
+                o16[i], want);
+        } else {
+          const float v = fadd(fp16_bits_to_float(w16[i]), acc[i]);
+          const uint16_t want =
+              round_fp16_nearest(rounding == 1 ? round_fp16_stochastic_value(v, r[i]) : v);
+          CHECK(o16[i] == want, "core finish f16 rounding %d j=%lld: %04x want %04x", rounding, (long long)j,
+                o16[i], want);
+        }
+      }
+    }
+  }
+}
+
 static void test_conversions() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (!__builtin_cpu_supports("f16c")) return;
+#if defined(KSEED_HW_F16)
+  if (!have_hw_f16()) return;
   int64_t n = 0;
   // Every pattern of the top 20 bits with low-bit patterns around the rounding points.
   const uint32_t lows[] = {0x000, 0x001, 0x7FF, 0x800, 0x801, 0xFFF};
@@ -296,25 +358,30 @@ static void test_conversions() {
       const uint32_t b = (hi << 12) | lo;
       const float f = bits_to_float(b);
       const uint16_t want = hw_f16(f);
-      const uint16_t got = f32_to_f16_bits(f);
+      const uint16_t got = round_fp16_nearest(f);
       ++n;
-      CHECK(got == want, "f32_to_f16_bits(%08x) = %04x, hardware %04x", b, got, want);
+      CHECK(got == want, "round_fp16_nearest(%08x) = %04x, hardware %04x", b, got, want);
     }
   }
   std::mt19937_64 rng(5);
   for (int i = 0; i < 2000000; ++i) {
     const uint32_t b = uint32_t(rng());
     const float f = bits_to_float(b);
-    CHECK(f32_to_f16_bits(f) == hw_f16(f), "f32_to_f16_bits(%08x)", b);
+    CHECK(round_fp16_nearest(f) == hw_f16(f), "round_fp16_nearest(%08x)", b);
   }
   std::printf("float16 conversion: %lld + 2000000 patterns\n", (long long)n);
+  // float16 -> float32, every pattern, against the hardware widening.
+  for (uint32_t h = 0; h < 0x10000u; ++h) {
+    const float hw = hw_f16_to_f32(uint16_t(h));
+    CHECK(float_to_bits(fp16_bits_to_float(uint16_t(h))) == float_to_bits(hw), "fp16_bits_to_float(%04x)", h);
+  }
 #endif
   // bfloat16: round to nearest even, NaN -> 0x7FC0.
-  CHECK(f32_to_bf16_bits(bits_to_float(0x3F808000u)) == 0x3F80, "bf16 tie to even (down)");
-  CHECK(f32_to_bf16_bits(bits_to_float(0x3F818000u)) == 0x3F82, "bf16 tie to even (up)");
-  CHECK(f32_to_bf16_bits(bits_to_float(0x3F808001u)) == 0x3F81, "bf16 above tie");
-  CHECK(f32_to_bf16_bits(bits_to_float(0x7F7FFFFFu)) == 0x7F80, "bf16 overflow to inf");
-  CHECK(f32_to_bf16_bits(bits_to_float(0x7FA00000u)) == 0x7FC0, "bf16 NaN");
+  CHECK(round_bf16_nearest(bits_to_float(0x3F808000u)) == 0x3F80, "bf16 tie to even (down)");
+  CHECK(round_bf16_nearest(bits_to_float(0x3F818000u)) == 0x3F82, "bf16 tie to even (up)");
+  CHECK(round_bf16_nearest(bits_to_float(0x3F808001u)) == 0x3F81, "bf16 above tie");
+  CHECK(round_bf16_nearest(bits_to_float(0x7F7FFFFFu)) == 0x7F80, "bf16 overflow to inf");
+  CHECK(round_bf16_nearest(bits_to_float(0x7FA00000u)) == 0x7FC0, "bf16 NaN");
 }
 
 int main(int argc, char** argv) {
@@ -326,6 +393,7 @@ int main(int argc, char** argv) {
   test_spec_vectors(vectors);
   test_paths_agree();
   test_finish_paths();
+  test_finish_core();
   test_tiles();
   test_conversions();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
