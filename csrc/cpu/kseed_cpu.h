@@ -5,7 +5,7 @@
 //
 // Every path gives bitwise the same results (tests/cpp and tests/test_cpu_isa.py check it): the SIMD
 // code evaluates the spec's formulas lane by lane with separate multiply and add instructions, never an
-// fma.  The threading lives in the caller (csrc/ops.cpp, at::parallel_for over tiles); a tile's result
+// fma.  The threading lives in the caller (csrc/ops_cpu.cpp, at::parallel_for over tiles); a tile's result
 // depends only on its element indices, so any split into tiles gives the same bits.
 #pragma once
 #include <cstdint>
