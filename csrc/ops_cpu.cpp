@@ -59,7 +59,7 @@ void run_apply(at::TensorList bases, at::TensorList outs, at::IntArrayRef stream
         const PlanRow& x = rows[r];
         const int64_t e0 = (t - x.first_tile) * tile;
         const int64_t len = std::min(tile, x.numel - e0);
-        kseed::cpu::apply_tile(isa, g.dtype, static_cast<const char*>(x.src) + es * size_t(e0),
+        kseed::cpu::apply_tile(isa, g.dtype, kseed::kNoiseGaussian, static_cast<const char*>(x.src) + es * size_t(e0),
                                static_cast<char*>(x.dst) + es * size_t(e0), uint64_t(e0), len,
                                sc.s(), sc.c(), sc.K, x.stream, call.rounding, call.sr_key);
       }
@@ -143,7 +143,7 @@ at::Tensor noise_floor_cpu(const at::Tensor& like, const at::Tensor& seeds, cons
       const int64_t len = std::min(tile, numel - t * tile);
       std::fill(buf.begin(), buf.end(), 0.0f);
       if (sc.K > 0) {
-        kseed::cpu::apply_tile(isa, DType::F32, buf.data(), buf.data(), uint64_t(t * tile), len,
+        kseed::cpu::apply_tile(isa, DType::F32, kseed::kNoiseGaussian, buf.data(), buf.data(), uint64_t(t * tile), len,
                                sc.s(), sc.c(), sc.K, st, kseed::kRoundNearest, 0);
       }
       float s = 0.0f;

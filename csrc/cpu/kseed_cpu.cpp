@@ -132,7 +132,24 @@ inline int64_t padded_blocks(uint64_t e0, int64_t n) {
 }
 }  // namespace
 
-void apply_tile(Isa isa, DType dtype, const void* src, void* dst, uint64_t e0, int64_t n,
+void accumulate_signs_scalar(Key key, uint32_t stream, uint64_t first, int64_t n, float c,
+                             float* acc) {
+  const uint32_t cb = float_to_bits(c);
+  uint64_t blk = ~uint64_t(0);
+  Block x{0, 0, 0, 0};
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t e = first + uint64_t(j);
+    if ((e >> 7) != blk) {
+      blk = e >> 7;
+      x = philox_block(key, blk, stream, spec::COUNTER_RADEMACHER);
+    }
+    const uint32_t p = uint32_t(e & 127u);
+    const uint32_t w = p < 32 ? x.x0 : p < 64 ? x.x1 : p < 96 ? x.x2 : x.x3;
+    acc[j] = fadd(acc[j], bits_to_float(cb ^ (((w >> (p & 31u)) & 1u) << 31)));  // +-c, exact
+  }
+}
+
+void apply_tile(Isa isa, DType dtype, Noise noise, const void* src, void* dst, uint64_t e0, int64_t n,
                 const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, int rounding,
                 uint64_t sr_key) {
   if (n <= 0 || K <= 0) return;
@@ -143,7 +160,11 @@ void apply_tile(Isa isa, DType dtype, const void* src, void* dst, uint64_t e0, i
   const int64_t nbp = padded_blocks(e0, n);
   std::memset(acc, 0, sizeof(float) * size_t(4 * nbp));  // +0.0f
   for (int64_t k = 0; k < K; ++k) {
-    kn.accumulate_normals(key_of(seeds[k]), stream, fb, nbp, coefs[k], acc);
+    if (noise == kNoiseRademacher) {
+      accumulate_signs_scalar(key_of(seeds[k]), stream, 4 * fb, 4 * nbp, coefs[k], acc);
+    } else {
+      kn.accumulate_normals(key_of(seeds[k]), stream, fb, nbp, coefs[k], acc);
+    }
   }
   if (rounding == 1 && dtype != DType::F32) {
     alignas(64) uint32_t rb[kBuf];

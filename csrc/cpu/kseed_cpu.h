@@ -49,13 +49,18 @@ int64_t tile_elems();
 void set_tile_elems(int64_t n);
 
 // dst[j] for j in [0, n), element index e0 + j of a tensor with stream `stream`:
-//   acc = +0.0f; acc = acc + coefs[k] * z(seeds[k], stream, e0 + j) for k = 0..K-1;
+//   acc = +0.0f; acc = acc + coefs[k] * n(seeds[k], stream, e0 + j) for k = 0..K-1, n the `noise`
+//   family's z (Gaussian) or r (Rademacher: the term is an exact sign flip of coefs[k]);
 //   dst[j] = round(float(src[j]) + acc)  (rounding 0 = nearest, 1 = stochastic with key sr_key).
 // src and dst hold n elements of `dtype`; dst == src is the in-place update, otherwise the two must not
 // overlap and src is only read.  n <= kMaxTile; K >= 1.
-void apply_tile(Isa isa, DType dtype, const void* src, void* dst, uint64_t e0, int64_t n,
+void apply_tile(Isa isa, DType dtype, Noise noise, const void* src, void* dst, uint64_t e0, int64_t n,
                 const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, int rounding,
                 uint64_t sr_key);
+
+// acc[j] = acc[j] + (+-c) for j in [0, n): the Rademacher term of element first + j (spec section 8),
+// portable scalar code.
+void accumulate_signs_scalar(Key key, uint32_t stream, uint64_t first, int64_t n, float c, float* acc);
 
 // out[j] = z(seed, stream, e0 + j) for j in [0, n), n <= kMaxTile.
 void gaussian_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n);

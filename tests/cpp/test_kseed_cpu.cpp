@@ -242,7 +242,7 @@ static void test_tiles() {
         std::vector<float> ref = w0;
         std::vector<uint16_t> ref16 = h0;
         void* rp = dt == DType::F32 ? static_cast<void*>(ref.data()) : static_cast<void*>(ref16.data());
-        apply_tile(Isa::Scalar, dt, rp, rp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
+        apply_tile(Isa::Scalar, dt, kNoiseGaussian, rp, rp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
         if (dt == DType::F32) {
           for (int64_t j = 0; j < n; j += 97) {
             float acc = 0.0f;
@@ -258,13 +258,13 @@ static void test_tiles() {
           std::vector<float> g = w0;
           std::vector<uint16_t> g16 = h0;
           void* gp = dt == DType::F32 ? static_cast<void*>(g.data()) : static_cast<void*>(g16.data());
-          apply_tile(isa, dt, gp, gp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
+          apply_tile(isa, dt, kNoiseGaussian, gp, gp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
           // out of place: the source is only read, the destination (junk before) gets the result
           std::vector<float> o(static_cast<size_t>(n), -7.0f);
           std::vector<uint16_t> o16(static_cast<size_t>(n), uint16_t(0xBEEF));
           const std::vector<float> src32 = w0;
           const std::vector<uint16_t> src16 = h0;
-          apply_tile(isa, dt, dt == DType::F32 ? static_cast<const void*>(src32.data()) : static_cast<const void*>(src16.data()),
+          apply_tile(isa, dt, kNoiseGaussian, dt == DType::F32 ? static_cast<const void*>(src32.data()) : static_cast<const void*>(src16.data()),
                      dt == DType::F32 ? static_cast<void*>(o.data()) : static_cast<void*>(o16.data()), e0, n,
                      seeds.data(), coefs.data(), K, stream, rounding, sr_key);
           CHECK(src32 == w0 && src16 == h0, "%s out-of-place tile wrote its source", isa_name(isa));
