@@ -84,7 +84,8 @@ def test_end_to_end_outputs_and_export(tmp_path, capsys):
     _, ev, _ = build_data(cfg)
     from transformers import AutoTokenizer as AT
     tok = AT.from_pretrained(str(hf), local_files_only=True)
-    loss = M.eval_loss(m, M.tokenize_examples(tok, ev, cfg.max_length), tok.pad_token_id, "cpu")
+    loss = M.eval_loss(m, M.tokenize_examples(tok, ev, cfg.max_length, cfg.prompt_template()),
+                       tok.pad_token_id, "cpu")
     assert loss == rows[-1]["eval_loss"]
 
 
