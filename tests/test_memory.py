@@ -322,3 +322,23 @@ def test_cache_file_header_is_valid_safetensors(tmp_path):
         assert json.loads(json.dumps(f.metadata()))["format"] == W.CACHE_FORMAT
         for n, p in zip(ws.ms.names, ws.ms.params):
             assert torch.equal(bits(f.get_tensor(n)), bits(p))
+
+
+def test_unwritable_cache_falls_back_to_memory_with_a_warning(tmp_path, monkeypatch, gen, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("KSEED_CACHE", str(blocker))
+    path = _make_model(tmp_path / "m")
+    model, tok = M.load_model(path, "bf16")
+    legacy_w0 = [p.detach().clone() for p in model.parameters()]
+    with caplog.at_level("WARNING", logger="kseed"):
+        ws = M.Workspace(model, tok, cache=True)
+        seeds = np.array([5, 6, 7], dtype=np.uint64)
+        coefs = _coefs(gen, 3, zeros=False)
+        want = _legacy_rebuild(legacy_w0, ws.ms, seeds, coefs)
+        ws.rebuild(seeds, coefs)
+        ws.ms.perturb(3, 1.0)
+        ws.rebuild(seeds, coefs)
+    assert ws.w0_source == "memory" and isinstance(ws._snapshot, W.MemoryBuffer)
+    assert "w0 kept in private memory" in caplog.text and "snapshot kept in private memory" in caplog.text
+    assert ws.rebuilds == 1 and all(torch.equal(bits(p), x) for p, x in zip(ws.ms.params, want))

@@ -271,7 +271,7 @@ class Workspace:
         if self.cache:
             self._snapshot_key = None
             if self._snapshot is None:
-                self._snapshot = W.FileBuffer(self.ms.params)
+                self._snapshot = W.host_buffer(self.ms.params, "the round snapshot")
             self._snapshot.copy_from(self.ms.params)
             self._snapshot_key = key
 

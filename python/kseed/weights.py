@@ -12,6 +12,8 @@ anonymous memory (issue #11).
   - a model that did not come from ``kseed.modeling.load_model`` (built in memory): an unlinked file.
 * ``FileBuffer``: tensors in an unlinked file (a shared map: page cache, freed with the object), for the
   simulation's per-round snapshot.
+Where no file can be written (the cache folder is not writable or its disk is full) these fall back to
+private memory with a logged warning: the run works, with the model's size more memory.
 
 ``<cache>`` is $KSEED_CACHE, else $XDG_CACHE_HOME/kseed, else ~/.cache/kseed.  Keep it on a disk: the
 pages of a file on tmpfs count as shared memory (RssShmem), which is what this module avoids.  Cache
@@ -71,7 +73,10 @@ def _fs_type(path: str) -> str:
 
 def _usable_dir(sub: str) -> str:
     d = os.path.join(cache_dir(), sub)
-    os.makedirs(d, exist_ok=True)
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the kseed cache folder {d}: {exc.strerror}") from None
     if _fs_type(os.path.realpath(d)) in ("tmpfs", "ramfs"):
         log.warning("kseed cache %s is on %s: its memory maps count as shared memory; set KSEED_CACHE "
                     "to a directory on a disk", d, _fs_type(os.path.realpath(d)))
@@ -272,10 +277,25 @@ class FileBuffer:
             dst.copy_(src)
 
 
-def _anonymous_w0(params: Sequence[torch.Tensor], why: str) -> Tuple[List[torch.Tensor], str]:
-    log.warning("w0 kept in memory (%s): peak memory will be about twice the model's", why)
-    with torch.no_grad():
-        return [p.detach().to("cpu", copy=True) for p in params], "memory"
+class MemoryBuffer:
+    """FileBuffer's stand-in in private host memory, for when no file can be made (with a warning)."""
+
+    def __init__(self, like: Sequence[torch.Tensor]):
+        self.tensors = [torch.empty(tuple(t.shape), dtype=t.dtype) for t in like]
+        self.nbytes = sum(t.numel() * t.element_size() for t in like)
+
+    copy_from = FileBuffer.copy_from
+
+
+def host_buffer(like: Sequence[torch.Tensor], what: str):
+    """A FileBuffer shaped like ``like``; if the cache cannot hold one (no room, not writable), a
+    MemoryBuffer and a warning that names ``what``."""
+    try:
+        return FileBuffer(like)
+    except OSError as exc:
+        log.warning("%s kept in private memory (%s): the peak memory grows by the model's size",
+                    what, exc)
+        return MemoryBuffer(like)
 
 
 # ------------------------------------------------------------------------------------- w0
@@ -343,10 +363,7 @@ def host_w0(model: torch.nn.Module, ms, *, key: Optional[str] = None,
         try:
             return _cached(ms.names, params, key[:32])
         except OSError as exc:
-            return _anonymous_w0(params, f"cannot write the w0 cache file: {exc}")
-    try:
-        buf = FileBuffer(params)
-    except OSError as exc:
-        return _anonymous_w0(params, str(exc))
+            log.warning("cannot write the w0 cache file: %s", exc)
+    buf = host_buffer(params, "w0")
     buf.copy_from(params)
-    return buf.tensors, "temporary file"
+    return buf.tensors, "temporary file" if isinstance(buf, FileBuffer) else "memory"
