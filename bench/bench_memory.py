@@ -3,7 +3,7 @@
     python bench/bench_memory.py [--cache DIR] [--only CASES] [--json FILE] [--smoke]
 
 The model (hidden 1536, intermediate 4096, 20 layers, 12 heads, 4 KV heads, vocab 32000, untied, fp32,
-random init: 603,987,456 parameters, 2.25 GiB) is built once into DIR/model (default
+random init: 601,683,456 parameters, 2.24 GiB) is built once into DIR/model (default
 ~/.cache/kseed-bench), with the embedded model's tokenizer (its vocabulary is smaller than the model's:
 the extra rows are never used) and a Dolly-style jsonl of 640 synthetic examples in 8 categories
 (DIR/dolly.jsonl).  Nothing is downloaded.  The kseed cache (w0 in another dtype) goes to DIR/kseed-cache
