@@ -6,8 +6,10 @@ and each tensor's stream id ``stream_id(name)``.  Every operation is then one ca
 ``apply_seeds_multi_`` over that list:
 
 * ``perturb(seed, scale)``: w <- w + scale * z(seed)
-* ``apply(seeds, coefs)``: w <- w + sum_k coefs[k] * z(seeds[k]) in one fused pass (rebuilding a global
-  model from w0, or catching up)
+* ``apply(seeds, coefs)``: w <- w + sum_k coefs[k] * z(seeds[k]) in one fused pass (catching up)
+* ``apply_from(bases, seeds, coefs)``: w <- bases + sum_k coefs[k] * z(seeds[k]), the bases read-only
+  (rebuilding a global model from a pristine w0 that may live on another device, e.g. a host memory
+  map while the model is on a GPU)
 * ``zo_step(seed, loss_fn, eps=, lr=, next_seed=)``: one two-point zeroth-order (SPSA) step in two passes
   over the weights instead of MeZO's four: +eps (skipped when the previous step already applied it),
   L+, -2 eps, L-, then ONE pass that restores and updates (coefficient eps - lr g) and, when
@@ -25,7 +27,8 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from .ops import _check_rounding, _check_seed, apply_seeds_multi_, normalize_seeds, stream_id
+from .ops import (_check_rounding, _check_seed, apply_seeds_multi, apply_seeds_multi_,
+                  normalize_coefs, normalize_seeds, stream_id)
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -178,6 +181,47 @@ class ModelSeeds:
     def apply(self, seeds, coefs) -> None:
         """w <- w + sum_k coefs[k] * z(seeds[k]) on every parameter, in one fused pass."""
         self._apply(normalize_seeds(seeds), coefs)
+
+    def apply_from(self, bases, seeds, coefs, *, staged: Optional[bool] = None) -> None:
+        """w <- bases[i] + sum_k coefs[k] * z(seeds[k]) on every parameter i (bases: one tensor per
+        parameter, same shape and dtype, on any device; never written).
+
+        One pass with the out-of-place op where it exists and the bases are on the parameters' device;
+        otherwise (or with ``staged=True``) each base is first copied into its parameter, then one
+        in-place pass: bitwise the same weights either way.  Any pending +eps is forgotten (the weights
+        are overwritten)."""
+        if isinstance(bases, torch.Tensor) or not isinstance(bases, Iterable):
+            raise TypeError("bases must be a sequence of tensors, one per parameter")
+        bases = list(bases)
+        if len(bases) != len(self._params):
+            raise ValueError(f"bases must hold one tensor per parameter ({len(self._params)}), got "
+                             f"{len(bases)}")
+        for i, (b, p) in enumerate(zip(bases, self._params)):
+            if not isinstance(b, torch.Tensor):
+                raise TypeError(f"bases[{i}] must be a tensor, got {type(b).__name__}")
+            if b.dtype != p.dtype or b.shape != p.shape:
+                raise ValueError(f"bases[{i}] is {b.dtype} {tuple(b.shape)} but parameter "
+                                 f"{self._names[i]!r} is {p.dtype} {tuple(p.shape)}")
+            if b.numel() and _storage_key(b) == _storage_key(p):
+                raise ValueError(f"bases[{i}] shares its storage with parameter {self._names[i]!r}")
+        seeds = normalize_seeds(seeds)
+        coefs = normalize_coefs(coefs, seeds.numel())
+        self._pending = None
+        if not staged and seeds.numel() and all(b.device == p.device
+                                                for b, p in zip(bases, self._params)):
+            apply_seeds_multi(bases, list(self._streams), seeds, coefs, outs=list(self._params),
+                              backend=self.backend, rounding=self.rounding)
+            return
+        with torch.no_grad():
+            for p, b in zip(self._params, bases):
+                p.copy_(b)
+        if seeds.numel():
+            self._apply(seeds, coefs)
+
+    def discard_pending(self) -> None:
+        """Forget a pending +eps perturbation without undoing it: for when the weights have just been
+        overwritten (e.g. rebuilt from w0), so it is no longer in them."""
+        self._pending = None
 
     def restore_pending(self) -> None:
         """Remove a pending +eps perturbation left by zo_step(..., next_seed=...). No-op if none."""

@@ -5,9 +5,12 @@
 #   2. the GPU tests: tests/test_cuda.py, the GPU half of tests/test_triton.py, tests/test_opcheck.py (its
 #      CUDA cases); a skipped one counts as a failure (the GPU-free tests are scripts/test.sh's);
 #   3. the three GPU benchmarks, bench/bench_gpu_{apply,rebuild,zo_step}.py, at their default sizes;
+#   3b. memory: bench/bench_gpu_memory.py, torch.cuda.max_memory_allocated beyond the model's bytes around a
+#      rebuild (w0 stays in host memory), a snapshot restore and ZO steps of a 0.17B bf16 LLaMA (issue #11);
 #   4. with --ncu, an Nsight Compute profile of the apply kernels (cuda, triton) at K = 1024.
-# Everything goes to one folder, at most 8 files: summary.txt (machine, versions, commit, the step table),
-# build.log, tests.log, bench_apply.log, bench_rebuild.log, bench_zo_step.log, ncu.log, ncu_apply.ncu-rep.
+# Everything goes to one folder, at most 9 files: summary.txt (machine, versions, commit, the step table),
+# build.log, tests.log, bench_apply.log, bench_rebuild.log, bench_zo_step.log, bench_memory.log, ncu.log,
+# ncu_apply.ncu-rep.
 # A failing step does not stop the others.  Exit status: 0 if every step passed, 1 if one failed or ran
 # out of time, 2 if there is no GPU or an option is wrong.  The default run is meant to fit in under 10
 # minutes on an H100 (not yet timed on one); each step has a time limit and the whole run ends within
@@ -15,11 +18,11 @@
 #
 #   bash scripts/gpu_check.sh                  # everything, into $OUT if set, else ./gpu_check_out
 #   bash scripts/gpu_check.sh --tests-only     # build, check, GPU tests
-#   bash scripts/gpu_check.sh --bench-only     # build, check, benchmarks
+#   bash scripts/gpu_check.sh --bench-only     # build, check, benchmarks (memory included)
 #   bash scripts/gpu_check.sh --only build,check,ncu   # the ncu profile alone
 #   bash scripts/gpu_check.sh --smoke          # no GPU needed: the plumbing, the benchmarks' --smoke modes
 #
-# Options: --out DIR; --only STEPS (comma-separated, of: build,check,tests,apply,rebuild,zo_step,ncu);
+# Options: --out DIR; --only STEPS (comma-separated, of: build,check,tests,apply,rebuild,zo_step,memory,ncu);
 #   --ncu (add the ncu step); --no-build (use the kseed_kernels._C already built); --quick (shorter
 #   benchmarks: K = 1, 16, 1024 for apply, K = 1024 for rebuild, 5 ZO steps); --budget SECONDS (default
 #   560); --tree-hash (print the hash of the source files, to match a run's summary to a checkout; exit).
@@ -51,7 +54,7 @@ while (($#)); do
     --only) ONLY=${2:?--only needs a list of steps}; shift ;;
     --only=*) ONLY=${1#*=} ;;
     --tests-only) ONLY=build,check,tests ;;
-    --bench-only) ONLY=build,check,apply,rebuild,zo_step ;;
+    --bench-only) ONLY=build,check,apply,rebuild,zo_step,memory ;;
     --ncu) NCU=1 ;;
     --smoke) SMOKE=1 ;;
     --quick) QUICK=1 ;;
@@ -67,7 +70,7 @@ while (($#)); do
 done
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "gpu_check: --budget takes whole seconds, got $BUDGET" >&2; exit 2; }
 # Which steps run.
-STEPS=(build check tests apply rebuild zo_step ncu)
+STEPS=(build check tests apply rebuild zo_step memory ncu)
 declare -A WANT=()
 if [[ -n $ONLY ]]; then
   IFS=, read -r -a picked <<<"$ONLY"
@@ -76,7 +79,7 @@ if [[ -n $ONLY ]]; then
     WANT[$s]=1
   done
 else
-  for s in build check tests apply rebuild zo_step; do WANT[$s]=1; done
+  for s in build check tests apply rebuild zo_step memory; do WANT[$s]=1; done
 fi
 ((NCU)) && WANT[ncu]=1
 ((SMOKE && !BUILD_SET)) && BUILD=0  # --smoke leaves the built extension alone unless --build is given
@@ -91,8 +94,8 @@ cd "$ROOT" || exit 2
 # Our files in the folder (at most 8); older copies of them go first.
 SUMMARY=$OUTDIR/summary.txt BUILD_LOG=$OUTDIR/build.log TESTS_LOG=$OUTDIR/tests.log
 APPLY_LOG=$OUTDIR/bench_apply.log REBUILD_LOG=$OUTDIR/bench_rebuild.log ZO_LOG=$OUTDIR/bench_zo_step.log
-NCU_LOG=$OUTDIR/ncu.log NCU_REP=$OUTDIR/ncu_apply.ncu-rep
-rm -f "$SUMMARY" "$BUILD_LOG" "$TESTS_LOG" "$APPLY_LOG" "$REBUILD_LOG" "$ZO_LOG" "$NCU_LOG" "$NCU_REP"
+NCU_LOG=$OUTDIR/ncu.log NCU_REP=$OUTDIR/ncu_apply.ncu-rep MEM_LOG=$OUTDIR/bench_memory.log
+rm -f "$SUMMARY" "$BUILD_LOG" "$TESTS_LOG" "$APPLY_LOG" "$REBUILD_LOG" "$ZO_LOG" "$NCU_LOG" "$NCU_REP" "$MEM_LOG"
 
 export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"  # the in-tree package, built in place
 export PYTHONUNBUFFERED=1
@@ -435,6 +438,13 @@ fi
 if [[ -n ${WANT[zo_step]:-} ]]; then
   run_step zo_step "$ZO_LOG" 240 "$PY" bench/bench_gpu_zo_step.py "${SMOKE_ARG[@]}" "${ZO_ARGS[@]}"
   verdict zo_step "$(zo_note "$ZO_LOG")"
+fi
+
+if [[ -n ${WANT[memory]:-} ]]; then
+  MEM_ARGS=()
+  ((QUICK && !SMOKE)) && MEM_ARGS=(--k 64 --steps 2)
+  run_step memory "$MEM_LOG" 240 "$PY" bench/bench_gpu_memory.py "${SMOKE_ARG[@]}" "${MEM_ARGS[@]}"
+  verdict memory "$(grep -E '^(rebuild|[0-9]+ ZO)' "$MEM_LOG" | sed -E 's/ +/ /g' | paste -sd';' | cut -c1-200) (extra MiB, s)"
 fi
 
 # ------------------------------------------------------------------------------- 4. ncu

@@ -3,11 +3,13 @@ instruction examples, losses on response tokens, greedy generation, and the Work
 global model w0 + sum_k A_k z_k from a pristine copy of w0 with one fused pass."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import math
 import os
 import time
+import weakref
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -15,14 +17,14 @@ import torch
 
 from kseed_kernels import ModelSeeds
 
+from . import weights as W
 from .datasets import format_prompt
+from .weights import ModelError
+
+_SOURCES: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "embedded")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ModelError(ValueError):
-    """A model directory that cannot be used (the message names the problem)."""
 
 
 def check_model_dir(path: str) -> None:
@@ -35,38 +37,94 @@ def check_model_dir(path: str) -> None:
         raise ModelError(f"model directory {path} holds no weights (*.safetensors or *.bin)")
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' progress bars off and its logging at ERROR inside the block (restored after)."""
+    from transformers.utils import logging as tlog
+    level = tlog.get_verbosity()
+    bars = tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _names(keys, at_most: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - at_most} more" if len(keys) > at_most else ""
+    return ", ".join(keys[:at_most]) + more
+
+
 def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
-    """(model, tokenizer) from a local directory; nothing is fetched from a hub."""
+    """(model, tokenizer) from a local directory; nothing is fetched from a hub.
+
+    Refused with a ModelError: a model whose weight files lack a tensor the architecture needs (which
+    transformers would initialise at random) or hold tensors it does not use, and a model with a NaN or
+    an infinity in its weights.  transformers' own messages and progress bars are not shown.
+
+    Memory: transformers 5 maps a safetensors file and, when the run dtype is the file's, hands the
+    mapped tensors to the model as they are (copy-on-write: they become private memory only as the
+    training writes them); in another dtype each tensor is converted on its own.  So loading holds one
+    copy of the weights at most (measured in bench/bench_memory.py).  The model remembers its directory
+    for ``Workspace``, which maps w0 from the same files (kseed.weights).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     check_model_dir(path)
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        import transformers
-        major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
-        kw = {"dtype" if major_minor >= (4, 56) else "torch_dtype": DTYPES[dtype]}
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            import transformers
+            major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+            kw = {"dtype" if major_minor >= (4, 56) else "torch_dtype": DTYPES[dtype]}
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, output_loading_info=True, **kw)
     except Exception as exc:  # transformers raises many kinds
         raise ModelError(f"cannot load the model in {path}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    for what, key in (("lack tensors the model needs", "missing_keys"),
+                      ("hold tensors the model does not use", "unexpected_keys"),
+                      ("hold tensors of the wrong shape", "mismatched_keys")):
+        keys = [k if isinstance(k, str) else str(k[0]) for k in (info.get(key) or [])]
+        if keys:
+            raise ModelError(f"the weights in {path} {what}: {_names(keys)}")
+    if info.get("error_msgs"):
+        raise ModelError(f"cannot load the model in {path}: {str(info['error_msgs'][0])[:200]}")
+    bad = W.first_nonfinite(list(model.state_dict().items()))
+    if bad is not None:
+        raise ModelError(f"the weights in {path} hold NaN or infinite values (tensor {bad})")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)  # marks the trainable set for ModelSeeds; autograd is never used
+    _SOURCES[model] = os.path.abspath(path)
     return model, tok
 
 
+def model_source(model: torch.nn.Module) -> Optional[str]:
+    """The directory ``load_model`` loaded ``model`` from (None for a model built otherwise)."""
+    return _SOURCES.get(model)
+
+
 def model_hash(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's tensors (names, dtypes, shapes and bytes, sorted by name)."""
+    """SHA-256 of the model's tensors (names, dtypes, shapes and bytes, sorted by name).
+
+    Hashes each tensor's memory in place (a tensor on another device comes to the host one at a
+    time): no copy of the model."""
     h = hashlib.sha256()
     sd = model.state_dict()
     for name in sorted(sd):
         t = sd[name].detach().cpu().contiguous()
         h.update(name.encode() + b"\0" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -174,28 +232,41 @@ def rouge_l(model, tok, examples: Sequence[dict], max_length: int, device,
 
 # --------------------------------------------------------------------------------- workspace
 class Workspace:
-    """A model, its tokenizer, the ModelSeeds over its trainable tensors, and a pristine copy of w0.
+    """A model, its tokenizer, the ModelSeeds over its trainable tensors, and the pristine weights w0.
 
     ``rebuild(seeds, coefs)`` sets the weights to w0 + sum_k coefs[k] z(seeds[k]) with one fused pass
     over the nonzero coefficients (in ascending k; a zero term adds nothing under the spec's float32
-    sum, see docs/SPEC.md section 4).  With ``cache=True`` a second rebuild with the same seeds and
-    coefficients copies the cached result instead of recomputing it (bitwise the same bytes): in-process
-    simulation shares one rebuild between the server's evaluation and all clients of a round.
+    sum, see docs/SPEC.md section 4), reading each weight of w0 once.
+
+    Memory (issue #11; kseed.weights has the details): ``w0`` is host memory that is not anonymous: a
+    copy-on-write map of the model's safetensors when the run dtype is the file's, else of a cache file
+    written once per model hash and dtype (``w0_source`` says which).  The model (on ``device``) is the
+    only copy of the weights in private memory or on the accelerator; w0 does not move to the device:
+    a rebuild on another device copies each tensor in, then applies in place (``staged``; None chooses
+    by device, True forces it, which is how the tests run that path on CPU).
+
+    With ``cache=True`` the weights of the last rebuild are kept as a snapshot in an unlinked file (page
+    cache, not anonymous memory) and a second rebuild with the same seeds and coefficients copies them
+    back instead of recomputing (bitwise the same bytes): in-process simulation shares ONE rebuild per
+    round between the server's evaluation and all the clients of the next round.  ``rebuilds`` counts
+    the computed rebuilds, ``rebuild_seconds`` the seconds spent in ``rebuild`` (both kinds).
     """
 
     def __init__(self, model, tok, *, backend: Optional[str] = None, rounding: str = "nearest",
-                 identity: Optional[dict] = None, cache: bool = False):
+                 identity: Optional[dict] = None, cache: bool = False, staged: Optional[bool] = None):
         self.model = model
         self.tok = tok
         self.ms = ModelSeeds(model, backend=backend, rounding=rounding)
-        self.w0 = [p.detach().clone() for p in self.ms.params]
         self.identity = identity or {}
         self.device = self.ms.params[0].device
+        self.w0, self.w0_source = W.host_w0(model, self.ms, key=self.identity.get("hash"),
+                                            source=model_source(model))
+        self.staged = staged
         self.cache = cache
-        self._cache_key = None
-        self._cached = None
+        self._snapshot: Optional[W.FileBuffer] = None
+        self._snapshot_key: Optional[bytes] = None
         self.rebuilds = 0
-        self.rebuild_seconds = 0.0  # cumulative seconds spent inside rebuild()
+        self.rebuild_seconds = 0.0
 
     @property
     def pad_id(self) -> int:
@@ -203,30 +274,30 @@ class Workspace:
 
     def rebuild(self, seeds: np.ndarray, coefs: np.ndarray) -> None:
         t0 = time.perf_counter()
+        try:
+            self._rebuild(seeds, coefs)
+        finally:
+            self.rebuild_seconds += time.perf_counter() - t0
+
+    def _rebuild(self, seeds: np.ndarray, coefs: np.ndarray) -> None:
         c = np.ascontiguousarray(coefs, dtype=np.float32)
-        key = None
-        if self.cache:
-            key = hashlib.sha256(np.ascontiguousarray(seeds, dtype=np.uint64).tobytes()
-                                 + c.tobytes()).digest()
-            if key == self._cache_key:
-                with torch.no_grad():
-                    for p, s in zip(self.ms.params, self._cached):
-                        p.copy_(s)
-                self.ms._pending = None
-                self.rebuild_seconds += time.perf_counter() - t0
-                return
-        self.ms.restore_pending()
-        with torch.no_grad():
-            for p, w in zip(self.ms.params, self.w0):
-                p.copy_(w)
+        s = np.ascontiguousarray(seeds, dtype=np.uint64)
+        key = hashlib.sha256(s.tobytes() + c.tobytes()).digest() if self.cache else None
+        if key is not None and key == self._snapshot_key:
+            self.ms.discard_pending()  # the weights are overwritten
+            with torch.no_grad():
+                for p, snap in zip(self.ms.params, self._snapshot.tensors):
+                    p.copy_(snap)
+            return
         nz = np.flatnonzero(c != 0)
-        if nz.size:
-            self.ms.apply(np.ascontiguousarray(seeds, dtype=np.uint64)[nz], c[nz].tolist())
+        self.ms.apply_from(self.w0, s[nz], c[nz], staged=self.staged)
         self.rebuilds += 1
         if self.cache:
-            self._cache_key = key
-            self._cached = [p.detach().clone() for p in self.ms.params]
-        self.rebuild_seconds += time.perf_counter() - t0
+            self._snapshot_key = None
+            if self._snapshot is None:
+                self._snapshot = W.host_buffer(self.ms.params, "the round snapshot")
+            self._snapshot.copy_from(self.ms.params)
+            self._snapshot_key = key
 
     def weights(self) -> List[torch.Tensor]:
         return [p.detach() for p in self.ms.params]

@@ -13,6 +13,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from . import modeling as M
 from .client import FedKSeedClient
 from .config import FedConfig
 from .rounds import Delivery, Federation
@@ -54,8 +55,9 @@ def export(out: str, to: str, *, model_path: Optional[str] = None, device: str =
         raise CheckpointError(f"cannot export {out}: {exc}") from None
     ws.rebuild(server.seeds, server.global_coefs())
     os.makedirs(to, exist_ok=True)
-    ws.model.save_pretrained(to, safe_serialization=True)
-    ws.tok.save_pretrained(to)
+    with M.quiet_transformers():  # no progress bars or notices: export prints one line
+        ws.model.save_pretrained(to, safe_serialization=True)
+        ws.tok.save_pretrained(to)
     info = {"from": os.path.abspath(out), "round": server.round, "base_model": ws.identity,
             "num_seeds": cfg.num_seeds, "nonzero_coefficients": int(np.count_nonzero(
                 server.global_coefs()))}

@@ -1,0 +1,374 @@
+"""Memory and speed at real scale (issue #11): a 0.60B-parameter LLaMA-shaped model, built locally.
+
+    python bench/bench_memory.py [--cache DIR] [--only CASES] [--json FILE] [--smoke]
+
+The model (hidden 1536, intermediate 4096, 20 layers, 12 heads, 4 KV heads, vocab 32000, untied, fp32,
+random init: 601,683,456 parameters, 2.24 GiB) is built once into DIR/model (default
+~/.cache/kseed-bench), with the embedded model's tokenizer (its vocabulary is smaller than the model's:
+the extra rows are never used) and a Dolly-style jsonl of 640 synthetic examples in 8 categories
+(DIR/dolly.jsonl).  Nothing is downloaded.  The kseed cache (w0 in another dtype) goes to DIR/kseed-cache
+(KSEED_CACHE), emptied at the start so that the first run of each dtype writes it.
+
+Cases (--only, comma-separated; default all, one at a time, each in its own process):
+  load-fp32, load-bf16  kseed.modeling.load_model alone
+  sim-fp32, sim-bf16, sim-fp16
+                        kseed-fed (python -m kseed), 1 round: --num-clients 20 --clients-per-round 2
+                        --local-steps 3 -K 1024 --batch-size 1 --eval-size 4 --rouge-size 0 --threads 2
+  client-fp32           one Flower ClientApp-style fit: kseed.flower.driver.run_client (load, rebuild
+                        from a down message with nonzero coefficients, tau = 3 steps)
+  timings               in one process, 2 threads, a 1 x 96-token batch: one forward pass, one kseed ZO
+                        step (ModelSeeds.zo_step), the reference code's step (4 passes of
+                        torch.manual_seed + torch.normal per tensor), the rebuild rate
+For every process case the peak of RssAnon + RssShmem over the process and its children is sampled from
+/proc every 10 ms (page cache, i.e. RssFile, does not count) and compared with the issue's bound
+1.3 x weight bytes (in the run dtype) + 0.6 GiB.  The table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GIB = float(1 << 30)
+MODEL = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=12,
+             num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False)
+SMOKE_MODEL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False)
+CATEGORIES = ["brainstorming", "classification", "closed_qa", "creative_writing", "general_qa",
+              "information_extraction", "open_qa", "summarization"]
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+SIM_ARGS = ["--num-clients", "20", "--clients-per-round", "2", "--local-steps", "3", "-K", "1024",
+            "--rounds", "1", "--batch-size", "1", "--eval-size", "4", "--rouge-size", "0",
+            "--threads", "2", "--quiet"]
+ALL_CASES = ["load-fp32", "load-bf16", "sim-fp32", "sim-bf16", "sim-fp16", "client-fp32", "timings"]
+
+
+# ------------------------------------------------------------------------------ the model
+def model_dir(cache: str) -> str:
+    return os.path.join(cache, "model")
+
+
+def build(cache: str, smoke: bool) -> None:
+    """Build the model, its tokenizer and the data once (a marker file records the configuration)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = dict(SMOKE_MODEL if smoke else MODEL)
+    d = model_dir(cache)
+    marker = os.path.join(cache, "built.json")
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            if json.load(f) == spec:
+                return
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(cache, exist_ok=True)
+    emb = os.path.join(ROOT, "python", "kseed", "data", "embedded")
+    tok = AutoTokenizer.from_pretrained(emb, local_files_only=True)
+    cfg = LlamaConfig(**spec, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    del model
+    words = ("river stone light garden paper engine window market letter music forest planet "
+             "signal bridge number story winter glass orbit table").split()
+    import random
+    rng = random.Random(0)
+    with open(os.path.join(cache, "dolly.jsonl"), "w", encoding="utf-8") as f:
+        for i in range(640):
+            text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+            f.write(json.dumps({"instruction": text(12), "context": text(rng.randint(0, 20)),
+                                "response": text(rng.randint(8, 30)),
+                                "category": CATEGORIES[i % len(CATEGORIES)]}) + "\n")
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+
+
+# --------------------------------------------------------------------------------- sampling
+def _children(pid: int):
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _status(pid: int) -> dict:
+    vals = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("RssAnon", "RssShmem", "RssFile"):
+                    vals[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return vals
+
+
+def run_sampled(cmd, env=None, timeout=3000):
+    """Run cmd; sample the process tree's RssAnon + RssShmem every 10 ms. Returns a dict."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = {"anon_shmem": 0, "anon": 0, "shmem": 0, "file": 0}
+    import threading
+    out = []
+    th = threading.Thread(target=lambda: out.append(p.stdout.read()), daemon=True)
+    th.start()
+    while p.poll() is None:
+        tot = {"RssAnon": 0, "RssShmem": 0, "RssFile": 0}
+        todo, seen = [p.pid], set()
+        while todo:
+            q = todo.pop()
+            if q in seen:
+                continue
+            seen.add(q)
+            for k, v in _status(q).items():
+                tot[k] += v
+            todo += _children(q)
+        a = tot["RssAnon"] + tot["RssShmem"]
+        if a > peak["anon_shmem"]:
+            peak.update(anon_shmem=a, anon=tot["RssAnon"], shmem=tot["RssShmem"])
+        peak["file"] = max(peak["file"], tot["RssFile"])
+        if time.perf_counter() - t0 > timeout:
+            p.kill()
+        time.sleep(0.01)
+    th.join()
+    return {"rc": p.returncode, "seconds": time.perf_counter() - t0, "peak": peak,
+            "output": out[0] if out else ""}
+
+
+# ---------------------------------------------------------------------------- the workers
+def worker_load(cache: str, dtype: str) -> None:
+    from kseed import modeling as M
+    t = time.perf_counter()
+    model, _ = M.load_model(model_dir(cache), dtype)
+    n = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"parameters": n, "load_s": time.perf_counter() - t}))
+
+
+def worker_client(cache: str, dtype: str) -> None:
+    """What a Flower ClientApp does for one fit message (kseed.flower.driver.run_client)."""
+    import numpy as np
+
+    from kseed import protocol as P
+    from kseed.config import FedConfig
+    from kseed.flower.driver import run_client
+    from kseed.flower.runconfig import default_run_config, key_of
+    from kseed.server import FedKSeedServer
+
+    import torch
+    torch.set_num_threads(2)
+    rc = default_run_config()
+    over = {"model": model_dir(cache), "data": os.path.join(cache, "dolly.jsonl"),
+            "dataset": "dolly", "num_clients": 20, "clients_per_round": 2, "local_steps": 3,
+            "num_seeds": 1024, "batch_size": 1, "eval_size": 4, "rouge_size": 0, "dtype": dtype}
+    for k, v in over.items():
+        rc[key_of(k)] = v
+    cfg = FedConfig(**{k: v for k, v in over.items()}).validate()
+    server = FedKSeedServer(cfg)
+    # Round 1 with two synthetic uploads, so that round 2's down message has nonzero coefficients.
+    ids = server.sample_clients(1)
+    ups = {c: P.encode_up(P.UpMessage(round=1, client_id=c, num_examples=10,
+                                      indices=np.array([3 + c, 100 + c, 900], dtype=np.uint32),
+                                      grads=np.array([0.5, -1.0, 2.0], dtype=np.float32),
+                                      train_loss=5.0), k=cfg.num_seeds) for c in ids}
+    server.aggregate(1, ups)
+    cid = server.sample_clients(2)[0]
+    down = server.make_down(2, cid)
+    up, timing = run_client(rc, cid, cfg.num_clients, down)
+    print(json.dumps({"up_bytes": len(up), "nonzero_coefs": int(np.count_nonzero(
+        server.global_coefs())), **{k: round(v, 3) for k, v in timing.items()}}))
+
+
+def worker_timings(cache: str, reps: int) -> None:
+    import numpy as np
+    import torch
+
+    from kseed import modeling as M
+    from kseed_kernels import ModelSeeds
+
+    torch.set_num_threads(2)
+    model, tok = M.load_model(model_dir(cache), "fp32")
+    ms = ModelSeeds(model)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, min(len(tok), model.config.vocab_size), (1, 96), generator=g)
+    labels = ids.clone()
+    labels[:, :32] = -100
+    batch = (ids, torch.ones_like(ids), labels)
+    loss = lambda: M.batch_loss(model, batch)  # noqa: E731
+    params = list(ms.params)
+    eps, lr = 1e-3, 1e-6
+
+    def ref_perturb(seed, scale):
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0.0, std=1.0, size=p.shape, dtype=p.dtype)
+            p.data.add_(z, alpha=scale)
+
+    @torch.no_grad()
+    def ref_step(seed):  # the reference code (MeZO's loop): +eps, L+, -2eps, L-, +eps, update
+        ref_perturb(seed, eps)
+        lp = loss()
+        ref_perturb(seed, -2 * eps)
+        lm = loss()
+        ref_perturb(seed, eps)
+        ref_perturb(seed, -lr * (lp - lm) / (2 * eps))
+
+    def timed(fn, n):
+        out = []
+        for i in range(n):
+            t = time.perf_counter()
+            fn(i)
+            out.append(time.perf_counter() - t)
+        return statistics.median(out)
+
+    res = {"load_avg_start": os.getloadavg()[0]}
+    loss()  # warm-up
+    res["forward_s"] = timed(lambda i: loss(), reps)
+    res["kseed_step_s"] = timed(lambda i: ms.zo_step(1000 + i, loss, eps=eps, lr=lr), reps)
+    res["reference_step_s"] = timed(lambda i: ref_step(2000 + i), reps)
+    k = 16
+    seeds = np.arange(5000, 5000 + k, dtype=np.uint64)
+    coefs = (np.random.default_rng(0).standard_normal(k) * 1e-4).tolist()
+    t_apply = timed(lambda i: ms.apply(seeds + np.uint64(100 * i), coefs), reps)
+    res["rebuild_k"] = k
+    res["rebuild_rate"] = ms.numel * k / t_apply
+    res["rebuild_k4096_s"] = ms.numel * 4096 / res["rebuild_rate"]
+    res["parameters"] = ms.numel
+    res["load_avg_end"] = os.getloadavg()[0]
+    print(json.dumps(res))
+
+
+# ----------------------------------------------------------------------------------- driver
+def _last_json(text: str):
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                pass
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "kseed-bench"))
+    ap.add_argument("--only", default=",".join(ALL_CASES))
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions (medians)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model: checks the plumbing only")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    cache = os.path.abspath(a.cache + ("-smoke" if a.smoke else ""))
+    if a.worker:
+        kind = a.worker[0]
+        if kind == "build":
+            build(cache, a.smoke)
+        elif kind == "load":
+            worker_load(cache, a.worker[1])
+        elif kind == "client":
+            worker_client(cache, a.worker[1])
+        elif kind == "timings":
+            worker_timings(cache, a.reps)
+        return 0
+    cases = [c for c in a.only.split(",") if c]
+    bad = [c for c in cases if c not in ALL_CASES]
+    if bad:
+        ap.error(f"unknown case(s) {bad}; choose from {ALL_CASES}")
+    me = [sys.executable, os.path.abspath(__file__), "--cache", a.cache, "--reps", str(a.reps)] + \
+        (["--smoke"] if a.smoke else [])
+    r = subprocess.run(me + ["--worker", "build"], capture_output=True, text=True)
+    if r.returncode:
+        print(r.stdout, r.stderr)
+        return 1
+    kcache = os.path.join(cache, "kseed-cache")
+    shutil.rmtree(kcache, ignore_errors=True)
+    env = dict(os.environ, KSEED_CACHE=kcache, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    import kseed
+    from safetensors import safe_open
+    n = 0
+    with safe_open(os.path.join(model_dir(cache), "model.safetensors"), "np") as f:
+        for k in f.keys():
+            n += int(__import__("numpy").prod(f.get_slice(k).get_shape()))
+    head = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "parameters": n,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB",
+            "kseed": os.path.dirname(kseed.__file__), "commit": subprocess.run(
+                ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                text=True).stdout.strip()}
+    print(json.dumps(head))
+    results = []
+    for case in cases:
+        kind, _, dtype = case.partition("-")
+        if kind == "sim":
+            out = os.path.join(cache, "runs", dtype)
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "kseed", "--model", model_dir(cache), "--data",
+                   os.path.join(cache, "dolly.jsonl"), "--dataset", "dolly", "--dtype", dtype,
+                   "--out", out] + SIM_ARGS
+        elif kind == "timings":
+            cmd = me + ["--worker", "timings"]
+        else:
+            cmd = me + ["--worker", kind, dtype]
+        r = run_sampled(cmd, env=env)
+        info = _last_json(r["output"]) if kind != "sim" else None
+        if kind == "sim" and r["rc"] == 0:
+            with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+                s = json.load(f)
+            info = {"eval_loss_last": s.get("eval_loss_last"), "seconds": s.get("seconds_this_process")}
+        wbytes = n * DTYPE_BYTES.get(dtype or "fp32", 4)
+        bound = 1.3 * wbytes + 0.6 * GIB
+        row = {"case": case, "rc": r["rc"], "wall_s": round(r["seconds"], 1),
+               "weights_gib": wbytes / GIB, "peak_gib": r["peak"]["anon_shmem"] / GIB,
+               "peak_anon_gib": r["peak"]["anon"] / GIB, "peak_shmem_gib": r["peak"]["shmem"] / GIB,
+               "peak_file_gib": r["peak"]["file"] / GIB, "bound_gib": bound / GIB,
+               "x_weights": r["peak"]["anon_shmem"] / wbytes, "info": info}
+        if r["rc"]:
+            row["tail"] = r["output"][-2000:]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    print()
+    print(f"machine: {head['machine']}; {head['parameters']:,} parameters; commit {head['commit']}; "
+          f"{head['date_utc']} UTC")
+    print(f"{'case':12} {'peak GiB':>9} {'x weights':>9} {'bound GiB':>9} {'ok':>4} {'wall s':>7}  "
+          "notes")
+    for row in results:
+        if row["case"] == "timings":
+            continue
+        ok = "yes" if row["rc"] == 0 and row["peak_gib"] <= row["bound_gib"] else "NO"
+        note = "" if row["rc"] == 0 else f"exit {row['rc']}"
+        print(f"{row['case']:12} {row['peak_gib']:9.2f} {row['x_weights']:9.2f} {row['bound_gib']:9.2f} "
+              f"{ok:>4} {row['wall_s']:7.1f}  anon {row['peak_anon_gib']:.2f} shmem "
+              f"{row['peak_shmem_gib']:.2f} file(max) {row['peak_file_gib']:.2f} {note}")
+    for row in results:
+        if row["case"] == "timings" and row["info"]:
+            t = row["info"]
+            print(f"timings (2 threads, 1 x 96 tokens, medians of {a.reps}; load avg "
+                  f"{t['load_avg_start']:.1f} -> {t['load_avg_end']:.1f}): forward {t['forward_s']:.2f} s; "
+                  f"kseed step {t['kseed_step_s']:.2f} s; reference step {t['reference_step_s']:.2f} s "
+                  f"({t['reference_step_s'] / t['kseed_step_s']:.2f}x); rebuild "
+                  f"{t['rebuild_rate'] / 1e9:.2f} G element-seed/s (K = {t['rebuild_k']}), full K = 4096 "
+                  f"rebuild {t['rebuild_k4096_s'] / 60:.1f} min")
+        elif row["case"] == "timings":
+            print("timings: failed:", row.get("tail", ""))
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump({"head": head, "results": results}, f, indent=1)
+    return 0 if all(r["rc"] == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
