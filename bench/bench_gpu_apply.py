@@ -1,6 +1,8 @@
 """apply_seeds_ throughput on the GPU: element-seed updates per second vs K, triton and cuda against
 the per-seed loop of MeZO / FedKSeed and against the "floor" (a kernel that only generates and sums the
-normals, reading and writing no tensor).
+noise, reading and writing no tensor), for each noise family (--noises): the Gaussian rows are named
+after the backend, the Rademacher rows "<backend> rad", each with its own floor ("<backend> rad floor").
+The baseline is the Gaussian per-seed loop for both families.
 
     python bench/bench_gpu_apply.py                 # H100 / H200: a few minutes
     python bench/bench_gpu_apply.py --smoke         # CPU syntax check: tiny shapes, cpu/reference/triton
@@ -99,6 +101,8 @@ def main():
     ap.add_argument("--work", type=float, default=None, help="element-seed updates per timed call")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--baseline-seeds", type=int, default=3)
+    ap.add_argument("--noises", default="gaussian,rademacher",
+                    help="comma-separated noise families (gaussian, rademacher)")
     args = ap.parse_args()
 
     if args.smoke:
@@ -118,6 +122,10 @@ def main():
         reps = args.reps or 3
         default_backends = [b for b in ("triton", "cuda") if b in kk.backends()]
     backends = args.backends.split(",") if args.backends else default_backends
+    noises = args.noises.split(",")
+    for nz in noises:
+        if nz not in kk.ops.NOISES:
+            sys.exit(f"--noises: unknown family {nz!r}; choose from {', '.join(kk.ops.NOISES)}")
     total = numel_of(shapes)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
           f"model: {len(shapes)} tensors, {total:,} elements; backends: {backends}", flush=True)
@@ -143,15 +151,17 @@ def main():
             print(f"  {dname} K={K} n={n:,}: baseline {t_base * 1e3:.2f} ms", flush=True)
 
             for b in backends:
-                t = timed(lambda: kk.apply_seeds_multi_(params, streams, seeds, coefs, backend=b),
-                          reps, device)
-                rows.append((dname, K, b, n, t))
-                print(f"  {dname} K={K}: {b} {t * 1e3:.2f} ms", flush=True)
-                ff = floor_fn(b)
-                if ff is not None and dname == args.dtypes.split(",")[0]:
-                    tf = timed(lambda: ff(n, seeds, coefs, 7, device), reps, device)
-                    rows.append(("-", K, b + " floor", n, tf))
-                    print(f"  K={K}: {b} floor {tf * 1e3:.2f} ms", flush=True)
+                for nz in noises:
+                    meth = b if nz == "gaussian" else f"{b} rad"
+                    t = timed(lambda: kk.apply_seeds_multi_(params, streams, seeds, coefs, backend=b,
+                                                            noise=nz), reps, device)
+                    rows.append((dname, K, meth, n, t))
+                    print(f"  {dname} K={K}: {meth} {t * 1e3:.2f} ms", flush=True)
+                    ff = floor_fn(b)
+                    if ff is not None and dname == args.dtypes.split(",")[0]:
+                        tf = timed(lambda: ff(n, seeds, coefs, 7, device, noise=nz), reps, device)
+                        rows.append(("-", K, meth + " floor", n, tf))
+                        print(f"  K={K}: {meth} floor {tf * 1e3:.2f} ms", flush=True)
             del params
             if device.type == "cuda":
                 torch.cuda.empty_cache()

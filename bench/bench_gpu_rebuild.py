@@ -7,11 +7,13 @@ CUDA memory beyond the model, kseed (one apply_seeds_multi_ call) against the pe
 Memory: torch.cuda.max_memory_allocated() after the call minus memory_allocated() before it (the model
 itself excluded).  The baseline (torch.manual_seed(seed); for p: z = torch.normal(...); p.add_(z, c)) is
 timed over --baseline-seeds seeds and extrapolated per seed to K; its extra memory is one z of the
-largest tensor.
+largest tensor.  Each noise family of --noises gets its rows (Rademacher: "<backend> rad") and, for triton
+and cuda, its floor (the generate-and-sum work over the model's element count, no tensor traffic).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -56,6 +58,9 @@ def main():
     ap.add_argument("--rounding", default="nearest", choices=("nearest", "stochastic"))
     ap.add_argument("--baseline-seeds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--noises", default="gaussian,rademacher",
+                    help="comma-separated noise families; Rademacher rows are '<backend> rad', each "
+                         "family with its floor '<backend> [rad ]floor' (triton, cuda)")
     args = ap.parse_args()
     if args.smoke:
         device = torch.device("cpu")
@@ -70,6 +75,10 @@ def main():
         K = args.k or 4096
         default_backends = [b for b in ("triton", "cuda") if b in kk.backends()]
     backends = args.backends.split(",") if args.backends else default_backends
+    noises = args.noises.split(",")
+    for nz in noises:
+        if nz not in kk.ops.NOISES:
+            sys.exit(f"--noises: unknown family {nz!r}; choose from {', '.join(kk.ops.NOISES)}")
     dtype = DT[args.dtype]
     n = numel_of(shapes)
     params = [torch.empty(s, dtype=dtype, device=device).normal_(0, 0.02) for _, s in shapes]
@@ -81,18 +90,33 @@ def main():
           f"{len(shapes)} tensors, {n:,} elements, {args.dtype}; K = {K}; backends {backends}",
           flush=True)
 
-    rows = []
-    for b in backends:
-        # warm-up (JIT compilation, allocator) on K = 1
-        kk.apply_seeds_multi_(params, streams, seeds[:1], coefs[:1], backend=b,
-                              rounding=args.rounding)
+    def best_of(fn, warm: bool):
+        if warm:
+            fn()  # the first call compiles (JIT) and warms the allocator: not timed
         best = None
         for _ in range(args.reps):
-            t, extra = measure(lambda: kk.apply_seeds_multi_(params, streams, seeds, coefs, backend=b,
-                                                             rounding=args.rounding), device)
+            t, extra = measure(fn, device)
             best = (t, extra) if best is None or t < best[0] else best
-        rows.append((b, best[0], best[1]))
-        print(f"  {b}: {best[0]:.3f} s", flush=True)
+        return best
+
+    rows = []
+    for b in backends:
+        mod = importlib.import_module(f"kseed_kernels.backends.{b}")
+        for nz in noises:
+            meth = b if nz == "gaussian" else f"{b} rad"
+            # warm-up (JIT compilation, allocator) on K = 1
+            kk.apply_seeds_multi_(params, streams, seeds[:1], coefs[:1], backend=b,
+                                  rounding=args.rounding, noise=nz)
+            best = best_of(lambda: kk.apply_seeds_multi_(params, streams, seeds, coefs, backend=b,
+                                                         rounding=args.rounding, noise=nz),
+                           warm=False)
+            rows.append((meth, best[0], best[1]))
+            print(f"  {meth}: {best[0]:.3f} s", flush=True)
+            if b in ("triton", "cuda") and hasattr(mod, "noise_floor"):
+                # the generate-and-sum work over the model's element count, no tensor traffic
+                best = best_of(lambda: mod.noise_floor(n, seeds, coefs, 7, device, noise=nz), warm=True)
+                rows.append((meth + " floor", best[0], best[1]))
+                print(f"  {meth} floor: {best[0]:.3f} s", flush=True)
 
     nb = min(K, args.baseline_seeds)
 

@@ -10,6 +10,8 @@ step is two forwards (loss at w + eps z and at w - eps z) plus the perturbations
 - kseed: ModelSeeds.zo_step, fused passes through apply_seeds_multi_ (three passes per step; with
   next_seed the restore, update and next step's +eps share one pass: two per step).
 Reported: median step time over --steps steps after --warmup steps, and peak CUDA memory during them.
+Each noise family of --noises gets the kseed rows (Rademacher: "kseed <backend> rad ..."), through
+ModelSeeds(..., noise=...); a ModelSeeds without that keyword skips the Rademacher rows with a note.
 """
 from __future__ import annotations
 
@@ -93,6 +95,8 @@ def main():
     ap.add_argument("--backends", default=None)
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--noises", default="gaussian,rademacher",
+                    help="comma-separated noise families of the kseed rows")
     args = ap.parse_args()
     try:
         from kseed_kernels.model import ModelSeeds
@@ -109,6 +113,20 @@ def main():
         tokens, steps = args.tokens, args.steps or 10
         default_backends = [b for b in ("cuda", "triton") if b in kk.backends()]
     backends = args.backends.split(",") if args.backends else default_backends
+    noises = args.noises.split(",")
+    for nz in noises:
+        if nz not in kk.ops.NOISES:
+            sys.exit(f"--noises: unknown family {nz!r}; choose from {', '.join(kk.ops.NOISES)}")
+
+    def model_seeds(b, nz):
+        """ModelSeeds for backend b and family nz (None if this ModelSeeds has no noise keyword)."""
+        if nz == "gaussian":
+            return ModelSeeds(model, backend=b)
+        try:
+            return ModelSeeds(model, backend=b, noise=nz)
+        except TypeError as exc:
+            print(f"  skipped the {nz} rows: ModelSeeds does not take noise= ({exc})", flush=True)
+            return None
 
     model = build_model(cfg, dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -130,17 +148,22 @@ def main():
                         lambda i: mezo_step(params, 1000 + i, loss_fn, args.eps, args.lr),
                         steps, args.warmup, device))
         for b in backends:
-            ms = ModelSeeds(model, backend=b)
-            rows.append(run(f"kseed {b} zo_step",
-                            lambda i, ms=ms: ms.zo_step(1000 + i, loss_fn, eps=args.eps, lr=args.lr),
-                            steps, args.warmup, device))
-            ms.restore_pending()
-            ms2 = ModelSeeds(model, backend=b)
-            rows.append(run(f"kseed {b} zo_step+next",
-                            lambda i, ms=ms2: ms.zo_step(1000 + i, loss_fn, eps=args.eps, lr=args.lr,
-                                                         next_seed=1001 + i),
-                            steps, args.warmup, device))
-            ms2.restore_pending()
+            for nz in noises:
+                tag = b if nz == "gaussian" else f"{b} rad"
+                ms = model_seeds(b, nz)
+                if ms is None:
+                    continue
+                rows.append(run(f"kseed {tag} zo_step",
+                                lambda i, ms=ms: ms.zo_step(1000 + i, loss_fn, eps=args.eps,
+                                                            lr=args.lr),
+                                steps, args.warmup, device))
+                ms.restore_pending()
+                ms2 = model_seeds(b, nz)
+                rows.append(run(f"kseed {tag} zo_step+next",
+                                lambda i, ms=ms2: ms.zo_step(1000 + i, loss_fn, eps=args.eps,
+                                                             lr=args.lr, next_seed=1001 + i),
+                                steps, args.warmup, device))
+                ms2.restore_pending()
 
         fwd = run("two forwards only", lambda i: (float(loss_fn()), float(loss_fn())), steps, 1,
                   device)

@@ -67,9 +67,16 @@ inline int check_rounding(int64_t rounding) {
   return int(rounding);
 }
 
-// The out tensor of gaussian_ (float32, 1-d, contiguous, writable, on `device_type`) and its offset;
-// returns the checked stream id.
-inline uint32_t check_gaussian(const at::Tensor& out, int64_t stream, int64_t offset,
+inline Noise check_noise(int64_t noise) {
+  TORCH_CHECK_VALUE(noise == kNoiseGaussian || noise == kNoiseRademacher, "kseed: noise must be ",
+                    int(kNoiseGaussian), " (gaussian) or ", int(kNoiseRademacher),
+                    " (rademacher), got ", noise);
+  return Noise(noise);
+}
+
+// The out tensor of gaussian_ / rademacher_ (float32, 1-d, contiguous, writable, on `device_type`) and
+// its offset; returns the checked stream id.
+inline uint32_t check_noise_out(const at::Tensor& out, int64_t stream, int64_t offset,
                                c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(out.device().type() == device_type, "kseed (", c10::DeviceTypeName(device_type),
                     "): out must be a ", c10::DeviceTypeName(device_type), " tensor, got ",
@@ -192,53 +199,58 @@ inline ApplyPlan build_plan(at::TensorList bases, at::TensorList outs, at::IntAr
 }
 
 // Everything an apply call's kernels need, read and checked: its plan (tiles of tile_elems elements),
-// seeds and coefficients, rounding code and stochastic-rounding key, and the tensors' device.
+// seeds and coefficients, rounding code and stochastic-rounding key, noise family, and the tensors'
+// device.
 struct ApplyCall {
   ApplyPlan plan;
   SeedsCoefs sc;
   int rounding;
   uint64_t sr_key;
+  Noise noise;
   c10::optional<at::Device> device;
   bool empty() const { return sc.K == 0 || plan.empty(); }
 };
 
 inline ApplyCall read_apply(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
                             const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding,
-                            int64_t sr_key, c10::DeviceType device_type, int64_t tile_elems) {
+                            int64_t sr_key, int64_t noise, c10::DeviceType device_type,
+                            int64_t tile_elems) {
   const int r = check_rounding(rounding);
+  const Noise nz = check_noise(noise);
   SeedsCoefs sc = read_seeds_coefs(seeds, coefs);
   c10::optional<at::Device> device;
   ApplyPlan plan = build_plan(bases, outs, streams, device_type, tile_elems, &device);
-  return ApplyCall{std::move(plan), std::move(sc), r, uint64_t(sr_key), device};
+  return ApplyCall{std::move(plan), std::move(sc), r, uint64_t(sr_key), nz, device};
 }
 
 // The four apply ops of a device, all through its Run(bases, outs, streams, seeds, coefs, rounding,
-// sr_key) (bases empty: in place), and their registration: impl_apply_ops<run_apply>(m) in the device's
+// sr_key, noise) (bases empty: in place), and their registration: impl_apply_ops<run_apply>(m) in the device's
 // TORCH_LIBRARY_IMPL block.
 using RunApply = void (*)(at::TensorList, at::TensorList, at::IntArrayRef, const at::Tensor&,
-                          const at::Tensor&, int64_t, int64_t);
+                          const at::Tensor&, int64_t, int64_t, int64_t);
 
 template <RunApply Run>
 struct ApplyOps {
   static void in_place(at::Tensor& tensor, const at::Tensor& seeds, const at::Tensor& coefs,
-                       int64_t stream, int64_t rounding, int64_t sr_key) {
-    Run({}, {tensor}, {stream}, seeds, coefs, rounding, sr_key);
+                       int64_t stream, int64_t rounding, int64_t sr_key, int64_t noise) {
+    Run({}, {tensor}, {stream}, seeds, coefs, rounding, sr_key, noise);
   }
   static void multi(at::TensorList tensors, at::IntArrayRef streams, const at::Tensor& seeds,
-                    const at::Tensor& coefs, int64_t rounding, int64_t sr_key) {
-    Run({}, tensors, streams, seeds, coefs, rounding, sr_key);
+                    const at::Tensor& coefs, int64_t rounding, int64_t sr_key, int64_t noise) {
+    Run({}, tensors, streams, seeds, coefs, rounding, sr_key, noise);
   }
   static void out(const at::Tensor& base, at::Tensor& out, const at::Tensor& seeds,
-                  const at::Tensor& coefs, int64_t stream, int64_t rounding, int64_t sr_key) {
-    Run({base}, {out}, {stream}, seeds, coefs, rounding, sr_key);
+                  const at::Tensor& coefs, int64_t stream, int64_t rounding, int64_t sr_key,
+                  int64_t noise) {
+    Run({base}, {out}, {stream}, seeds, coefs, rounding, sr_key, noise);
   }
   static void multi_out(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
                         const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding,
-                        int64_t sr_key) {
+                        int64_t sr_key, int64_t noise) {
     TORCH_CHECK_VALUE(bases.size() == outs.size(),
                       "kseed: bases and outs must have the same length, got ", bases.size(), " and ",
                       outs.size());
-    if (!outs.empty()) Run(bases, outs, streams, seeds, coefs, rounding, sr_key);
+    if (!outs.empty()) Run(bases, outs, streams, seeds, coefs, rounding, sr_key, noise);
   }
 };
 

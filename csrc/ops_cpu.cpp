@@ -39,11 +39,13 @@ Isa current_isa() {
   return isa;
 }
 
-// Every tile of every group of the call's plan: dst = round(src + sum_k coefs[k] z(seeds[k], stream, e)).
+// Every tile of every group of the call's plan: dst = round(src + sum_k coefs[k] n(seeds[k], stream, e)),
+// n the call's noise family.
 void run_apply(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
-               const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding, int64_t sr_key) {
+               const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding, int64_t sr_key,
+               int64_t noise) {
   const kseed::checks::ApplyCall call = kseed::checks::read_apply(
-      bases, outs, streams, seeds, coefs, rounding, sr_key, kCPU, kseed::cpu::tile_elems());
+      bases, outs, streams, seeds, coefs, rounding, sr_key, noise, kCPU, kseed::cpu::tile_elems());
   if (call.empty()) return;
   const Isa isa = current_isa();
   const int64_t tile = call.plan.tile_elems();
@@ -59,7 +61,8 @@ void run_apply(at::TensorList bases, at::TensorList outs, at::IntArrayRef stream
         const PlanRow& x = rows[r];
         const int64_t e0 = (t - x.first_tile) * tile;
         const int64_t len = std::min(tile, x.numel - e0);
-        kseed::cpu::apply_tile(isa, g.dtype, kseed::kNoiseGaussian, static_cast<const char*>(x.src) + es * size_t(e0),
+        kseed::cpu::apply_tile(isa, g.dtype, call.noise,
+                               static_cast<const char*>(x.src) + es * size_t(e0),
                                static_cast<char*>(x.dst) + es * size_t(e0), uint64_t(e0), len,
                                sc.s(), sc.c(), sc.K, x.stream, call.rounding, call.sr_key);
       }
@@ -109,7 +112,7 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
 }
 
 void gaussian_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
-  const uint32_t st = kseed::checks::check_gaussian(out, stream, offset, kCPU);
+  const uint32_t st = kseed::checks::check_noise_out(out, stream, offset, kCPU);
   const int64_t n = out.numel();
   if (n == 0) return;
   const Isa isa = current_isa();
@@ -124,11 +127,34 @@ void gaussian_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset)
   });
 }
 
+// out[j] = r(seed, stream, offset + j): the Rademacher update of a zeroed float32 tile with K = 1 and
+// coefficient 1.0 (0 + (+-1) is exactly +-1), through the same tile kernel as apply.
+void rademacher_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
+  const uint32_t st = kseed::checks::check_noise_out(out, stream, offset, kCPU);
+  const int64_t n = out.numel();
+  if (n == 0) return;
+  const Isa isa = current_isa();
+  const int64_t tile = kseed::cpu::tile_elems();
+  const uint64_t s = uint64_t(seed);
+  const float one = 1.0f;
+  float* p = out.data_ptr<float>();
+  at::parallel_for(0, kseed::tiles_of(n, tile), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j0 = t * tile;
+      const int64_t len = std::min(tile, n - j0);
+      std::fill(p + j0, p + j0 + len, 0.0f);
+      kseed::cpu::apply_tile(isa, DType::F32, kseed::kNoiseRademacher, p + j0, p + j0,
+                             uint64_t(offset + j0), len, &s, &one, 1, st, kseed::kRoundNearest, 0);
+    }
+  });
+}
+
 // Benchmark floor on the CPU: per tile of kFloorTileElems elements, the noise sum into a float32 scratch
 // tile (no weight read or written), then the tile's sum.
 at::Tensor noise_floor_cpu(const at::Tensor& like, const at::Tensor& seeds, const at::Tensor& coefs,
-                           int64_t numel, int64_t stream) {
+                           int64_t numel, int64_t stream, int64_t noise) {
   TORCH_CHECK_VALUE(like.device().is_cpu(), "kseed (CPU): like must be a CPU tensor");
+  const kseed::Noise nz = kseed::checks::check_noise(noise);
   TORCH_CHECK_VALUE(numel > 0 && numel <= kMaxIndex, "kseed: numel must be in [1, 2^62], got ", numel);
   const uint32_t st = check_stream(stream, "stream");
   const kseed::checks::SeedsCoefs sc = kseed::checks::read_seeds_coefs(seeds, coefs);
@@ -143,7 +169,7 @@ at::Tensor noise_floor_cpu(const at::Tensor& like, const at::Tensor& seeds, cons
       const int64_t len = std::min(tile, numel - t * tile);
       std::fill(buf.begin(), buf.end(), 0.0f);
       if (sc.K > 0) {
-        kseed::cpu::apply_tile(isa, DType::F32, kseed::kNoiseGaussian, buf.data(), buf.data(), uint64_t(t * tile), len,
+        kseed::cpu::apply_tile(isa, DType::F32, nz, buf.data(), buf.data(), uint64_t(t * tile), len,
                                sc.s(), sc.c(), sc.K, st, kseed::kRoundNearest, 0);
       }
       float s = 0.0f;
@@ -196,6 +222,7 @@ void set_cpu_tile_elems(int64_t n) {
 TORCH_LIBRARY_IMPL(kseed, CPU, m) {
   m.impl("philox4x32_10", &philox4x32_10_cpu);
   m.impl("gaussian_", &gaussian_cpu);
+  m.impl("rademacher_", &rademacher_cpu);
   kseed::checks::impl_apply_ops<run_apply>(m);
   m.impl("_noise_floor", &noise_floor_cpu);
 }

@@ -21,19 +21,20 @@ at::Tensor philox4x32_10_meta(const at::Tensor& counter, const at::Tensor& key) 
   TORCH_CHECK_VALUE(key.dim() >= 1 && key.size(-1) == 2, "kseed: key must have shape [..., 2]");
   return at::empty(counter.sizes(), counter.options());
 }
-void gaussian_meta(at::Tensor&, int64_t, int64_t, int64_t) {}
-void apply_seeds_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t) {}
+void noise_out_meta(at::Tensor&, int64_t, int64_t, int64_t) {}  // gaussian_, rademacher_
+void apply_seeds_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
+                      int64_t) {}
 void apply_seeds_multi_meta(at::TensorList, at::IntArrayRef, const at::Tensor&, const at::Tensor&,
-                            int64_t, int64_t) {}
+                            int64_t, int64_t, int64_t) {}
 void apply_seeds_out_meta(const at::Tensor& base, at::Tensor& out, const at::Tensor&,
-                          const at::Tensor&, int64_t, int64_t, int64_t) {
+                          const at::Tensor&, int64_t, int64_t, int64_t, int64_t) {
   TORCH_CHECK_VALUE(base.sizes() == out.sizes(), "kseed: base has shape ", base.sizes(),
                     " but out has shape ", out.sizes());
 }
 void apply_seeds_multi_out_meta(at::TensorList, at::TensorList, at::IntArrayRef, const at::Tensor&,
-                                const at::Tensor&, int64_t, int64_t) {}
+                                const at::Tensor&, int64_t, int64_t, int64_t) {}
 at::Tensor noise_floor_meta(const at::Tensor& like, const at::Tensor&, const at::Tensor&,
-                            int64_t numel, int64_t) {
+                            int64_t numel, int64_t, int64_t) {
   TORCH_CHECK_VALUE(numel > 0, "kseed: numel must be > 0");
   return at::empty({kseed::tiles_of(numel, kseed::kFloorTileElems)}, like.options().dtype(at::kFloat));
 }
@@ -45,20 +46,24 @@ TORCH_LIBRARY(kseed, m) {
   m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
   // out[j] = z(seed, stream, offset + j).
   m.def("gaussian_(Tensor(a!) out, int seed, int stream, int offset) -> ()");
-  // In place: tensor = round(tensor + sum_k coefs[k] z(seeds[k], stream, i)); rounding 0 nearest,
-  // 1 stochastic with key sr_key; seeds and sr_key are uint64 bit patterns in int64.
+  // out[j] = r(seed, stream, offset + j), +-1.0 (docs/SPEC.md section 8).
+  m.def("rademacher_(Tensor(a!) out, int seed, int stream, int offset) -> ()");
+  // In place: tensor = round(tensor + sum_k coefs[k] n(seeds[k], stream, i)); rounding 0 nearest,
+  // 1 stochastic with key sr_key; seeds and sr_key are uint64 bit patterns in int64; noise selects n:
+  // 0 the Gaussian z, 1 the Rademacher r (kseed_types.h: enum Noise).
   m.def("apply_seeds_(Tensor(a!) tensor, Tensor seeds, Tensor coefs, int stream, int rounding, "
-        "int sr_key) -> ()");
+        "int sr_key, int noise=0) -> ()");
   m.def("apply_seeds_multi_(Tensor(a!)[] tensors, int[] streams, Tensor seeds, Tensor coefs, "
-        "int rounding, int sr_key) -> ()");
+        "int rounding, int sr_key, int noise=0) -> ()");
   // Out of place: out = round(base + sum_k ...), base only read (same shape and dtype, no overlap).
   m.def("apply_seeds_out(Tensor base, Tensor(a!) out, Tensor seeds, Tensor coefs, int stream, "
-        "int rounding, int sr_key) -> ()");
+        "int rounding, int sr_key, int noise=0) -> ()");
   m.def("apply_seeds_multi_out(Tensor[] bases, Tensor(a!)[] outs, int[] streams, Tensor seeds, "
-        "Tensor coefs, int rounding, int sr_key) -> ()");
-  // Benchmark floor: the generate-and-sum work of an apply over numel elements of one stream, no weight
-  // read or written; one float per kFloorTileElems elements, on like's device.
-  m.def("_noise_floor(Tensor like, Tensor seeds, Tensor coefs, int numel, int stream) -> Tensor");
+        "Tensor coefs, int rounding, int sr_key, int noise=0) -> ()");
+  // Benchmark floor: the generate-and-sum work of an apply (noise family `noise`) over numel elements
+  // of one stream, no weight read or written; one float per kFloorTileElems elements, on like's device.
+  m.def("_noise_floor(Tensor like, Tensor seeds, Tensor coefs, int numel, int stream, int noise=0) "
+        "-> Tensor");
   // Settings of the CPU kernels (implemented in csrc/ops_cpu.cpp).
   m.def("cpu_isa() -> str");               // the SIMD path the next call uses
   m.def("cpu_best_isa() -> str");          // the fastest path this CPU runs
@@ -70,7 +75,8 @@ TORCH_LIBRARY(kseed, m) {
 
 TORCH_LIBRARY_IMPL(kseed, Meta, m) {
   m.impl("philox4x32_10", &philox4x32_10_meta);
-  m.impl("gaussian_", &gaussian_meta);
+  m.impl("gaussian_", &noise_out_meta);
+  m.impl("rademacher_", &noise_out_meta);
   m.impl("apply_seeds_", &apply_seeds_meta);
   m.impl("apply_seeds_multi_", &apply_seeds_multi_meta);
   m.impl("apply_seeds_out", &apply_seeds_out_meta);

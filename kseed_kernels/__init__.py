@@ -1,4 +1,5 @@
-"""kseed_kernels: Philox-seeded Gaussian perturbations and fused K-seed updates (docs/SPEC.md)."""
+"""kseed_kernels: Philox-seeded Gaussian and Rademacher perturbations and fused K-seed updates
+(docs/SPEC.md)."""
 from .ops import (
     apply_seeds,
     apply_seeds_,
@@ -7,6 +8,7 @@ from .ops import (
     backends,
     gaussian,
     philox4x32_10,
+    rademacher,
     stream_id,
 )
 from .model import ModelSeeds
@@ -20,6 +22,7 @@ __all__ = [
     "backends",
     "gaussian",
     "philox4x32_10",
+    "rademacher",
     "stream_id",
 ]
 __version__ = "0.1.0"

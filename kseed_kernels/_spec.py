@@ -28,7 +28,12 @@ COUNTER_RADEMACHER = 2
 # family one bit (128 a block).
 GAUSSIAN_BLOCK = 4
 RADEMACHER_BLOCK = 128
+# The noise families of the public API, and their codes in the compiled ops (csrc/kseed_types.h: enum
+# Noise).
 NOISES = ("gaussian", "rademacher")
+NOISE_GAUSSIAN = 0
+NOISE_RADEMACHER = 1
+NOISE_CODES = {"gaussian": NOISE_GAUSSIAN, "rademacher": NOISE_RADEMACHER}
 
 # log(1 + t) = t * P(t), P(t) = sum_k LOG_COEFS[k] t^k, t in [sqrt(1/2) - 1, sqrt(2) - 1].
 LOG_COEF_BITS = (

@@ -17,6 +17,7 @@ from . import backends as _backends
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("nearest", "stochastic")
+NOISES = S.NOISES
 _U64 = 1 << 64
 _U32 = 1 << 32
 # Element indices must fit a signed 64-bit integer in every kernel.
@@ -189,14 +190,21 @@ def _sr_key(seeds: torch.Tensor, coefs: torch.Tensor, rounding: str, dtypes) -> 
     return S.sr_key(seeds.numpy().view(np.uint64), coefs.numpy().view(np.uint32))
 
 
-def _update(seeds, coefs, rounding) -> tuple:
-    """The checked seeds, coefs and rounding of an apply call: (seeds, coefs, rounding)."""
+def _check_noise(noise) -> str:
+    if not isinstance(noise, str) or noise not in NOISES:
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    return noise
+
+
+def _update(seeds, coefs, rounding, noise) -> tuple:
+    """The checked seeds, coefs, rounding and noise of an apply call: (seeds, coefs, rounding, noise)."""
     rounding = _check_rounding(rounding)
+    noise = _check_noise(noise)
     s = normalize_seeds(seeds)
-    return s, normalize_coefs(coefs, s.numel()), rounding
+    return s, normalize_coefs(coefs, s.numel()), rounding, noise
 
 
-def _run(mod, outs, streams, seeds, coefs, rounding, bases=None) -> None:
+def _run(mod, outs, streams, seeds, coefs, rounding, noise, bases=None) -> None:
     """mod.apply on the non-empty tensors, through contiguous copies where a tensor is not contiguous
     (element i is always the row-major index); results are copied back into such outs.  K = 0: nothing
     in place, a copy of each base out of place."""
@@ -208,7 +216,7 @@ def _run(mod, outs, streams, seeds, coefs, rounding, bases=None) -> None:
                     outs[i].copy_(bases[i])
         return
     upd = _backends.Update(seeds, coefs, rounding,
-                           _sr_key(seeds, coefs, rounding, [outs[i].dtype for i in keep]))
+                           _sr_key(seeds, coefs, rounding, [outs[i].dtype for i in keep]), noise)
     with torch.no_grad():
         work = [outs[i] if outs[i].is_contiguous() else outs[i].contiguous() if bases is None
                 else torch.empty_like(outs[i], memory_format=torch.contiguous_format) for i in keep]
@@ -294,8 +302,9 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch_reference.philox4x32_10(c, k)
 
 
-def gaussian(seed, numel, *, stream=0, offset=0, device=None, backend=None) -> torch.Tensor:
-    """float32 tensor [numel] whose element j is z(seed, stream, offset + j) (docs/SPEC.md)."""
+def _noise_args(seed, numel, stream, offset, device, backend):
+    """The checked arguments of gaussian / rademacher: (backend module, seed, numel, stream, offset,
+    device)."""
     seed = _check_seed(seed)
     if isinstance(numel, (bool, np.bool_)) or not isinstance(numel, numbers.Integral):
         raise TypeError(f"numel must be an int, got {type(numel).__name__} {numel!r}")
@@ -306,12 +315,28 @@ def gaussian(seed, numel, *, stream=0, offset=0, device=None, backend=None) -> t
     if offset + numel > MAX_INDEX:
         raise ValueError(f"offset + numel must be <= 2^62, got {offset + numel}")
     device = torch.device("cpu") if device is None else torch.device(device)
-    mod = _backends.pick(device, backend)
-    return mod.gaussian(seed, int(numel), stream, offset, device)
+    return _backends.pick(device, backend), seed, int(numel), stream, offset, device
 
 
-def apply_seeds_(tensor, seeds, coefs, *, stream=0, backend=None, rounding="nearest"):
-    """In place: tensor <- round(float32(tensor) + sum_k coefs[k] * z(seeds[k], stream, i)).
+def gaussian(seed, numel, *, stream=0, offset=0, device=None, backend=None) -> torch.Tensor:
+    """float32 tensor [numel] whose element j is z(seed, stream, offset + j) (docs/SPEC.md)."""
+    mod, *args = _noise_args(seed, numel, stream, offset, device, backend)
+    return mod.gaussian(*args)
+
+
+def rademacher(seed, numel, *, stream=0, offset=0, device=None, backend=None) -> torch.Tensor:
+    """float32 tensor [numel] of +-1.0 whose element j is r(seed, stream, offset + j) (docs/SPEC.md
+    section 8)."""
+    mod, *args = _noise_args(seed, numel, stream, offset, device, backend)
+    return mod.rademacher(*args)
+
+
+def apply_seeds_(tensor, seeds, coefs, *, stream=0, backend=None, rounding="nearest",
+                 noise="gaussian"):
+    """In place: tensor <- round(float32(tensor) + sum_k coefs[k] * n(seeds[k], stream, i)).
+
+    ``noise``: "gaussian" (n = z, the default) or "rademacher" (n = r in {-1, +1}, docs/SPEC.md
+    section 8: each term is an exact sign flip of coefs[k] and one add).
 
     The sum runs in float32 in ascending k; the result is rounded once to the tensor's dtype, to
     nearest even or (bf16 / fp16, rounding="stochastic") stochastically with Philox bits.  Works on any
@@ -321,13 +346,14 @@ def apply_seeds_(tensor, seeds, coefs, *, stream=0, backend=None, rounding="near
     """
     _check_tensor(tensor)
     stream = _check_stream(stream)
-    s, c, rounding = _update(seeds, coefs, rounding)
+    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
     _check_writable(tensor, "tensor")
-    _run(_backends.pick(tensor.device, backend), [tensor], [stream], s, c, rounding)
+    _run(_backends.pick(tensor.device, backend), [tensor], [stream], s, c, rounding, noise)
     return tensor
 
 
-def apply_seeds_multi_(tensors, streams, seeds, coefs, *, backend=None, rounding="nearest"):
+def apply_seeds_multi_(tensors, streams, seeds, coefs, *, backend=None, rounding="nearest",
+                       noise="gaussian"):
     """apply_seeds_ on every tensor of a list, each with its own stream id, in one (or a few) launches.
 
     ``tensors``: a sequence of float32 / bf16 / fp16 tensors on one device, none sharing memory with
@@ -335,19 +361,20 @@ def apply_seeds_multi_(tensors, streams, seeds, coefs, *, backend=None, rounding
     """
     ts, names = _check_tensors(tensors, "tensors")
     st = _check_streams(streams, len(ts), "tensors")
-    s, c, rounding = _update(seeds, coefs, rounding)
+    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
     if not ts:
         return tensors
     _one_device(ts)
     for t, name in zip(ts, names):
         _check_writable(t, name)
     _check_no_overlap(list(zip(names, ts)), hint="list each tensor once")
-    _run(_backends.pick(ts[0].device, backend), ts, st, s, c, rounding)
+    _run(_backends.pick(ts[0].device, backend), ts, st, s, c, rounding, noise)
     return tensors
 
 
-def apply_seeds(base, seeds, coefs, *, out=None, stream=0, backend=None, rounding="nearest"):
-    """Out of place: out <- round(float32(base) + sum_k coefs[k] * z(seeds[k], stream, i)).
+def apply_seeds(base, seeds, coefs, *, out=None, stream=0, backend=None, rounding="nearest",
+                noise="gaussian"):
+    """Out of place: out <- round(float32(base) + sum_k coefs[k] * n(seeds[k], stream, i)).
 
     Bitwise what ``out.copy_(base); apply_seeds_(out, ...)`` gives, in one pass: base is only read (each
     element once) and out written once.  ``out``: a tensor of base's shape, dtype and device that shares
@@ -355,19 +382,20 @@ def apply_seeds(base, seeds, coefs, *, out=None, stream=0, backend=None, roundin
     """
     _check_tensor(base, "base")
     stream = _check_stream(stream)
-    s, c, rounding = _update(seeds, coefs, rounding)
+    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
     (out,) = _outs_for([base], None if out is None else [out], ["base"], ["out"])
-    _run(_backends.pick(base.device, backend), [out], [stream], s, c, rounding, bases=[base])
+    _run(_backends.pick(base.device, backend), [out], [stream], s, c, rounding, noise, bases=[base])
     return out
 
 
-def apply_seeds_multi(bases, streams, seeds, coefs, *, outs=None, backend=None, rounding="nearest"):
+def apply_seeds_multi(bases, streams, seeds, coefs, *, outs=None, backend=None, rounding="nearest",
+                      noise="gaussian"):
     """apply_seeds on every base of a list into its out, each with its own stream id, in one (or a few)
     launches.  ``outs``: a sequence of tensors matching ``bases`` (no out sharing memory with any base
     or other out), or None for fresh contiguous ones.  Returns the outs (a list)."""
     bs, bnames = _check_tensors(bases, "bases")
     st = _check_streams(streams, len(bs), "bases")
-    s, c, rounding = _update(seeds, coefs, rounding)
+    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
     if outs is not None:
         outs = _check_sequence(outs, "outs", "tensors")
         if len(outs) != len(bs):
@@ -378,5 +406,5 @@ def apply_seeds_multi(bases, streams, seeds, coefs, *, outs=None, backend=None, 
     os_ = _outs_for(bs, outs, bnames, [f"outs[{i}]" for i in range(len(bs))])
     if not bs:
         return os_
-    _run(_backends.pick(bs[0].device, backend), os_, st, s, c, rounding, bases=bs)
+    _run(_backends.pick(bs[0].device, backend), os_, st, s, c, rounding, noise, bases=bs)
     return os_

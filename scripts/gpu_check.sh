@@ -412,9 +412,12 @@ fi
 APPLY_ARGS+=(${KSEED_APPLY_ARGS:-}) REBUILD_ARGS+=(${KSEED_REBUILD_ARGS:-}) ZO_ARGS+=(${KSEED_ZO_ARGS:-})
 
 # One line per benchmark for the table, read off the table each script prints last.
-apply_note() {  # the K = 1024 rows of the fused backends: x the per-seed loop, % of the floor
+apply_note() {  # the K = 1024 rows of the fused backends (both noise families: "cuda", "cuda rad"):
+                # x the per-seed loop, % of the family's floor
   awk '$2 == "1024" && ($3 == "cuda" || $3 == "triton") && NF == 8 {
-         printf "%s%s %s %sx loop, %s of floor", sep, $1, $3, $7, $8; sep = "; " }' "$1"
+         printf "%s%s %s %sx loop, %s of floor", sep, $1, $3, $7, $8; sep = "; " }
+       $2 == "1024" && ($3 == "cuda" || $3 == "triton") && $4 == "rad" && NF == 9 {
+         printf "%s%s %s rad %sx loop, %s of floor", sep, $1, $3, $8, $9; sep = "; " }' "$1"
 }
 rebuild_note() {  # per method: seconds, x the per-seed loop, extra peak MB
   awk '/^method +time s/ { on = 1; next } on && $(NF-3) !~ /^[0-9.]+$/ { exit }

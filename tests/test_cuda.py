@@ -62,11 +62,11 @@ def _oracle(x, seeds, coefs, stream, rounding, sk):
     return out
 
 
-def _cpu_oracle(x, seeds, coefs, stream, rounding):
+def _cpu_oracle(x, seeds, coefs, stream, rounding, noise="gaussian"):
     """The CPU backend when built (fast; bitwise the reference), else the reference."""
     out = x.detach().cpu().clone()
     backend = "cpu" if "cpu" in kk.backends() else "reference"
-    kk.apply_seeds_(out, seeds, coefs, stream=stream, rounding=rounding, backend=backend)
+    kk.apply_seeds_(out, seeds, coefs, stream=stream, rounding=rounding, backend=backend, noise=noise)
     return out
 
 
@@ -230,3 +230,85 @@ def test_direct_op_errors():
         ops.apply_seeds_(t.to(torch.int32), s, c, 0, 0, 0)
     with pytest.raises((ValueError, RuntimeError)):
         ops.apply_seeds_(t[::2], s, c, 0, 0, 0)
+
+
+# ------------------------------------------------------------------------ the Rademacher family
+def _cpu_oracle_rad(x, seeds, coefs, stream, rounding):
+    return _cpu_oracle(x, seeds, coefs, stream, rounding, noise="rademacher")
+
+
+def test_rademacher_spec_vectors():
+    with open(os.path.join(HERE, "data", "spec_vectors_rademacher.json")) as f:
+        rows = json.load(f)["vectors"]
+    for v in rows:
+        r = kk.rademacher(int(v["seed"]), len(v["signs"]), stream=v["stream"], offset=v["offset"],
+                          device="cuda", backend="cuda").cpu()
+        assert "".join("+" if x > 0 else "-" for x in r.tolist()) == v["signs"], v
+
+
+@pytest.mark.parametrize("seed,stream,offset,n", [
+    (0, 0, 0, 1), (1, 0, 0, 1000), (2**64 - 1, 2**32 - 1, 127, 5001),
+    (12345678901234567, 77, 2**40 + 31, 19), (99, 2**31, 2**62 - 9000, 9000)])
+def test_rademacher(seed, stream, offset, n):
+    a = kk.rademacher(seed, n, stream=stream, offset=offset, device="cuda", backend="cuda")
+    assert a.device.type == "cuda" and a.dtype == torch.float32 and a.shape == (n,)
+    assert same_bits(a, R.rademacher(seed, n, stream, offset))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("k,n", [(1, 1), (1, 7), (3, 2049), (16, 5000), (17, 4096), (300, 777),
+                                 (1024, 4096 + 5)])
+def test_rademacher_apply_bitwise(gen, dtype, rounding, k, n):
+    seeds = _seeds(gen, k)
+    coefs = (torch.randn(k, generator=gen) * 1e-2).float()
+    x = torch.randn(n, generator=gen).to(dtype)
+    stream = int(torch.randint(0, 2**32, (1,), generator=gen))
+    got = x.cuda()
+    kk.apply_seeds_(got, seeds, coefs, stream=stream, rounding=rounding, backend="cuda",
+                    noise="rademacher")
+    assert same_bits(got, _cpu_oracle_rad(x, seeds, coefs, stream, rounding))
+    out = kk.apply_seeds(x.cuda(), seeds, coefs, stream=stream, rounding=rounding, backend="cuda",
+                         noise="rademacher")
+    assert same_bits(out, got)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_rademacher_multi(gen, rounding):
+    sizes = [1, 3, 128, 129, 2048, 2049, 7, 10000, 300, 65536 + 3]
+    xs = [torch.randn(n, generator=gen).to(DTYPES[i % 3]) for i, n in enumerate(sizes)]
+    streams = [int(s) for s in torch.randint(0, 2**32, (len(xs),), generator=gen)]
+    seeds, coefs = _seeds(gen, 20), (torch.randn(20, generator=gen) * 1e-2).float()
+    got = [x.cuda() for x in xs]
+    kk.apply_seeds_multi_(got, streams, seeds, coefs, rounding=rounding, backend="cuda",
+                          noise="rademacher")
+    outs = kk.apply_seeds_multi([x.cuda()[1:] for x in xs], streams, seeds, coefs,
+                                rounding=rounding, backend="cuda", noise="rademacher")
+    for g, o, x, st in zip(got, outs, xs, streams):
+        assert same_bits(g, _cpu_oracle_rad(x, seeds, coefs, st, rounding))
+        assert same_bits(o, _cpu_oracle_rad(x[1:], seeds, coefs, st, rounding))
+
+
+def test_rademacher_cuda_equals_triton(gen):
+    if "triton" not in kk.backends():
+        pytest.skip("triton not usable")
+    seeds, coefs = _seeds(gen, 33), (torch.randn(33, generator=gen) * 1e-2).float()
+    x = torch.randn(10007, generator=gen).to(torch.bfloat16).cuda()
+    a, b = x.clone(), x.clone()
+    kk.apply_seeds_(a, seeds, coefs, stream=1, rounding="stochastic", backend="cuda",
+                    noise="rademacher")
+    kk.apply_seeds_(b, seeds, coefs, stream=1, rounding="stochastic", backend="triton",
+                    noise="rademacher")
+    assert same_bits(a, b)
+    r = kk.rademacher(5, 3000, stream=2, offset=77, device="cuda", backend="triton")
+    assert same_bits(r, kk.rademacher(5, 3000, stream=2, offset=77, device="cuda", backend="cuda"))
+
+
+def test_rademacher_noise_floor(gen):
+    from kseed_kernels.backends import cuda as bc
+
+    seeds, coefs = _seeds(gen, 5), (torch.randn(5, generator=gen) * 1e-2).float()
+    f = bc.noise_floor(3 * 2048, seeds, coefs, 9, torch.device("cuda"), noise="rademacher").cpu()
+    acc = torch.zeros(3 * 2048)
+    kk.apply_seeds_(acc, seeds, coefs, stream=9, backend="reference", noise="rademacher")
+    assert torch.allclose(f, acc.view(3, 2048).sum(1), rtol=1e-4, atol=1e-5)

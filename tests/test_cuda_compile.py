@@ -76,6 +76,41 @@ def test_ptx_has_no_fma_and_no_ftz(tmp_path):
     assert "mul.rn.f32" in text and "add.rn.f32" in text
 
 
+def _ptx_entries(text: str) -> dict:
+    """{entry name: its PTX body} of a PTX module."""
+    parts = re.split(r"^\.(?:visible\s+)?\.?entry\s+", text, flags=re.M)
+    out = {}
+    for part in parts[1:]:
+        name = re.match(r"([\w$]+)", part).group(1)
+        out[name] = part
+    return out
+
+
+@needs_nvcc
+def test_ptx_rademacher_variants(tmp_path):
+    """Every apply variant exists for both noise families (template argument NOISE, the last one), plus
+    the rademacher generator and both floors; the Rademacher variants compute no normal (no sqrt, no
+    float multiply outside the float16 stochastic rounding) and keep the spec's adds."""
+    ptx = str(tmp_path / "k.ptx")
+    _run([NVCC, "-std=c++17", "-O3", "--fmad=false", "-DKSEED_WITH_CUDA", "-arch=sm_90", "-ptx",
+          os.path.join(CUDA_DIR, "kseed_cuda_kernels.cu"), "-o", ptx])
+    entries = _ptx_entries(open(ptx).read())
+    apply = {n: b for n, b in entries.items() if "apply_kernel" in n}
+    # 5 (dtype, rounding) pairs x aligned or not x 2 families
+    assert len(apply) == 20, sorted(apply)
+    rad = {n: b for n, b in apply.items() if re.search(r"ELi1EEEv", n)}
+    assert len(rad) == 10, sorted(rad)
+    for name, body in rad.items():
+        assert "sqrt" not in body, name
+        assert "add.rn.f32" in body, name
+        assert "fma" not in body, name
+        if "DTypeE2ELi1E" not in name:  # only the fp16 stochastic rounding multiplies
+            assert "mul.rn.f32" not in body, name
+    floors = [n for n in entries if "noise_floor_kernel" in n]
+    assert len(floors) == 2, floors
+    assert any("rademacher_kernel" in n for n in entries)
+
+
 def test_binding_syntax(tmp_path):
     gxx = shutil.which("g++")
     if gxx is None:

@@ -5,8 +5,9 @@ emulation of the CUDA execution model (one OS thread per CUDA thread, real barri
 shared memory shared by a block's threads), so the kernels' own logic runs: the tiling and the binary
 search of the device-side tensor table, seed staging in shared memory across seed tiles, the K loop with
 precomputed round keys and round-0 products, 16-byte / 8-byte vector I/O and the scalar path for
-unaligned tensors, the tails, nearest and stochastic rounding, the gaussian offsets and the
-benchmark-floor reduction.  Results are compared with the CPU backend, itself bitwise equal to the
+unaligned tensors, the tails, nearest and stochastic rounding, both noise families (the Rademacher
+batches of Philox words in shared memory), the gaussian and rademacher offsets and the benchmark-floor
+reduction.  Results are compared with the CPU backend, itself bitwise equal to the
 reference (tests/test_cpu_backend.py).  What this cannot see, the device arithmetic intrinsics and the
 absence of fma in the real build, is checked on the PTX by tests/test_cuda_compile.py; on a GPU,
 tests/test_cuda.py runs the real thing.
@@ -93,12 +94,13 @@ def _streams(gen, n):
     return [int(x) for x in torch.randint(0, 2**32, (n,), dtype=torch.int64, generator=gen)]
 
 
-def _apply_job(tensors, streams, seeds, coefs, rounding, shifts, out_shifts=None):
+def _apply_job(tensors, streams, seeds, coefs, rounding, shifts, out_shifts=None, noise="gaussian"):
     """In place (op 0), or out of place (op 3) with each out placed out_shifts[i] elements past an
     aligned address."""
     code = S.ROUNDING_CODES[rounding]
     key = ops._sr_key(seeds, coefs, rounding, [t.dtype for t in tensors if t.numel()])
-    job = struct.pack("<iqiQi", 0 if out_shifts is None else 3, seeds.numel(), code, key, len(tensors))
+    job = struct.pack("<iqiQii", 0 if out_shifts is None else 3, seeds.numel(), code, key,
+                      S.NOISE_CODES[noise], len(tensors))
     job += seeds.numpy().tobytes() + coefs.numpy().tobytes()
     for i, (t, st, sh) in enumerate(zip(tensors, streams, shifts)):
         job += struct.pack("<iIqq", DT_CODE[t.dtype], st, t.numel(), sh)
@@ -128,16 +130,25 @@ def _weights(gen, sizes, dtypes):
 SIZES = (1, 3, 6, 7, 2048, 2049, 4 * 1000 + 2, 2 * TILE + 5)
 
 
-@pytest.mark.parametrize("k", [1, 3, SEED_TILE + 44])
+NOISES = ["gaussian", "rademacher"]
+
+
+# K: one seed, a partial Rademacher batch (16 seeds), several batches with a partial one, and more than
+# a seed tile.
+@pytest.mark.parametrize("k", [1, 3, 37, SEED_TILE + 44])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_apply_multi_matches_cpu(emu, tmp_path, gen, k, rounding):
+@pytest.mark.parametrize("noise", NOISES)
+def test_apply_multi_matches_cpu(emu, tmp_path, gen, k, rounding, noise):
+    if noise == "gaussian" and k == 37:
+        pytest.skip("the Rademacher batch boundary; the Gaussian has none")
     dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(SIZES))]
     ws = _weights(gen, SIZES, dtypes)
     streams = _streams(gen, len(ws))
     seeds, coefs = _seeds(gen, k), _coefs(gen, k)
-    got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, [0] * len(ws)), tmp_path), ws)
+    got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, [0] * len(ws), noise=noise),
+                      tmp_path), ws)
     want = [w.clone() for w in ws]
-    kk.apply_seeds_multi_(want, streams, seeds, coefs, rounding=rounding, backend="cpu")
+    kk.apply_seeds_multi_(want, streams, seeds, coefs, rounding=rounding, backend="cpu", noise=noise)
     for i, (g, w, orig) in enumerate(zip(got, want, ws)):
         assert not torch.equal(bits(w), bits(orig)) or w.numel() < 8, f"tensor {i} did not move"
         assert torch.equal(bits(g), bits(w)), (
@@ -146,7 +157,8 @@ def test_apply_multi_matches_cpu(emu, tmp_path, gen, k, rounding):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_apply_unaligned_path_matches_cpu(emu, tmp_path, gen, dtype):
+@pytest.mark.parametrize("noise", NOISES)
+def test_apply_unaligned_path_matches_cpu(emu, tmp_path, gen, dtype, noise):
     """A tensor off the vector alignment sends its whole dtype group down the scalar I/O path."""
     sizes = (2049, 37, 4 * TILE)
     ws = _weights(gen, sizes, [dtype] * 3)
@@ -154,15 +166,18 @@ def test_apply_unaligned_path_matches_cpu(emu, tmp_path, gen, dtype):
     seeds, coefs = _seeds(gen, 5), _coefs(gen, 5)
     rounding = "stochastic" if dtype != torch.float32 else "nearest"
     for shifts in ([1, 0, 0], [0, 0, 3]):
-        got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, shifts), tmp_path), ws)
+        got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, shifts, noise=noise),
+                          tmp_path), ws)
         want = [w.clone() for w in ws]
-        kk.apply_seeds_multi_(want, streams, seeds, coefs, rounding=rounding, backend="cpu")
+        kk.apply_seeds_multi_(want, streams, seeds, coefs, rounding=rounding, backend="cpu",
+                              noise=noise)
         for g, w in zip(got, want):
             assert torch.equal(bits(g), bits(w)), f"shifts {shifts}: results differ"
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_apply_out_of_place_matches_cpu(emu, tmp_path, gen, rounding):
+@pytest.mark.parametrize("noise", NOISES)
+def test_apply_out_of_place_matches_cpu(emu, tmp_path, gen, rounding, noise):
     """The kernels' source and destination pointers: out = round(base + acc) into separate memory, the
     base unchanged (the emulation fails the run if it is written), with aligned and misaligned bases and
     outs (the vector path needs both aligned)."""
@@ -170,27 +185,35 @@ def test_apply_out_of_place_matches_cpu(emu, tmp_path, gen, rounding):
     ws = _weights(gen, SIZES, dtypes)
     streams = _streams(gen, len(ws))
     seeds, coefs = _seeds(gen, 3), _coefs(gen, 3)
-    want = kk.apply_seeds_multi(ws, streams, seeds, coefs, rounding=rounding, backend="cpu")
+    want = kk.apply_seeds_multi(ws, streams, seeds, coefs, rounding=rounding, backend="cpu",
+                                noise=noise)
     n = len(ws)
     for shifts, out_shifts in (([0] * n, [0] * n), ([0] * n, [1] * n), ([3] * n, [0] * n)):
-        got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, shifts, out_shifts),
-                          tmp_path), ws)
+        got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, shifts, out_shifts,
+                                     noise=noise), tmp_path), ws)
         for i, (g, w) in enumerate(zip(got, want)):
             assert torch.equal(bits(g), bits(w)), (
                 f"tensor {i} ({w.dtype}, {w.numel()} elements, shifts {shifts[i]}/{out_shifts[i]}, "
                 f"{rounding}): {int((bits(g) != bits(w)).sum())} elements differ")
 
 
-def test_apply_can_fail(emu, tmp_path, gen):
-    """The comparison sees a one-seed change (the check is not vacuous)."""
+@pytest.mark.parametrize("noise", NOISES)
+def test_apply_can_fail(emu, tmp_path, gen, noise):
+    """The comparison sees a one-seed change and the other family (the check is not vacuous)."""
     ws = _weights(gen, (3000,), [torch.bfloat16])
     seeds, coefs = _seeds(gen, 4), _coefs(gen, 4)
-    got = _unpack(emu(_apply_job(ws, [7], seeds, coefs, "nearest", [0]), tmp_path), ws)[0]
+    got = _unpack(emu(_apply_job(ws, [7], seeds, coefs, "nearest", [0], noise=noise), tmp_path), ws)[0]
     other = seeds.clone()
     other[2] ^= 1
     want = ws[0].clone()
-    kk.apply_seeds_(want, other, coefs, stream=7, backend="cpu")
+    kk.apply_seeds_(want, other, coefs, stream=7, backend="cpu", noise=noise)
     assert not torch.equal(bits(got), bits(want))
+    same = ws[0].clone()
+    kk.apply_seeds_(same, seeds, coefs, stream=7, backend="cpu", noise=noise)
+    assert torch.equal(bits(got), bits(same))
+    kk.apply_seeds_(ws[0], seeds, coefs, stream=7, backend="cpu",
+                    noise=[x for x in NOISES if x != noise][0])
+    assert not torch.equal(bits(got), bits(ws[0]))
 
 
 @pytest.mark.parametrize("seed,stream,offset,numel", [
@@ -203,6 +226,20 @@ def test_gaussian_matches_cpu(emu, tmp_path, seed, stream, offset, numel):
     job = struct.pack("<iQIQq", 1, seed, stream, offset, numel)
     got = np.frombuffer(emu(job, tmp_path), dtype=np.float32)
     want = kk.gaussian(seed, numel, stream=stream, offset=offset, backend="cpu").numpy()
+    assert got.shape == want.shape
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("seed,stream,offset,numel", [
+    (0, 0, 0, 4096 + 3),
+    (2**64 - 1, 2**32 - 1, 1, 1),
+    (0x0123456789ABCDEF, 123456, 127, 32 * THREADS + 70),
+    (0xDEADBEEF, 77, (1 << 40) + 31, 1001),  # the block index's high word is nonzero
+])
+def test_rademacher_matches_cpu(emu, tmp_path, seed, stream, offset, numel):
+    job = struct.pack("<iQIQq", 4, seed, stream, offset, numel)
+    got = np.frombuffer(emu(job, tmp_path), dtype=np.float32)
+    want = kk.rademacher(seed, numel, stream=stream, offset=offset, backend="cpu").numpy()
     assert got.shape == want.shape
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
@@ -226,14 +263,16 @@ def _floor_reference(acc_flat, numel):
 
 
 @pytest.mark.parametrize("k", [2, SEED_TILE + 3])
-def test_noise_floor_matches_reference_order(emu, tmp_path, gen, k):
+@pytest.mark.parametrize("noise", NOISES)
+def test_noise_floor_matches_reference_order(emu, tmp_path, gen, k, noise):
     numel, stream = 3 * TILE - 10, 4242
     seeds, coefs = _seeds(gen, k), _coefs(gen, k)
-    job = struct.pack("<iqIq", 2, k, stream, numel) + seeds.numpy().tobytes() + coefs.numpy().tobytes()
+    job = struct.pack("<iqIqi", 2, k, stream, numel, S.NOISE_CODES[noise])
+    job += seeds.numpy().tobytes() + coefs.numpy().tobytes()
     got = np.frombuffer(emu(job, tmp_path), dtype=np.float32)
     # The floor generates every element of every tile (no bounds check): the accumulators of the padded
     # length are the update of a zero tensor.
     acc = torch.zeros(-(-numel // TILE) * TILE)
-    kk.apply_seeds_(acc, seeds, coefs, stream=stream, backend="cpu")
+    kk.apply_seeds_(acc, seeds, coefs, stream=stream, backend="cpu", noise=noise)
     want = _floor_reference(acc.numpy(), numel)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

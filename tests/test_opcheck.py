@@ -29,23 +29,34 @@ def test_opcheck_gaussian(device):
     torch.library.opcheck(torch.ops.kseed.gaussian_.default, (out, 2**62 + 5, 7, 3))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_rademacher(device):
+    out = torch.empty(300, device=device)
+    torch.library.opcheck(torch.ops.kseed.rademacher_.default, (out, -2**62 - 5, 7, 125))
+
+
+NOISES = [0, 1]  # the noise argument of the apply ops: gaussian, rademacher
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rounding", [0, 1])
+@pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_apply_seeds(gen, dtype, rounding, device):
+def test_opcheck_apply_seeds(gen, dtype, rounding, noise, device):
     w = torch.randn(3, 11, generator=gen).to(device=device, dtype=dtype)
     seeds, coefs = _args(gen)
     torch.library.opcheck(torch.ops.kseed.apply_seeds_.default,
-                          (w, seeds, coefs, 12345, rounding, -77))
+                          (w, seeds, coefs, 12345, rounding, -77, noise))
 
 
+@pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_apply_seeds_multi(gen, device):
+def test_opcheck_apply_seeds_multi(gen, noise, device):
     ts = [torch.randn(9, generator=gen).to(device),
           torch.randn(2, 5, generator=gen).to(device=device, dtype=torch.bfloat16)]
     seeds, coefs = _args(gen)
     torch.library.opcheck(torch.ops.kseed.apply_seeds_multi_.default,
-                          (ts, [1, 2**32 - 1], seeds, coefs, 1, 99))
+                          (ts, [1, 2**32 - 1], seeds, coefs, 1, 99, noise))
 
 
 def test_meta_shapes():
@@ -57,30 +68,44 @@ def test_meta_shapes():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rounding", [0, 1])
+@pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_apply_seeds_out(gen, dtype, rounding, device):
+def test_opcheck_apply_seeds_out(gen, dtype, rounding, noise, device):
     base = torch.randn(3, 11, generator=gen).to(device=device, dtype=dtype)
     out = torch.empty_like(base)
     seeds, coefs = _args(gen)
     torch.library.opcheck(torch.ops.kseed.apply_seeds_out.default,
-                          (base, out, seeds, coefs, 12345, rounding, -77))
+                          (base, out, seeds, coefs, 12345, rounding, -77, noise))
 
 
+@pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_apply_seeds_multi_out(gen, device):
+def test_opcheck_apply_seeds_multi_out(gen, noise, device):
     bases = [torch.randn(9, generator=gen).to(device),
              torch.randn(2, 5, generator=gen).to(device=device, dtype=torch.float16)]
     outs = [torch.empty_like(b) for b in bases]
     seeds, coefs = _args(gen)
     torch.library.opcheck(torch.ops.kseed.apply_seeds_multi_out.default,
-                          (bases, outs, [1, 2**32 - 1], seeds, coefs, 1, 99))
+                          (bases, outs, [1, 2**32 - 1], seeds, coefs, 1, 99, noise))
 
 
+@pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_noise_floor(gen, device):
+def test_opcheck_noise_floor(gen, noise, device):
     like = torch.empty(0, device=device)
     seeds, coefs = _args(gen)
-    torch.library.opcheck(torch.ops.kseed._noise_floor.default, (like, seeds, coefs, 5000, 7))
+    torch.library.opcheck(torch.ops.kseed._noise_floor.default,
+                          (like, seeds, coefs, 5000, 7, noise))
+
+
+def test_noise_argument_defaults_to_gaussian(gen):
+    """The noise argument of the apply ops defaults to 0 (gaussian): a call without it is unchanged."""
+    w = torch.randn(50, generator=gen)
+    seeds, coefs = _args(gen)
+    a, b = w.clone(), w.clone()
+    torch.ops.kseed.apply_seeds_(a, seeds, coefs, 3, 0, 0)
+    torch.ops.kseed.apply_seeds_(b, seeds, coefs, 3, 0, 0, 0)
+    assert torch.equal(a, b) and not torch.equal(a, w)
 
 
 def test_noise_floor_meta_shape():

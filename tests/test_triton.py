@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 CASES = ("registry", "philox_kat", "spec_vectors", "gaussian", "apply", "special_values", "multi",
-         "chunking", "out_of_place", "public_api")
+         "chunking", "out_of_place", "public_api", "rademacher_signs", "rademacher_apply")
 
 
 # ----------------------------------------------------------------------------------- the child
@@ -57,9 +57,9 @@ def _child_main(device_name: str) -> dict:
             return 0
         return S.sr_key(seeds.numpy().view(np.uint64), coefs.numpy().view(np.uint32))
 
-    def oracle_apply(x_cpu, seeds, coefs, stream, rounding, sk):
+    def oracle_apply(x_cpu, seeds, coefs, stream, rounding, sk, noise="gaussian"):
         out = x_cpu.clone()
-        bref.apply([out], [stream], Update(seeds, coefs, rounding, sk))
+        bref.apply([out], [stream], Update(seeds, coefs, rounding, sk, noise))
         return out
 
     def case(name):
@@ -281,6 +281,79 @@ def _child_main(device_name: str) -> dict:
         t = base.clone().to(dev, copy=True)
         kk.apply_seeds_(t, [], [], backend="triton")
         assert same_bits(t, base)
+
+    @case("rademacher_signs")
+    def _():
+        with open(os.path.join(HERE, "data", "spec_vectors_rademacher.json")) as f:
+            rows = json.load(f)["vectors"]
+        for v in rows[::5]:
+            r = bt.rademacher(int(v["seed"]), len(v["signs"]), v["stream"], v["offset"], dev).cpu()
+            assert "".join("+" if x > 0 else "-" for x in r.tolist()) == v["signs"], v
+        for seed, stream, offset, n in [(0, 0, 0, 1), (2**64 - 1, 2**32 - 1, 127, 2),
+                                        (12345678901234567, 77, 2**33 + 100, 300),
+                                        (99, 2**31, 2**62 - 1100, 1100), (7, 3, 5, 2500)]:
+            a = bt.rademacher(seed, n, stream, offset, dev)
+            assert a.dtype == torch.float32 and a.shape == (n,) and a.device.type == dev.type
+            assert same_bits(a, R.rademacher(seed, n, stream, offset)), (seed, stream, offset, n)
+        r = kk.rademacher(2**63 + 1, 200, stream=8, offset=60, device=dev, backend="triton")
+        assert same_bits(r, kk.rademacher(2**63 + 1, 200, stream=8, offset=60, backend="reference"))
+
+    @case("rademacher_apply")
+    def _():
+        # noise="rademacher": one tensor and the multi-tensor table, in place and out of place, every
+        # dtype and rounding, tails and 128-element block crossings, the chunked path (K split, slabs
+        # of whole Rademacher blocks), misaligned and non-contiguous views through the public API.
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for rounding in ("nearest", "stochastic"):
+                seeds, coefs = seeds_of(4), coefs_of(4)
+                sk = key(seeds, coefs, rounding)
+                upd = Update(seeds, coefs, rounding, sk, "rademacher")
+                xs = [torch.randn(n, generator=gen).to(dtype) for n in (1029, 5, 2100)]
+                streams = [int(s) for s in torch.randint(0, 2**32, (3,), generator=gen)]
+                wants = [oracle_apply(x, seeds, coefs, st, rounding, sk, "rademacher")
+                         for x, st in zip(xs, streams)]
+                got = [xs[0].to(dev, copy=True)]
+                bt.apply(got, streams[:1], upd)
+                assert same_bits(got[0], wants[0]), ("single", dtype, rounding)
+                got = [x.to(dev, copy=True) for x in xs]
+                bt.apply(got, streams, upd)
+                assert all(same_bits(g, w) for g, w in zip(got, wants)), ("multi", dtype, rounding)
+                bases = [x.to(dev, copy=True) for x in xs]
+                outs = [torch.full_like(b, 3.0) for b in bases]
+                bt.apply(outs, streams, upd, bases)
+                for o, w, b, x in zip(outs, wants, bases, xs):
+                    assert same_bits(o, w) and same_bits(b, x), ("out of place", dtype, rounding)
+                base = torch.randn(1031, generator=gen).to(dtype).to(dev, copy=True)[1:]
+                got = kk.apply_seeds(base, seeds, coefs, stream=5, backend="triton",
+                                     rounding=rounding, noise="rademacher")
+                want = kk.apply_seeds(base.cpu(), seeds, coefs, stream=5, backend="reference",
+                                      rounding=rounding, noise="rademacher")
+                assert same_bits(got, want), ("misaligned", dtype, rounding)
+        old = bt.K_CHUNK, bt.SLAB
+        bt.K_CHUNK, bt.SLAB = 3, 100  # slabs round up to 128 elements for this family
+        try:
+            for dtype in (torch.float32, torch.bfloat16):
+                seeds, coefs = seeds_of(8), coefs_of(8)
+                x = torch.randn(300, generator=gen).to(dtype)
+                sk = key(seeds, coefs, "stochastic")
+                got = x.to(dev, copy=True)
+                bt.apply([got], [9], Update(seeds, coefs, "stochastic", sk, "rademacher"))
+                want = oracle_apply(x, seeds, coefs, 9, "stochastic", sk, "rademacher")
+                assert same_bits(got, want), ("chunked", dtype)
+        finally:
+            bt.K_CHUNK, bt.SLAB = old
+        nc = torch.randn(6, 50, generator=gen).half().to(dev, copy=True).t()
+        ref = nc.cpu().clone()
+        kk.apply_seeds_(nc, [3, 2**64 - 1], [0.5, -1e-3], stream=4, backend="triton",
+                        noise="rademacher")
+        kk.apply_seeds_(ref, [3, 2**64 - 1], [0.5, -1e-3], stream=4, backend="reference",
+                        noise="rademacher")
+        assert same_bits(nc, ref), "non-contiguous"
+        # the floor: the sum of a zero tensor's accumulators per program
+        f = bt.noise_floor(3000, seeds, coefs, 5, dev, noise="rademacher").cpu()
+        acc = torch.zeros(3072)
+        kk.apply_seeds_(acc, seeds, coefs, stream=5, backend="reference", noise="rademacher")
+        assert torch.allclose(f, acc.view(3, 1024).sum(1), rtol=1e-4, atol=1e-5)
 
     return results
 

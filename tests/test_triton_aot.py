@@ -10,8 +10,8 @@ the ones of the correctly rounded square root (MUFU.RSQ, two Newton FFMAs per in
 out-of-line slow path), and the only MUFU is MUFU.RSQ.
 
 The variants are not listed here: the backend's own entry points run with recorders in place of the
-kernels (every dtype, rounding, short and chunked K, aligned and unaligned tensors, single and
-multi-tensor, gaussian, noise floor, philox) and each recorded launch is specialised exactly as
+kernels (every dtype, rounding, noise family, short and chunked K, aligned and unaligned tensors,
+single and multi-tensor, gaussian, rademacher, noise floor, philox) and each recorded launch is specialised exactly as
 ``JITFunction.run`` would on a GPU (Triton's binder and ``_pack_args``), then compiled with
 ``triton.compile`` for a ``GPUTarget`` given by hand.
 ``test_fusion_is_detected`` compiles with ``enable_fp_fusion=True`` to show that the checks can fail.
@@ -46,10 +46,12 @@ from kseed_kernels.backends import triton as bt  # noqa: E402
 
 ARCHS = (90, 80)
 # Entry points of backends/triton/kernels.py (the @triton.jit functions the host launches).
-ENTRY_POINTS = ("gaussian_kernel", "apply_kernel", "apply_multi_kernel", "noise_floor_kernel",
-                "philox_kernel")
-# Kernels that compute normals, hence square roots.
+ENTRY_POINTS = ("gaussian_kernel", "rademacher_kernel", "apply_kernel", "apply_multi_kernel",
+                "noise_floor_kernel", "philox_kernel")
+# Kernels that compute normals, hence square roots (their Gaussian variants, NOISE=0).
 NORMAL_KERNELS = ("gaussian_kernel", "apply_kernel", "apply_multi_kernel", "noise_floor_kernel")
+# The constexpr of a Rademacher variant in a launch label.
+RADEMACHER_VARIANT = f"NOISE={S.NOISE_RADEMACHER}"
 
 
 # ------------------------------------------------------------------------------ recording launches
@@ -79,22 +81,26 @@ def _record_launches():
         seeds = torch.arange(k_long, dtype=torch.int64) * 0x9E3779B97F4A7C15
         coefs = torch.full((k_long,), 1e-3)
         bt.gaussian(5, 100, 3, 7, "cpu")
-        for dtype in bt._DTYPE_CODE:
-            for rounding in S.ROUNDING_CODES:
-                for k in (3, k_long):
-                    upd = Update(seeds[:k], coefs[:k], rounding, 9)
-                    bt.apply([torch.zeros(100, dtype=dtype)], [1], upd)
-                    # out of place: a source and a destination
-                    bt.apply([torch.zeros(100, dtype=dtype)], [1], upd, [torch.ones(100, dtype=dtype)])
-                upd = Update(seeds[:3], coefs[:3], rounding, 9)
-                # a view that is not 16-byte aligned: the pointer loses its divisibility attribute
-                bt.apply([torch.zeros(101, dtype=dtype)[1:]], [1], upd)
-                bt.apply([torch.zeros(100, dtype=dtype)], [1], upd, [torch.ones(101, dtype=dtype)[1:]])
-                for n_tensors in (2, 3):  # SEARCH_STEPS 1 and 2
-                    ts = [torch.zeros(10 + i, dtype=dtype) for i in range(n_tensors)]
-                    bt.apply(ts, list(range(n_tensors)), upd)
-                    bt.apply(ts, list(range(n_tensors)), upd, [t + 1 for t in ts])
-        bt.noise_floor(4096, seeds[:3], coefs[:3], 1, "cpu")
+        bt.rademacher(5, 1000, 3, 7, "cpu")
+        for noise in S.NOISES:
+            for dtype in bt._DTYPE_CODE:
+                for rounding in S.ROUNDING_CODES:
+                    for k in (3, k_long):
+                        upd = Update(seeds[:k], coefs[:k], rounding, 9, noise)
+                        bt.apply([torch.zeros(100, dtype=dtype)], [1], upd)
+                        # out of place: a source and a destination
+                        bt.apply([torch.zeros(100, dtype=dtype)], [1], upd,
+                                 [torch.ones(100, dtype=dtype)])
+                    upd = Update(seeds[:3], coefs[:3], rounding, 9, noise)
+                    # a view that is not 16-byte aligned: the pointer loses its divisibility attribute
+                    bt.apply([torch.zeros(101, dtype=dtype)[1:]], [1], upd)
+                    bt.apply([torch.zeros(100, dtype=dtype)], [1], upd,
+                             [torch.ones(101, dtype=dtype)[1:]])
+                    for n_tensors in (2, 3):  # SEARCH_STEPS 1 and 2
+                        ts = [torch.zeros(10 + i, dtype=dtype) for i in range(n_tensors)]
+                        bt.apply(ts, list(range(n_tensors)), upd)
+                        bt.apply(ts, list(range(n_tensors)), upd, [t + 1 for t in ts])
+            bt.noise_floor(4096, seeds[:3], coefs[:3], 1, "cpu", noise=noise)
         bt.philox4x32_10(torch.zeros(8, 4, dtype=torch.int64), torch.zeros(8, 2, dtype=torch.int64))
     finally:
         bt._tk = saved
@@ -260,11 +266,15 @@ def test_launch_coverage(launches):
         assert kwargs.get("enable_fp_fusion") is False, (fn.__name__, kwargs)
     entry = {n for n, o in vars(tk).items() if n.endswith("_kernel") and hasattr(o, "arg_names")}
     assert entry == set(ENTRY_POINTS) == set(seen), (entry, set(seen))
-    apply = {(d["DTYPE"], d["ROUNDING"], d["ACC_IN"], d["FINAL"]) for d in map(dict, seen["apply_kernel"])}
-    assert apply == {(d, r, a, f) for d in (0, 1, 2) for r in (0, 1) for a in (False, True)
-                     for f in (False, True)}
-    multi = {(d["DTYPE"], d["ROUNDING"], d["SEARCH_STEPS"]) for d in map(dict, seen["apply_multi_kernel"])}
-    assert multi == {(d, r, s) for d in (0, 1, 2) for r in (0, 1) for s in (1, 2)}
+    noises = tuple(S.NOISE_CODES.values())
+    apply = {(d["DTYPE"], d["ROUNDING"], d["ACC_IN"], d["FINAL"], d["NOISE"])
+             for d in map(dict, seen["apply_kernel"])}
+    assert apply == {(d, r, a, f, n) for d in (0, 1, 2) for r in (0, 1) for a in (False, True)
+                     for f in (False, True) for n in noises}
+    multi = {(d["DTYPE"], d["ROUNDING"], d["SEARCH_STEPS"], d["NOISE"])
+             for d in map(dict, seen["apply_multi_kernel"])}
+    assert multi == {(d, r, s, n) for d in (0, 1, 2) for r in (0, 1) for s in (1, 2) for n in noises}
+    assert {dict(d)["NOISE"] for d in seen["noise_floor_kernel"]} == set(noises)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -275,7 +285,11 @@ def test_ptx_arithmetic(compiled, arch):
         ops = ptx_ops(ptx)
         problems = ptx_violations(ptx)
         name = k.metadata.name
-        if name in NORMAL_KERNELS:
+        if RADEMACHER_VARIANT in label:
+            # sign flips (integer xor) and float32 adds only: no square root
+            if ops["add.rn.f32"] == 0 or ops["sqrt.rn.f32"] != 0:
+                problems.append(("rademacher: missing add.rn.f32, or a sqrt", dict(ops)))
+        elif name in NORMAL_KERNELS:
             if ops["sqrt.rn.f32"] == 0 or ops["mul.rn.f32"] == 0 or ops["add.rn.f32"] == 0:
                 problems.append(("missing sqrt.rn/mul.rn/add.rn.f32", dict(ops)))
         if f".target sm_{arch}" not in ptx:
@@ -298,7 +312,7 @@ def test_cubin_sass(compiled, arch):
     for label, k in kernels.items():
         ops = all_ops[label]
         problems = sass_violations(ops)
-        if k.metadata.name in NORMAL_KERNELS and ops["MUFU.RSQ"] == 0:
+        if k.metadata.name in NORMAL_KERNELS and RADEMACHER_VARIANT not in label and ops["MUFU.RSQ"] == 0:
             problems.append(("no MUFU.RSQ", 0))
         if problems:
             failures[label] = problems

@@ -44,6 +44,15 @@ KSEED_HD Block philox_rk(uint32_t hi0, uint32_t lo0, uint32_t hi1, uint32_t lo1,
   return Block{c0, c1, c2, c3};
 }
 
+// The Rademacher term of an element (docs/SPEC.md section 8): the coefficient (bit pattern cbits) with
+// its sign flipped when the element's sign bit is 1, exactly +-c, no multiply.
+KSEED_HD float signed_coef(uint32_t cbits, uint32_t bit) { return bits_to_float(cbits ^ (bit << 31)); }
+
+// Word p >> 5 of a Rademacher block's four output words (element p of the block takes its bit p & 31).
+KSEED_HD uint32_t block_word(const Block& x, uint32_t w) {
+  return w == 0 ? x.x0 : w == 1 ? x.x1 : w == 2 ? x.x2 : x.x3;
+}
+
 // ------------------------------------------------------------------------------- element I/O
 template <DType DT>
 struct Elem;

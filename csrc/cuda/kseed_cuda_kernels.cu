@@ -8,6 +8,12 @@
 // keys and their coefficient; the K loop then costs, per seed and thread, five broadcast 16-byte
 // shared loads plus the Philox rounds and the transform of each owned block.  The source is read and
 // the destination written once (the same tensor for the in-place update), after the whole K loop, with 16-byte (float32) or 8-byte (16-bit types) accesses.
+//
+// The Rademacher family (template parameter NOISE): a tile is kRadBlocks whole Rademacher blocks.  For
+// each batch of kRadSeeds staged seeds, thread t runs the one Philox call of seed t / kRadBlocks and
+// block t % kRadBlocks and leaves its four words in shared memory; then every thread adds, for each
+// seed of the batch in ascending order, the signed coefficient (a sign-bit flip, no multiply) to its
+// eight accumulators, whose bits all sit in one word per owned block.
 #include <cuda_fp16.h>
 
 #include "../kseed_core.h"
@@ -58,6 +64,19 @@ __device__ __forceinline__ void own_blocks(int64_t blk0, uint64_t (&blk)[kBlocks
   }
 }
 
+// The ten round keys of a staged seed (five broadcast 16-byte shared loads).
+__device__ __forceinline__ void load_round_keys(const SeedRec& rec, uint32_t (&rk)[20]) {
+  const uint4* src = reinterpret_cast<const uint4*>(rec.rk);
+#pragma unroll
+  for (int q = 0; q < 5; ++q) {
+    const uint4 w = src[q];
+    rk[4 * q] = w.x;
+    rk[4 * q + 1] = w.y;
+    rk[4 * q + 2] = w.z;
+    rk[4 * q + 3] = w.w;
+  }
+}
+
 // acc[v][lane] += c_k * z(s_k, stream, 4 * blk[v] + lane) for all K seeds, ascending k.
 __device__ __forceinline__ void accumulate(float (&acc)[kBlocksPerThread][4],
                                            const uint64_t (&blk)[kBlocksPerThread], uint32_t stream,
@@ -81,15 +100,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[kBlocksPerThread][4],
 #pragma unroll 1
     for (int i = 0; i < cnt; ++i) {
       uint32_t rk[20];
-      const uint4* src = reinterpret_cast<const uint4*>(recs[i].rk);
-#pragma unroll
-      for (int q = 0; q < 5; ++q) {
-        const uint4 w = src[q];
-        rk[4 * q] = w.x;
-        rk[4 * q + 1] = w.y;
-        rk[4 * q + 2] = w.z;
-        rk[4 * q + 3] = w.w;
-      }
+      load_round_keys(recs[i], rk);
       const float c = recs[i].coef;
 #pragma unroll
       for (int v = 0; v < kBlocksPerThread; ++v) {
@@ -101,6 +112,80 @@ __device__ __forceinline__ void accumulate(float (&acc)[kBlocksPerThread][4],
         for (int l = 0; l < 4; ++l) acc[v][l] = fadd(acc[v][l], fmul(c, z[l]));
       }
     }
+  }
+}
+
+// acc[v][lane] += (+-c_k) = c_k * r(s_k, stream, 4 * blk[v] + lane) for all K seeds, ascending k (spec
+// section 8).  Element 4 b + l (b = blk[v]) is bit 4 (b & 7) + l of word (b & 31) >> 3 of Rademacher
+// block b >> 5; the tile's blocks are rb0 .. rb0 + kRadBlocks - 1 (blk[0] - threadIdx.x is the tile's
+// first Philox block, a multiple of 32).
+__device__ __forceinline__ void accumulate_signs(float (&acc)[kBlocksPerThread][4],
+                                                 const uint64_t (&blk)[kBlocksPerThread],
+                                                 uint32_t stream, const uint64_t* __restrict__ seeds,
+                                                 const float* __restrict__ coefs, int64_t K,
+                                                 SeedRec* recs) {
+  __shared__ uint4 words[kRadSeeds][kRadBlocks];
+  const uint64_t rb0 = (blk[0] - threadIdx.x) >> 5;
+  // This thread's Philox job in each batch: seed job_seed of the batch, block rb0 + job_blk; the
+  // round-0 products depend on the counter only.
+  const int job_seed = int(threadIdx.x) / kRadBlocks;
+  const int job_blk = int(threadIdx.x) % kRadBlocks;
+  const uint64_t rb = rb0 + uint64_t(job_blk);
+  const uint64_t p0 = uint64_t(spec::PHILOX_M0) * uint32_t(rb);
+  const uint64_t p1 = uint64_t(spec::PHILOX_M1) * stream;
+  // Where this thread's elements sit: block index within the tile, word, first bit.
+  int wrel[kBlocksPerThread];
+  uint32_t wsel[kBlocksPerThread], shift[kBlocksPerThread];
+#pragma unroll
+  for (int v = 0; v < kBlocksPerThread; ++v) {
+    wrel[v] = int((blk[v] >> 5) - rb0);
+    wsel[v] = uint32_t(blk[v] & 31u) >> 3;
+    shift[v] = 4u * uint32_t(blk[v] & 7u);
+  }
+  for (int64_t kb = 0; kb < K; kb += kSeedTile) {
+    const int cnt = int(K - kb < kSeedTile ? K - kb : kSeedTile);
+    __syncthreads();  // the previous tile has been consumed
+    stage_seeds(recs, seeds, coefs, kb, cnt);
+    __syncthreads();
+#pragma unroll 1
+    for (int i0 = 0; i0 < cnt; i0 += kRadSeeds) {
+      const int nb = cnt - i0 < kRadSeeds ? cnt - i0 : kRadSeeds;
+      if (job_seed < nb) {
+        uint32_t rk[20];
+        load_round_keys(recs[i0 + job_seed], rk);
+        const Block x = philox_rk(uint32_t(p0 >> 32), uint32_t(p0), uint32_t(p1 >> 32), uint32_t(p1),
+                                  uint32_t(rb >> 32), spec::COUNTER_RADEMACHER, rk);
+        words[job_seed][job_blk] = make_uint4(x.x0, x.x1, x.x2, x.x3);
+      }
+      __syncthreads();
+#pragma unroll 1
+      for (int j = 0; j < nb; ++j) {
+        const uint32_t cb = float_to_bits(recs[i0 + j].coef);
+#pragma unroll
+        for (int v = 0; v < kBlocksPerThread; ++v) {
+          const uint4 q = words[j][wrel[v]];
+          const Block x{q.x, q.y, q.z, q.w};
+          const uint32_t w = block_word(x, wsel[v]) >> shift[v];
+#pragma unroll
+          for (int l = 0; l < 4; ++l) acc[v][l] = fadd(acc[v][l], signed_coef(cb, (w >> l) & 1u));
+        }
+      }
+      __syncthreads();  // the words are consumed before the next batch overwrites them
+    }
+  }
+}
+
+// The K-term sums of the thread's blocks for the NOISE family.
+template <int NOISE>
+__device__ __forceinline__ void accumulate_noise(float (&acc)[kBlocksPerThread][4],
+                                                 const uint64_t (&blk)[kBlocksPerThread],
+                                                 uint32_t stream, const uint64_t* __restrict__ seeds,
+                                                 const float* __restrict__ coefs, int64_t K,
+                                                 SeedRec* recs) {
+  if constexpr (NOISE == kNoiseRademacher) {
+    accumulate_signs(acc, blk, stream, seeds, coefs, K, recs);
+  } else {
+    accumulate(acc, blk, stream, seeds, coefs, K, recs);
   }
 }
 
@@ -132,7 +217,7 @@ __device__ __forceinline__ V pack4(const T (&x)[4]) {
 }
 
 // ------------------------------------------------------------------------------------ kernels
-template <DType DT, int ROUND, bool ALIGNED>
+template <DType DT, int ROUND, bool ALIGNED, int NOISE>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     apply_kernel(const PlanRow* __restrict__ rows, int num_rows,
                  const uint64_t* __restrict__ seeds, const float* __restrict__ coefs, int64_t K,
@@ -149,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   uint64_t blk[kBlocksPerThread];
   float acc[kBlocksPerThread][4];
   own_blocks(blk0, blk, acc);
-  accumulate(acc, blk, w.stream, seeds, coefs, K, recs);
+  accumulate_noise<NOISE>(acc, blk, w.stream, seeds, coefs, K, recs);
 
   // src == dst for the in-place update: each element is read before it is written, by the same thread.
   const T* src = static_cast<const T*>(w.src);
@@ -198,6 +283,22 @@ __global__ void __launch_bounds__(kThreads) gaussian_kernel(float* __restrict__ 
   }
 }
 
+__global__ void __launch_bounds__(kThreads) rademacher_kernel(float* __restrict__ out,
+                                                              int64_t numel, uint64_t seed,
+                                                              uint32_t stream, uint64_t offset) {
+  // One thread per 32-element word g of the output range: word g & 3 of Rademacher block g >> 2.
+  const uint64_t g = (offset >> 5) + uint64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const uint64_t end = offset + uint64_t(numel);
+  if (32 * g >= end) return;
+  const Block x = philox_block(key_of(seed), g >> 2, stream, spec::COUNTER_RADEMACHER);
+  const uint32_t w = block_word(x, uint32_t(g & 3u));
+  for (int b = 0; b < 32; ++b) {
+    const uint64_t i = 32 * g + uint64_t(b);
+    if (i >= offset && i < end) out[i - offset] = signed_coef(0x3F800000u, (w >> b) & 1u);  // +-1.0f
+  }
+}
+
+template <int NOISE>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     noise_floor_kernel(float* __restrict__ out, const uint64_t* __restrict__ seeds,
                        const float* __restrict__ coefs, int64_t K, uint32_t stream) {
@@ -207,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   uint64_t blk[kBlocksPerThread];
   float acc[kBlocksPerThread][4];
   own_blocks(blk0, blk, acc);
-  accumulate(acc, blk, stream, seeds, coefs, K, recs);
+  accumulate_noise<NOISE>(acc, blk, stream, seeds, coefs, K, recs);
   float s = 0.0f;
 #pragma unroll
   for (int v = 0; v < kBlocksPerThread; ++v)
@@ -224,18 +325,42 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 }
 
-template <DType DT, int ROUND>
+template <DType DT, int ROUND, int NOISE>
 cudaError_t launch_typed(const PlanRow* rows, int num_rows, int64_t total_tiles,
                          const uint64_t* seeds, const float* coefs, int64_t K, uint64_t sr_key,
                          bool aligned, cudaStream_t s) {
   if (aligned) {
-    KSEED_LAUNCH(dim3(unsigned(total_tiles)), kThreads, s, apply_kernel<DT, ROUND, true>)
+    KSEED_LAUNCH(dim3(unsigned(total_tiles)), kThreads, s, apply_kernel<DT, ROUND, true, NOISE>)
     (rows, num_rows, seeds, coefs, K, sr_key);
   } else {
-    KSEED_LAUNCH(dim3(unsigned(total_tiles)), kThreads, s, apply_kernel<DT, ROUND, false>)
+    KSEED_LAUNCH(dim3(unsigned(total_tiles)), kThreads, s, apply_kernel<DT, ROUND, false, NOISE>)
     (rows, num_rows, seeds, coefs, K, sr_key);
   }
   return cudaGetLastError();
+}
+
+template <int NOISE>
+cudaError_t launch_noise(DType dtype, const PlanRow* rows, int num_rows, int64_t total_tiles,
+                         const uint64_t* seeds, const float* coefs, int64_t K, int rounding,
+                         uint64_t sr_key, bool aligned, cudaStream_t cu_stream) {
+  switch (dtype) {
+    case DType::F32:  // nothing to narrow: stochastic rounding is nearest
+      return launch_typed<DType::F32, 0, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K,
+                                                sr_key, aligned, cu_stream);
+    case DType::BF16:
+      return rounding == 1
+                 ? launch_typed<DType::BF16, 1, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K,
+                                                       sr_key, aligned, cu_stream)
+                 : launch_typed<DType::BF16, 0, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K,
+                                                       sr_key, aligned, cu_stream);
+    case DType::F16:
+      return rounding == 1
+                 ? launch_typed<DType::F16, 1, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K,
+                                                      sr_key, aligned, cu_stream)
+                 : launch_typed<DType::F16, 0, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K,
+                                                      sr_key, aligned, cu_stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -252,37 +377,50 @@ cudaError_t launch_gaussian(float* out, int64_t numel, uint64_t seed, uint32_t s
   return cudaGetLastError();
 }
 
+cudaError_t launch_rademacher(float* out, int64_t numel, uint64_t seed, uint32_t stream,
+                              uint64_t offset, cudaStream_t cu_stream) {
+  if (numel <= 0) return cudaSuccess;
+  const uint64_t first = offset >> 5;
+  const uint64_t last = (offset + uint64_t(numel) + 31) >> 5;
+  const uint64_t grid = (last - first + kThreads - 1) / kThreads;
+  if (grid > 0x7FFFFFFFull) return cudaErrorInvalidValue;
+  KSEED_LAUNCH(dim3(unsigned(grid)), kThreads, cu_stream, rademacher_kernel)
+  (out, numel, seed, stream, offset);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_apply(DType dtype, const PlanRow* rows, int num_rows, int64_t total_tiles,
                          const uint64_t* seeds, const float* coefs, int64_t K, int rounding,
-                         uint64_t sr_key, bool aligned, cudaStream_t cu_stream) {
+                         uint64_t sr_key, Noise noise, bool aligned, cudaStream_t cu_stream) {
   if (total_tiles <= 0 || K <= 0 || num_rows <= 0) return cudaSuccess;
   if (total_tiles > 0x7FFFFFFFll) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::F32:  // nothing to narrow: stochastic rounding is nearest
-      return launch_typed<DType::F32, 0>(rows, num_rows, total_tiles, seeds, coefs, K, sr_key,
-                                         aligned, cu_stream);
-    case DType::BF16:
-      return rounding == 1 ? launch_typed<DType::BF16, 1>(rows, num_rows, total_tiles, seeds,
-                                                          coefs, K, sr_key, aligned, cu_stream)
-                           : launch_typed<DType::BF16, 0>(rows, num_rows, total_tiles, seeds,
-                                                          coefs, K, sr_key, aligned, cu_stream);
-    case DType::F16:
-      return rounding == 1 ? launch_typed<DType::F16, 1>(rows, num_rows, total_tiles, seeds,
-                                                         coefs, K, sr_key, aligned, cu_stream)
-                           : launch_typed<DType::F16, 0>(rows, num_rows, total_tiles, seeds,
-                                                         coefs, K, sr_key, aligned, cu_stream);
+  switch (noise) {
+    case kNoiseGaussian:
+      return launch_noise<kNoiseGaussian>(dtype, rows, num_rows, total_tiles, seeds, coefs, K,
+                                          rounding, sr_key, aligned, cu_stream);
+    case kNoiseRademacher:
+      return launch_noise<kNoiseRademacher>(dtype, rows, num_rows, total_tiles, seeds, coefs, K,
+                                            rounding, sr_key, aligned, cu_stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_noise_floor(float* out, int64_t numel, const uint64_t* seeds, const float* coefs,
-                               int64_t K, uint32_t stream, cudaStream_t cu_stream) {
+                               int64_t K, uint32_t stream, Noise noise, cudaStream_t cu_stream) {
   const int64_t tiles = tiles_of(numel);
   if (tiles <= 0 || K <= 0) return cudaSuccess;
   if (tiles > 0x7FFFFFFFll) return cudaErrorInvalidValue;
-  KSEED_LAUNCH(dim3(unsigned(tiles)), kThreads, cu_stream, noise_floor_kernel)
-  (out, seeds, coefs, K, stream);
-  return cudaGetLastError();
+  switch (noise) {
+    case kNoiseGaussian:
+      KSEED_LAUNCH(dim3(unsigned(tiles)), kThreads, cu_stream, noise_floor_kernel<kNoiseGaussian>)
+      (out, seeds, coefs, K, stream);
+      return cudaGetLastError();
+    case kNoiseRademacher:
+      KSEED_LAUNCH(dim3(unsigned(tiles)), kThreads, cu_stream, noise_floor_kernel<kNoiseRademacher>)
+      (out, seeds, coefs, K, stream);
+      return cudaGetLastError();
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace cuda

@@ -64,7 +64,8 @@ void run_plan(const kseed::checks::ApplyCall& call) {
   for (const PlanGroup& g : groups) {
     const auto* table = reinterpret_cast<const PlanRow*>(d + off);
     check_cuda(kseed::cuda::launch_apply(g.dtype, table, int(g.rows.size()), g.tiles, d_seeds,
-                                         d_coefs, K, call.rounding, call.sr_key, g.aligned, cs),
+                                         d_coefs, K, call.rounding, call.sr_key, call.noise,
+                                         g.aligned, cs),
                "apply launch");
     off += g.rows.size() * sizeof(PlanRow);
   }
@@ -73,9 +74,10 @@ void run_plan(const kseed::checks::ApplyCall& call) {
 }
 
 void run_apply(at::TensorList bases, at::TensorList outs, at::IntArrayRef streams,
-               const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding, int64_t sr_key) {
+               const at::Tensor& seeds, const at::Tensor& coefs, int64_t rounding, int64_t sr_key,
+               int64_t noise) {
   const kseed::checks::ApplyCall call = kseed::checks::read_apply(
-      bases, outs, streams, seeds, coefs, rounding, sr_key, kCUDA, kseed::cuda::kTileElems);
+      bases, outs, streams, seeds, coefs, rounding, sr_key, noise, kCUDA, kseed::cuda::kTileElems);
   if (call.empty()) return;
   const c10::cuda::CUDAGuard guard(*call.device);
   run_plan(call);
@@ -83,7 +85,7 @@ void run_apply(at::TensorList bases, at::TensorList outs, at::IntArrayRef stream
 
 // ---------------------------------------------------------------------------------------- ops
 void gaussian_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
-  const uint32_t st = kseed::checks::check_gaussian(out, stream, offset, kCUDA);
+  const uint32_t st = kseed::checks::check_noise_out(out, stream, offset, kCUDA);
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   check_cuda(kseed::cuda::launch_gaussian(out.data_ptr<float>(), out.numel(), uint64_t(seed), st,
@@ -92,10 +94,21 @@ void gaussian_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset
              "gaussian_ launch");
 }
 
+void rademacher_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
+  const uint32_t st = kseed::checks::check_noise_out(out, stream, offset, kCUDA);
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  check_cuda(kseed::cuda::launch_rademacher(out.data_ptr<float>(), out.numel(), uint64_t(seed), st,
+                                            uint64_t(offset),
+                                            c10::cuda::getCurrentCUDAStream().stream()),
+             "rademacher_ launch");
+}
+
 // Benchmark helper: the generate-and-sum floor of an apply over numel elements (one float per CTA).
 at::Tensor noise_floor_cuda(const at::Tensor& like, const at::Tensor& seeds, const at::Tensor& coefs,
-                            int64_t numel, int64_t stream) {
+                            int64_t numel, int64_t stream, int64_t noise) {
   TORCH_CHECK_VALUE(like.is_cuda(), "kseed (CUDA): _noise_floor needs a CUDA tensor for the device");
+  const kseed::Noise nz = kseed::checks::check_noise(noise);
   TORCH_CHECK_VALUE(numel > 0 && numel <= kMaxIndex, "kseed: numel must be in [1, 2^62], got ", numel);
   const uint32_t st = check_stream(stream, "stream");
   const kseed::checks::SeedsCoefs sc = kseed::checks::read_seeds_coefs(seeds, coefs);
@@ -104,7 +117,7 @@ at::Tensor noise_floor_cuda(const at::Tensor& like, const at::Tensor& seeds, con
   at::Tensor out = at::zeros({kseed::cuda::tiles_of(numel)}, like.options().dtype(at::kFloat));
   check_cuda(kseed::cuda::launch_noise_floor(out.data_ptr<float>(), numel,
                                              reinterpret_cast<const uint64_t*>(s.data_ptr<int64_t>()),
-                                             c.data_ptr<float>(), sc.K, st,
+                                             c.data_ptr<float>(), sc.K, st, nz,
                                              c10::cuda::getCurrentCUDAStream().stream()),
              "_noise_floor launch");
   return out;
@@ -114,6 +127,7 @@ at::Tensor noise_floor_cuda(const at::Tensor& like, const at::Tensor& seeds, con
 
 TORCH_LIBRARY_IMPL(kseed, CUDA, m) {
   m.impl("gaussian_", &gaussian_cuda);
+  m.impl("rademacher_", &rademacher_cuda);
   kseed::checks::impl_apply_ops<run_apply>(m);
   m.impl("_noise_floor", &noise_floor_cuda);
 }

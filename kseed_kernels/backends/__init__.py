@@ -5,9 +5,10 @@ Each backend is a package here (reference/, cpu/, triton/, cuda/) whose module h
   available() -> bool                      usable in this process
   serves(device: torch.device) -> bool     can work on tensors of this device
   gaussian(seed, numel, stream, offset, device) -> float32 tensor [numel]
+  rademacher(seed, numel, stream, offset, device) -> float32 tensor [numel] of +-1
   apply(outs, streams, upd, bases=None) -> None
-      outs[i] = round(bases[i] + sum_k upd.coefs[k] z(upd.seeds[k], streams[i], e)) for every tensor,
-      in place on outs when bases is None.
+      outs[i] = round(bases[i] + sum_k upd.coefs[k] n(upd.seeds[k], streams[i], e)) for every tensor,
+      in place on outs when bases is None; n is z or r by upd.noise.
 Inputs reaching a backend are already validated by kseed_kernels.ops: tensors contiguous, float32 / bf16
 / fp16, all on one device the backend serves, non-empty, writable; each base the shape and dtype of its
 out and no out overlapping a base or another out; streams uint32 ints; ``upd`` an Update with K >= 1.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._spec import ROUNDING_CODES
+from .._spec import NOISE_CODES, ROUNDING_CODES
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,16 @@ class Update:
     """What an apply call adds, the same for every tensor of the call.
 
     seeds: int64 CPU tensor [K] holding the uint64 bit patterns; coefs: finite float32 CPU tensor [K];
-    rounding: "nearest" or "stochastic"; sr_key: the call's uint64 stochastic-rounding key (an int).
-    New per-call options of the update (e.g. the noise family) become fields here.
+    rounding: "nearest" or "stochastic"; sr_key: the call's uint64 stochastic-rounding key (an int);
+    noise: the noise family, "gaussian" or "rademacher" (docs/SPEC.md section 8).
+    New per-call options of the update become fields here.
     """
 
     seeds: torch.Tensor
     coefs: torch.Tensor
     rounding: str
     sr_key: int
+    noise: str = "gaussian"
 
     @property
     def K(self) -> int:
@@ -43,6 +46,11 @@ class Update:
     @property
     def rounding_code(self) -> int:
         return ROUNDING_CODES[self.rounding]
+
+    @property
+    def noise_code(self) -> int:
+        """The noise family as the compiled ops take it (csrc/kseed_types.h: enum Noise)."""
+        return NOISE_CODES[self.noise]
 
 # Order of preference per device type, fastest first (issue #3 refines the GPU choice per case).
 _PREFERENCE = {

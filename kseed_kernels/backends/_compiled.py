@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .._spec import NOISE_CODES
+
 
 def ops():
     """torch.ops.kseed, after loading the extension that registers it (ImportError if not built)."""
@@ -20,18 +22,26 @@ def signed64(x: int) -> int:
     return x - (1 << 64) if x >= (1 << 63) else x
 
 
-def gaussian(seed, numel, stream, offset, device):
+def _noise(op: str, seed, numel, stream, offset, device):
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if numel:
-        ops().gaussian_(out, signed64(seed), stream, offset)
+        getattr(ops(), op)(out, signed64(seed), stream, offset)
     return out
+
+
+def gaussian(seed, numel, stream, offset, device):
+    return _noise("gaussian_", seed, numel, stream, offset, device)
+
+
+def rademacher(seed, numel, stream, offset, device):
+    return _noise("rademacher_", seed, numel, stream, offset, device)
 
 
 def apply(outs, streams, upd, bases=None):
     """One op call for the whole list: apply_seeds_[multi_] in place, apply_seeds_[multi_]out from bases."""
     k = ops()
     tail = (upd.seeds, upd.coefs)
-    flags = (upd.rounding_code, signed64(upd.sr_key))
+    flags = (upd.rounding_code, signed64(upd.sr_key), upd.noise_code)
     if bases is None:
         if len(outs) == 1:
             k.apply_seeds_(outs[0], *tail, streams[0], *flags)
@@ -43,7 +53,8 @@ def apply(outs, streams, upd, bases=None):
         k.apply_seeds_multi_out(list(bases), list(outs), list(streams), *tail, *flags)
 
 
-def noise_floor(n, seeds, coefs, stream, device):
-    """Benchmark helper: the generate-and-sum work of an apply over n elements, one float per 2048."""
+def noise_floor(n, seeds, coefs, stream, device, noise="gaussian"):
+    """Benchmark helper: the generate-and-sum work of an apply of the ``noise`` family over n elements,
+    one float per 2048."""
     like = torch.empty(0, device=device)
-    return ops()._noise_floor(like, seeds, coefs.to(torch.float32), n, stream)
+    return ops()._noise_floor(like, seeds, coefs.to(torch.float32), n, stream, NOISE_CODES[noise])

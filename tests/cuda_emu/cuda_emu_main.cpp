@@ -4,7 +4,8 @@
 //   cuda_emu JOB OUT
 //
 // JOB (little-endian): "KSEEDEMU", int32 op, then
-//   op 0 (apply):    int64 K, int32 rounding, uint64 sr_key, int32 n; uint64 seeds[K]; float coefs[K];
+//   op 0 (apply):    int64 K, int32 rounding, uint64 sr_key, int32 noise, int32 n; uint64 seeds[K];
+//                    float coefs[K];
 //                    n x { int32 dtype (0 f32, 1 bf16, 2 f16), uint32 stream, int64 numel,
 //                          int64 shift, numel elements }
 //                    shift > 0 places the tensor `shift` elements past an aligned address, so that its
@@ -14,9 +15,11 @@
 //                    is the base (only read; the run fails if it changes) and the result goes to a
 //                    separate guarded buffer placed out_shift elements past an aligned address.
 //   op 1 (gaussian): uint64 seed, uint32 stream, uint64 offset, int64 numel
-//   op 2 (floor):    int64 K, uint32 stream, int64 numel; uint64 seeds[K]; float coefs[K]
-// OUT: op 0 the n tensors' elements after the update, in order (op 3: the n outs); op 1 float[numel]; op 2 one float per
-// tile.  Prints the number of launches and emulated threads.
+//   op 2 (floor):    int64 K, uint32 stream, int64 numel, int32 noise; uint64 seeds[K]; float coefs[K]
+//   op 4 (rademacher): as op 1
+// noise: 0 gaussian, 1 rademacher (csrc/kseed_types.h: enum Noise).
+// OUT: op 0 the n tensors' elements after the update, in order (op 3: the n outs); ops 1 and 4
+// float[numel]; op 2 one float per tile.  Prints the number of launches and emulated threads.
 #include "cuda_emu.h"
 
 #include <cstring>
@@ -111,18 +114,20 @@ int main(int argc, char** argv) {
   std::vector<char> out;
   if (op == 0 || op == 2 || op == 3) {
     int64_t K = 0, numel = 0;
-    int rounding = 0, n = 0;
+    int rounding = 0, n = 0, noise = 0;
     uint64_t sr_key = 0;
     uint32_t stream = 0;
     if (op != 2) {
       K = r.get<int64_t>();
       rounding = r.get<int32_t>();
       sr_key = r.get<uint64_t>();
+      noise = r.get<int32_t>();
       n = r.get<int32_t>();
     } else {
       K = r.get<int64_t>();
       stream = r.get<uint32_t>();
       numel = r.get<int64_t>();
+      noise = r.get<int32_t>();
     }
     std::vector<uint64_t> seeds(static_cast<size_t>(K));
     std::vector<float> coefs(static_cast<size_t>(K));
@@ -133,7 +138,7 @@ int main(int argc, char** argv) {
       Guarded mem;
       float* res = reinterpret_cast<float*>(mem.alloc(tiles * 4, 0));
       fail(kseed::cuda::launch_noise_floor(res, numel, seeds.data(), coefs.data(), K, stream,
-                                           nullptr),
+                                           kseed::Noise(noise), nullptr),
            "launch_noise_floor");
       mem.check("floor output");
       out.assign(reinterpret_cast<char*>(res), reinterpret_cast<char*>(res) + tiles * 4);
@@ -167,8 +172,8 @@ int main(int argc, char** argv) {
       }
       for (const kseed::PlanGroup& g : plan.groups()) {
         fail(kseed::cuda::launch_apply(g.dtype, g.rows.data(), int(g.rows.size()), g.tiles,
-                                       seeds.data(), coefs.data(), K, rounding, sr_key, g.aligned,
-                                       nullptr),
+                                       seeds.data(), coefs.data(), K, rounding, sr_key,
+                                       kseed::Noise(noise), g.aligned, nullptr),
              "launch_apply");
       }
       for (const T& t : ts) {
@@ -184,16 +189,21 @@ int main(int argc, char** argv) {
         out.insert(out.end(), t.out, t.out + nb);
       }
     }
-  } else if (op == 1) {
+  } else if (op == 1 || op == 4) {
     const uint64_t seed = r.get<uint64_t>();
     const uint32_t stream = r.get<uint32_t>();
     const uint64_t offset = r.get<uint64_t>();
     const int64_t numel = r.get<int64_t>();
     Guarded mem;
     float* res = reinterpret_cast<float*>(mem.alloc(size_t(numel) * 4, 0));
-    fail(kseed::cuda::launch_gaussian(res, numel, seed, stream, offset, nullptr),
-         "launch_gaussian");
-    mem.check("gaussian output");
+    if (op == 1) {
+      fail(kseed::cuda::launch_gaussian(res, numel, seed, stream, offset, nullptr),
+           "launch_gaussian");
+    } else {
+      fail(kseed::cuda::launch_rademacher(res, numel, seed, stream, offset, nullptr),
+           "launch_rademacher");
+    }
+    mem.check("noise output");
     out.assign(reinterpret_cast<char*>(res), reinterpret_cast<char*>(res) + size_t(numel) * 4);
   } else {
     std::fprintf(stderr, "cuda_emu: unknown op %d\n", op);

@@ -21,8 +21,12 @@ def gaussian(seed, numel, stream, offset, device):
     return _ref.gaussian(seed, numel, stream, offset, device)
 
 
+def rademacher(seed, numel, stream, offset, device):
+    return _ref.rademacher(seed, numel, stream, offset, device)
+
+
 def apply(outs, streams, upd, bases=None):
     seeds = [s & MASK64 for s in upd.seeds.tolist()]
     for i, (out, st) in enumerate(zip(outs, streams)):
         _ref.apply_seeds_(out, seeds, upd.coefs, st, upd.rounding, upd.sr_key,
-                          base=None if bases is None else bases[i])
+                          base=None if bases is None else bases[i], noise=upd.noise)

@@ -29,6 +29,8 @@ NAME = "triton"
 BLOCK = 256
 NUM_WARPS = 4
 GAUSS_BLOCK = 256
+# Rademacher blocks (128 elements each) per program of the rademacher generator.
+RAD_BLOCKS = 8
 # Seeds per launch before chunking, and elements per slab of a chunked tensor.
 K_CHUNK = 1 << 16
 SLAB = 1 << 20
@@ -108,6 +110,21 @@ def gaussian(seed, numel, stream, offset, device):
     return out
 
 
+def rademacher(seed, numel, stream, offset, device):
+    tk = _kernels()
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    if numel == 0:
+        return out
+    per = S.RADEMACHER_BLOCK
+    first = offset // per
+    last = (offset + numel + per - 1) // per
+    grid = (triton.cdiv(last - first, RAD_BLOCKS),)
+    with _on(device):
+        tk.rademacher_kernel[grid](out, *_w(numel), *_w(seed), _i32(stream), *_w(offset),
+                                   NB=RAD_BLOCKS, **_opts())
+    return out
+
+
 class _on:
     """torch.cuda.device context for CUDA tensors; nothing for CPU tensors (interpreter)."""
 
@@ -124,35 +141,40 @@ class _on:
 
 
 def _launch_apply(src, dst, n, elem_base, acc, s32, cf, k_begin, k_end, stream, sr_key, dcode, rcode,
-                  acc_in, final):
+                  ncode, acc_in, final):
     tk = _kernels()
+    # The Rademacher tiles start at multiples of 128 noise elements (whole Rademacher blocks).
+    assert ncode != S.NOISE_RADEMACHER or elem_base % S.RADEMACHER_BLOCK == 0
     grid = (triton.cdiv(n, 4 * BLOCK),)
     tk.apply_kernel[grid](src, dst, *_w(n), *_w(elem_base), acc, s32, cf, k_begin, k_end,
                           _i32(stream), *_w(sr_key), DTYPE=dcode, ROUNDING=rcode, ACC_IN=acc_in,
-                          FINAL=final, BLOCK=BLOCK, **_opts())
+                          FINAL=final, BLOCK=BLOCK, NOISE=ncode, **_opts())
 
 
-def _apply_one(out, base, s32, cf, K, stream, rcode, sr_key):
+def _apply_one(out, base, s32, cf, K, stream, rcode, ncode, sr_key):
     """out = round(base + acc) for one tensor (base is out in place), K chunked past K_CHUNK."""
     dcode = _DTYPE_CODE[out.dtype]
     dst = _kernel_view(out.view(-1))
     src = dst if base is out else _kernel_view(base.view(-1))
     n = dst.numel()
     if K <= K_CHUNK:
-        _launch_apply(src, dst, n, 0, cf, s32, cf, 0, K, stream, sr_key, dcode, rcode, False, True)
+        _launch_apply(src, dst, n, 0, cf, s32, cf, 0, K, stream, sr_key, dcode, rcode, ncode, False,
+                      True)
         return
     # Long history: per slab, K chunks accumulate into a float32 scratch, the last one reads the source,
     # adds and rounds into the destination.
-    slab = min(SLAB, n)
+    # A slab is a whole number of the family's Philox blocks (4 elements, 128 for the Rademacher).
+    per = S.RADEMACHER_BLOCK if ncode == S.NOISE_RADEMACHER else S.GAUSSIAN_BLOCK
+    slab = min(-(-SLAB // per) * per, n)
     scratch = torch.empty(slab, dtype=torch.float32, device=out.device)
-    for start in range(0, n, slab):  # slab is a multiple of 4 unless it is the whole tensor
+    for start in range(0, n, slab):  # slab is a multiple of `per` unless it is the whole tensor
         d = dst[start:start + slab]
         sp = src[start:start + slab]
         m = d.numel()
         for kb in range(0, K, K_CHUNK):
             ke = min(K, kb + K_CHUNK)
             _launch_apply(sp, d, m, start, scratch, s32, cf, kb, ke, stream, sr_key, dcode, rcode,
-                          kb > 0, ke == K)
+                          ncode, kb > 0, ke == K)
 
 
 def plan_table(items, per_prog: int) -> tuple:
@@ -178,12 +200,13 @@ def apply(outs, streams, upd, bases=None):
     device = outs[0].device
     K = upd.K
     rcode = upd.rounding_code
+    ncode = upd.noise_code
     bases = outs if bases is None else bases
     s32, cf = _device_args(upd.seeds, upd.coefs, device)
     with _on(device):
         if K > K_CHUNK or len(outs) == 1:
             for b, o, st in zip(bases, outs, streams):
-                _apply_one(o, b, s32, cf, K, st, rcode, upd.sr_key)
+                _apply_one(o, b, s32, cf, K, st, rcode, ncode, upd.sr_key)
             return
         groups: dict = {}
         for b, o, st in zip(bases, outs, streams):
@@ -195,20 +218,21 @@ def apply(outs, streams, upd, bases=None):
             steps = max(1, math.ceil(math.log2(T))) if T > 1 else 0
             tk.apply_multi_kernel[(progs,)](table, T, s32, cf, K, *_w(upd.sr_key),
                                             DTYPE=_DTYPE_CODE[dtype], ROUNDING=rcode, BLOCK=BLOCK,
-                                            SEARCH_STEPS=steps, **_opts())
+                                            SEARCH_STEPS=steps, NOISE=ncode, **_opts())
             # `table` may be freed when this returns: the CUDA caching allocator only hands its block
             # to work queued later on the same stream, after this kernel.
 
 
-def noise_floor(n, seeds, coefs, stream, device):
-    """Benchmark helper: the generate-and-sum work of an apply over n elements, one float per program."""
+def noise_floor(n, seeds, coefs, stream, device, noise="gaussian"):
+    """Benchmark helper: the generate-and-sum work of an apply of the ``noise`` family over n elements,
+    one float per program."""
     tk = _kernels()
     s32, cf = _device_args(seeds, coefs, device)
     progs = triton.cdiv(n, 4 * BLOCK)
     out = torch.empty(progs, dtype=torch.float32, device=device)
     with _on(device):
         tk.noise_floor_kernel[(progs,)](out, s32, cf, seeds.numel(), _i32(stream), BLOCK=BLOCK,
-                                        **_opts())
+                                        NOISE=S.NOISE_CODES[noise], **_opts())
     return out
 
 

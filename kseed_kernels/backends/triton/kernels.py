@@ -1,5 +1,6 @@
 """Triton kernels of the kseed noise spec (docs/SPEC.md): Philox4x32-10, the exact-reduction Box-Muller
-transform, the fused K-seed update with nearest / stochastic rounding, and its multi-tensor form.
+transform, the Rademacher signs (section 8), the fused K-seed update of either family with nearest /
+stochastic rounding, and its multi-tensor form.
 
 Every float operation is one IEEE binary32 operation in the spec's order.  Launch these kernels with
 ``enable_fp_fusion=False`` (the launcher, kseed_kernels/backends/triton/__init__.py, does): otherwise Triton contracts a*b + c into
@@ -13,6 +14,11 @@ update) and writes its destination elements once.  For each seed it loads the se
 per-round key bumps are scalar work, once per seed per program, never per element), runs Philox once
 per block and adds c_k * z to four float32 accumulators (one per lane).  The accumulators stay in fp32
 registers across the whole K loop; the tensor is read and written once, after the loop.
+
+The Rademacher family (constexpr NOISE == S.NOISE_RADEMACHER) runs Philox once per seed per 128
+elements: a program's 4 * BLOCK elements are BLOCK / 32 whole Rademacher blocks (its first element is a
+multiple of 128), whose 4 * 32 bits unpack in element order; each term is the coefficient with its sign
+bit flipped by the element's bit (no multiply), added to one float32 accumulator per element.
 """
 from __future__ import annotations
 
@@ -43,6 +49,10 @@ _TWO_M24 = tl.constexpr(2.0 ** -24)
 _DT_F32 = tl.constexpr(S.DTYPE_F32)
 _DT_BF16 = tl.constexpr(S.DTYPE_BF16)
 _RN_SR = tl.constexpr(S.ROUND_STOCHASTIC)
+_NZ_RAD = tl.constexpr(S.NOISE_RADEMACHER)
+_CTR_GAUSS = tl.constexpr(S.COUNTER_GAUSSIAN)
+_CTR_RAD = tl.constexpr(S.COUNTER_RADEMACHER)
+_RAD_BLOCK = tl.constexpr(S.RADEMACHER_BLOCK)
 _PLAN_SRC = tl.constexpr(S.PLAN_SRC)
 _PLAN_DST = tl.constexpr(S.PLAN_DST)
 _PLAN_NUMEL = tl.constexpr(S.PLAN_NUMEL)
@@ -204,6 +214,48 @@ def _interleave4(a0, a1, a2, a3, BLOCK: tl.constexpr):
     return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [4 * BLOCK])
 
 
+# ---------------------------------------------------------------------------- Rademacher signs
+@triton.jit
+def _signbits(rb0, stream, k0, k1, NB: tl.constexpr):
+    """uint32 [128 * NB]: the sign bits (1 for r = -1) of elements 128 * rb0 + [0, 128 * NB), in order:
+    one Philox call per Rademacher block rb0 + [0, NB); element p of a block is bit p & 31 of word
+    p >> 5, least significant bit first (spec 8.1)."""
+    c0, c1, c2, c3 = _counter(rb0 + tl.arange(0, NB).to(tl.int64), stream, _CTR_RAD)
+    x0, x1, x2, x3 = _philox(c0, c1, c2, c3, k0, k1)
+    words = _interleave4(x0, x1, x2, x3, NB)  # [4 * NB], word w of block n at 4 n + w
+    shifts = tl.arange(0, 32).to(tl.uint32)
+    return tl.reshape((words[:, None] >> shifts[None, :]) & 1, [_RAD_BLOCK * NB])
+
+
+@triton.jit
+def _accumulate_signs(acc, rb0, stream, seeds_ptr, coefs_ptr, k_begin, k_end, NB: tl.constexpr):
+    """acc = acc + (+-c_k) for seeds k_begin .. k_end - 1 in ascending order (spec 8.2) over the
+    elements of Rademacher blocks rb0 + [0, NB): the term is c_k with its sign bit xor the element's
+    bit, an exact negation, then one add."""
+    for k in range(k_begin, k_end):
+        k0 = tl.load(seeds_ptr + 2 * k).to(tl.uint32, bitcast=True)
+        k1 = tl.load(seeds_ptr + 2 * k + 1).to(tl.uint32, bitcast=True)
+        cbits = tl.load(coefs_ptr + k).to(tl.uint32, bitcast=True)
+        b = _signbits(rb0, stream, k0, k1, NB)
+        acc = acc + (cbits ^ (b << 31)).to(tl.float32, bitcast=True)
+    return acc
+
+
+@triton.jit(do_not_specialize=["numel_lo", "numel_hi", "seed_lo", "seed_hi", "stream", "off_lo",
+                               "off_hi"])
+def rademacher_kernel(out_ptr, numel_lo, numel_hi, seed_lo, seed_hi, stream, off_lo, off_hi,
+                      NB: tl.constexpr):
+    """out[j] = r(seed, stream, offset + j) (+-1.0) for j < numel: NB Rademacher blocks per program."""
+    pid = tl.program_id(0).to(tl.int64)
+    numel = _i64(numel_lo, numel_hi)
+    offset = _i64(off_lo, off_hi)
+    rb0 = (offset >> 7) + pid * NB
+    b = _signbits(rb0, _u32(stream), _u32(seed_lo), _u32(seed_hi), NB)
+    idx = rb0 * _RAD_BLOCK + tl.arange(0, _RAD_BLOCK * NB).to(tl.int64) - offset
+    mask = (idx >= 0) & (idx < numel)
+    tl.store(out_ptr + idx, tl.where(b != 0, -1.0, 1.0), mask=mask)
+
+
 # ------------------------------------------------------------------------------------ gaussian
 @triton.jit(do_not_specialize=["numel_lo", "numel_hi", "seed_lo", "seed_hi", "stream", "off_lo",
                                "off_hi"])
@@ -214,7 +266,7 @@ def gaussian_kernel(out_ptr, numel_lo, numel_hi, seed_lo, seed_hi, stream, off_l
     numel = _i64(numel_lo, numel_hi)
     offset = _i64(off_lo, off_hi)
     gb = (offset >> 2) + pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    c0, c1, c2, c3 = _counter(gb, _u32(stream), 0)
+    c0, c1, c2, c3 = _counter(gb, _u32(stream), _CTR_GAUSS)
     z0, z1, z2, z3 = _normals4(c0, c1, c2, c3, _u32(seed_lo), _u32(seed_hi))
     z = _interleave4(z0, z1, z2, z3, BLOCK)
     idx = ((offset >> 2) + pid * BLOCK) * 4 + tl.arange(0, 4 * BLOCK).to(tl.int64) - offset
@@ -278,17 +330,43 @@ def _round_store(ptr, offs, mask, v, gb0, stream, sr0, sr1, DTYPE: tl.constexpr,
 @triton.jit
 def _apply_tile(src_ptr, dst_ptr, n, tile, elem_base, acc_ptr, seeds_ptr, coefs_ptr, k_begin, k_end, stream,
                 sr0, sr1, DTYPE: tl.constexpr, ROUNDING: tl.constexpr, ACC_IN: tl.constexpr,
-                FINAL: tl.constexpr, BLOCK: tl.constexpr):
+                FINAL: tl.constexpr, BLOCK: tl.constexpr, NOISE: tl.constexpr):
     """One program's tile: elements [4 * BLOCK * tile, +4 * BLOCK) of a tensor of n elements; the noise
-    index of local element e is elem_base + e (elem_base a multiple of 4).  Seeds k_begin .. k_end - 1.
+    index of local element e is elem_base + e (elem_base a multiple of 128).  Seeds k_begin .. k_end - 1;
+    NOISE the family (S.NOISE_*).
 
     ACC_IN: start from the float32 partial sums in acc_ptr (instead of +0.0).  FINAL: dst = round(src +
     acc) (src == dst in place); otherwise store the partial sums to acc_ptr (never rounded to the dtype).
     """
     tile = tile.to(tl.int64)
+    gb0 = (elem_base >> 2) + tile * BLOCK  # first Gaussian-sized block (also the rounding bits' block)
+    if NOISE == _NZ_RAD:
+        tl.static_assert((4 * BLOCK) % 128 == 0)
+        offs = tile * (4 * BLOCK) + tl.arange(0, 4 * BLOCK).to(tl.int64)
+        mask = offs < n
+        if ACC_IN:
+            acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        else:
+            acc = tl.zeros([4 * BLOCK], tl.float32)
+        acc = _accumulate_signs(acc, (elem_base + tile * (4 * BLOCK)) >> 7, stream, seeds_ptr,
+                                coefs_ptr, k_begin, k_end, (4 * BLOCK) // _RAD_BLOCK)
+        if FINAL:
+            v = _load_f32(src_ptr, offs, mask, DTYPE) + acc
+            _round_store(dst_ptr, offs, mask, v, gb0, stream, sr0, sr1, DTYPE, ROUNDING, BLOCK)
+        else:
+            tl.store(acc_ptr + offs, acc, mask=mask)
+    else:
+        _apply_tile_gaussian(src_ptr, dst_ptr, n, tile, gb0, acc_ptr, seeds_ptr, coefs_ptr, k_begin,
+                             k_end, stream, sr0, sr1, DTYPE, ROUNDING, ACC_IN, FINAL, BLOCK)
+
+
+@triton.jit
+def _apply_tile_gaussian(src_ptr, dst_ptr, n, tile, gb0, acc_ptr, seeds_ptr, coefs_ptr, k_begin,
+                         k_end, stream, sr0, sr1, DTYPE: tl.constexpr, ROUNDING: tl.constexpr,
+                         ACC_IN: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr):
+    """_apply_tile for the Gaussian family: four lane accumulators [BLOCK], one Philox call per block."""
     lb = tile * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # local Philox block
-    gb0 = (elem_base >> 2) + tile * BLOCK
-    c0, c1, c2, c3 = _counter(gb0 + tl.arange(0, BLOCK).to(tl.int64), stream, 0)
+    c0, c1, c2, c3 = _counter(gb0 + tl.arange(0, BLOCK).to(tl.int64), stream, _CTR_GAUSS)
     if ACC_IN:
         e0 = lb * 4
         acc0 = tl.load(acc_ptr + e0, mask=e0 < n, other=0.0)
@@ -320,17 +398,19 @@ def _apply_tile(src_ptr, dst_ptr, n, tile, elem_base, acc_ptr, seeds_ptr, coefs_
                                "sr_lo", "sr_hi"])
 def apply_kernel(src_ptr, dst_ptr, n_lo, n_hi, base_lo, base_hi, acc_ptr, seeds_ptr, coefs_ptr,
                  k_begin, k_end, stream, sr_lo, sr_hi, DTYPE: tl.constexpr, ROUNDING: tl.constexpr,
-                 ACC_IN: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr):
+                 ACC_IN: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
+                 NOISE: tl.constexpr):
     """One tensor of n elements: dst = round(src + acc) (the same pointer in place; bf16 passed as
     int16).  seeds_ptr: int32 [2K] (lo, hi words)."""
     _apply_tile(src_ptr, dst_ptr, _i64(n_lo, n_hi), tl.program_id(0), _i64(base_lo, base_hi), acc_ptr, seeds_ptr,
                 coefs_ptr, k_begin, k_end, _u32(stream), _u32(sr_lo), _u32(sr_hi), DTYPE, ROUNDING, ACC_IN,
-                FINAL, BLOCK)
+                FINAL, BLOCK, NOISE)
 
 
 @triton.jit(do_not_specialize=["T", "K", "sr_lo", "sr_hi"])
 def apply_multi_kernel(table_ptr, T, seeds_ptr, coefs_ptr, K, sr_lo, sr_hi, DTYPE: tl.constexpr,
-                       ROUNDING: tl.constexpr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+                       ROUNDING: tl.constexpr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                       NOISE: tl.constexpr):
     """Many tensors of one dtype in one launch, through the device-side int64 plan table
     [len(PLAN_FIELDS), T]: row PLAN_SRC the source addresses, PLAN_DST the destination addresses (the
     same in place), PLAN_NUMEL the element counts, PLAN_STREAM the stream ids, PLAN_FIRST_TILE the first
@@ -358,23 +438,31 @@ def apply_multi_kernel(table_ptr, T, seeds_ptr, coefs_ptr, K, sr_lo, sr_hi, DTYP
         src_ptr = src.to(tl.pointer_type(tl.float16))
         dst_ptr = dst.to(tl.pointer_type(tl.float16))
     _apply_tile(src_ptr, dst_ptr, n, tile, n * 0, coefs_ptr, seeds_ptr, coefs_ptr, 0, K, stream,
-                _u32(sr_lo), _u32(sr_hi), DTYPE, ROUNDING, False, True, BLOCK)
+                _u32(sr_lo), _u32(sr_hi), DTYPE, ROUNDING, False, True, BLOCK, NOISE)
 
 
 @triton.jit(do_not_specialize=["K", "stream"])
-def noise_floor_kernel(out_ptr, seeds_ptr, coefs_ptr, K, stream, BLOCK: tl.constexpr):
-    """Benchmark floor: generate and sum the K normals of n elements like apply_kernel, but read no
-    tensor and write one float per program (so the work cannot be optimised away)."""
+def noise_floor_kernel(out_ptr, seeds_ptr, coefs_ptr, K, stream, BLOCK: tl.constexpr,
+                       NOISE: tl.constexpr):
+    """Benchmark floor: generate and sum the K terms (of the NOISE family) of n elements like
+    apply_kernel, but read no tensor and write one float per program (so the work cannot be optimised
+    away)."""
     pid = tl.program_id(0).to(tl.int64)
-    gb = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    c0, c1, c2, c3 = _counter(gb, _u32(stream), 0)
-    acc0 = tl.zeros([BLOCK], tl.float32)
-    acc1 = tl.zeros([BLOCK], tl.float32)
-    acc2 = tl.zeros([BLOCK], tl.float32)
-    acc3 = tl.zeros([BLOCK], tl.float32)
-    acc0, acc1, acc2, acc3 = _accumulate4(acc0, acc1, acc2, acc3, c0, c1, c2, c3, seeds_ptr,
-                                          coefs_ptr, 0, K)
-    tot = tl.sum(acc0 + acc1 + acc2 + acc3, axis=0)
+    if NOISE == _NZ_RAD:
+        acc = tl.zeros([4 * BLOCK], tl.float32)
+        acc = _accumulate_signs(acc, pid * ((4 * BLOCK) // _RAD_BLOCK), _u32(stream), seeds_ptr,
+                                coefs_ptr, 0, K, (4 * BLOCK) // _RAD_BLOCK)
+        tot = tl.sum(acc, axis=0)
+    else:
+        gb = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        c0, c1, c2, c3 = _counter(gb, _u32(stream), _CTR_GAUSS)
+        acc0 = tl.zeros([BLOCK], tl.float32)
+        acc1 = tl.zeros([BLOCK], tl.float32)
+        acc2 = tl.zeros([BLOCK], tl.float32)
+        acc3 = tl.zeros([BLOCK], tl.float32)
+        acc0, acc1, acc2, acc3 = _accumulate4(acc0, acc1, acc2, acc3, c0, c1, c2, c3, seeds_ptr,
+                                              coefs_ptr, 0, K)
+        tot = tl.sum(acc0 + acc1 + acc2 + acc3, axis=0)
     tl.store(out_ptr + pid, tot)
 
 
