@@ -11,14 +11,16 @@
 //   shl<k>, shr<k> (logical), max_i32, to_f32 (signed int32 -> float, exact here), as_f, as_u (bit casts),
 //   gt_i32, lt_u32, lt_f, is_nan, lsb_set (masks); inc_where, select_u, select_f, zero_unless;
 //   mulhilo (the 32x32 -> 64-bit products' halves), transpose4 (lane-major -> element order);
-//   load_f, store_f, load_u, store_u, load_bf16, store_u16, load_f16, store_f16 (unaligned).
+//   load_f, store_f, load_u, store_u, load_bf16, store_u16, load_f16, store_f16 (unaligned);
+//   select_sign(c, nc, word, q) (the Rademacher term: lane l gets nc = -c if bit q * kLanes + l of
+//   *word is set, else c; kLanes divides 32).
 // Every float operation below is one IEEE operation in the spec's order: mul then add, never an fma.
 //
 // Element order: a vector of Philox blocks first_block .. first_block + kLanes - 1 gives 4 * kLanes
 // elements; lane b of word l is element 4 b + l, and transpose4 puts them in element order.
 //
-// A new noise family (the Rademacher signs of issue 12) is one more accumulate function here and one
-// more member of the Kernels table, filled at the end of this file.
+// A noise family is one accumulate function here and one member of the Kernels table, filled at the end
+// of this file: accumulate_normals (Gaussian, sections 2-4) and accumulate_signs (Rademacher, section 8).
 
 // Philox round keys (the key bumped once per round), computed once per seed.
 struct RoundKeys {
@@ -188,6 +190,73 @@ void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t first_block
   }
 }
 
+// ------------------------------------------------------------------------ the Rademacher accumulate
+// Spec section 8: element i's sign is bit (i & 31) of Philox word (i >> 5) & 3 of block i >> 7
+// (counter word 3 = COUNTER_RADEMACHER), so philox_words of consecutive blocks is, word by word, the
+// sign bits of consecutive runs of 32 elements.  The term is c or -c (an exact sign flip), added once.
+//
+// The cost per element-seed is a bit selection and one add; what would bound it is the accumulator's
+// load and store, so kSignGroup seeds share one pass over the accumulator: each vector of acc is loaded
+// once, gets its kSignGroup terms added in ascending k (the spec's order, element by element), and is
+// stored once.  The group's Philox words (1/128 of a Philox call per element-seed) are computed first,
+// into a small buffer.
+constexpr int kSignGroup = 8;
+static_assert(32 % kLanes == 0, "a vector of elements must lie in one 32-bit sign word");
+constexpr int kSignPieces = 32 / kLanes;  // vectors per sign word
+// Words of the Philox blocks a call may touch: nwords <= kMaxSignWords from any word offset, the
+// blocks rounded up to whole vectors of blocks.
+constexpr int64_t kSignBufWords = 4 * (((kMaxSignWords + 3 + 3) / 4 + kLanes - 1) / kLanes * kLanes);
+
+// acc[32 w + j] += t_g for g = 0 .. G-1 in order, seed g's sign words being words[g * kSignBufWords + w]
+// (one base pointer: the seeds' words sit at fixed distances).
+template <int G>
+void signs_pass(const uint32_t* words, const float* coefs, int64_t nwords, float* acc) {
+  VF c[G], nc[G];
+  for (int g = 0; g < G; ++g) {
+    c[g] = set_f(coefs[g]);
+    nc[g] = as_f(xor_u(as_u(c[g]), set_u(0x80000000u)));  // -c, exact
+  }
+  for (int64_t w = 0; w < nwords; ++w) {
+    KSEED_UNROLL
+    for (int q = 0; q < kSignPieces; ++q) {
+      float* a = acc + 32 * w + kLanes * q;
+      VF v = load_f(a);
+      KSEED_UNROLL
+      for (int g = 0; g < G; ++g) v = add(v, select_sign(c[g], nc[g], words + g * kSignBufWords + w, q));
+      store_f(a, v);
+    }
+  }
+}
+
+void accumulate_signs(const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream,
+                      uint64_t first_word, int64_t nwords, float* acc) {
+  if (nwords <= 0) return;
+  const uint64_t fb = first_word >> 2;
+  const int64_t off = int64_t(first_word & 3u);
+  const int64_t nb = (off + nwords + 3) >> 2;
+  const int64_t nbv = (nb + kLanes - 1) / kLanes * kLanes;
+  alignas(64) uint32_t buf[kSignGroup * kSignBufWords];
+  for (int64_t k0 = 0; k0 < K; k0 += kSignGroup) {
+    const int G = int(K - k0 < kSignGroup ? K - k0 : kSignGroup);
+    for (int g = 0; g < G; ++g) {
+      philox_words(key_of(seeds[k0 + g]), stream, spec::COUNTER_RADEMACHER, fb, nbv, buf + g * kSignBufWords);
+    }
+    const uint32_t* words = buf + off;
+    const float* cg = coefs + k0;
+    switch (G) {
+      case 8: signs_pass<8>(words, cg, nwords, acc); break;
+      case 7: signs_pass<7>(words, cg, nwords, acc); break;
+      case 6: signs_pass<6>(words, cg, nwords, acc); break;
+      case 5: signs_pass<5>(words, cg, nwords, acc); break;
+      case 4: signs_pass<4>(words, cg, nwords, acc); break;
+      case 3: signs_pass<3>(words, cg, nwords, acc); break;
+      case 2: signs_pass<2>(words, cg, nwords, acc); break;
+      default: signs_pass<1>(words, cg, nwords, acc); break;
+    }
+  }
+}
+static_assert(kSignGroup == 8, "accumulate_signs dispatches groups of 1 .. 8 seeds");
+
 // ------------------------------------------------------------------------------ the final write
 // One vector (elements j .. j + kLanes - 1) of dst = round(float32(src) + acc), spec 5.
 template <DType D, int R>
@@ -261,5 +330,5 @@ void finish(DType dtype, const void* src, void* dst, const float* acc, const uin
 
 // This ISA's row of the dispatch table.
 constexpr Kernels make_kernels(bool (*supported)()) {
-  return Kernels{supported, &accumulate_normals, &normals, &philox_words, &finish};
+  return Kernels{supported, &accumulate_normals, &accumulate_signs, &normals, &philox_words, &finish};
 }

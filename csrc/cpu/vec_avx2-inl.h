@@ -90,3 +90,15 @@ KSEED_INLINE void store_f16(uint16_t* p, VF v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+// The Rademacher term (spec 8): c with its sign flipped in the lanes whose bit q * 8 + lane of *word is
+// set.  The broadcast word is shifted left per lane (vpsllvd) so that lane's bit lands in the sign
+// position, masked, and xor'ed into c (nc = -c is unused here).
+KSEED_INLINE VF select_sign(VF c, VF /*nc*/, const uint32_t* word, int q) {
+  alignas(32) static constexpr uint32_t kShift[4][8] = {{31, 30, 29, 28, 27, 26, 25, 24},
+                                                        {23, 22, 21, 20, 19, 18, 17, 16},
+                                                        {15, 14, 13, 12, 11, 10, 9, 8},
+                                                        {7, 6, 5, 4, 3, 2, 1, 0}};
+  const VU s = _mm256_sllv_epi32(set_u(*word), load_u(kShift[q]));
+  return as_f(xor_u(as_u(c), and_u(s, set_u(0x80000000u))));
+}

@@ -91,3 +91,13 @@ KSEED_INLINE void store_f16(uint16_t* p, VF v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+// The Rademacher term (spec 8): nc (= -c) in the lanes whose bit q * 16 + lane of *word is set, c
+// elsewhere.  Half q of the little-endian word is the lane mask as it stands: one kmovw from memory (a
+// load, no ALU port; the compilers would otherwise go through a general register and port 5) and one
+// masked blend.
+KSEED_INLINE VF select_sign(VF c, VF nc, const uint32_t* word, int q) {
+  __mmask16 k;
+  asm("kmovw %1, %0" : "=Yk"(k) : "m"(*(reinterpret_cast<const uint16_t*>(word) + q)));
+  return _mm512_mask_blend_ps(k, c, nc);
+}

@@ -62,3 +62,9 @@ KSEED_INLINE VF load_bf16(const uint16_t* p) { return bf16_bits_to_float(*p); }
 KSEED_INLINE void store_u16(uint16_t* p, VU v) { *p = uint16_t(v); }
 KSEED_INLINE VF load_f16(const uint16_t* p) { return fp16_bits_to_float(*p); }
 KSEED_INLINE void store_f16(uint16_t* p, VF v) { *p = round_fp16_nearest(v); }
+
+// The Rademacher term (spec 8): c with its sign flipped where bit q of *word is set (one lane: the lane's
+// bit is bit q * kLanes + 0 = q).  nc = -c is unused here.
+KSEED_INLINE VF select_sign(VF c, VF /*nc*/, const uint32_t* word, int q) {
+  return as_f(as_u(c) ^ ((*word >> q) << 31));
+}
