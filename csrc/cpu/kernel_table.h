@@ -62,6 +62,12 @@ const Kernels* neon_kernels();
 #else
 #define KSEED_INLINE inline
 #endif
+// Keep a function out of line (a hot loop that bench/cpu_insn_count.py finds by name).
+#if defined(__GNUC__) || defined(__clang__)
+#define KSEED_NOINLINE __attribute__((noinline))
+#else
+#define KSEED_NOINLINE
+#endif
 // Unroll the next loop completely (its trip count is a small constant).
 #if defined(__clang__)
 #define KSEED_UNROLL KSEED_PRAGMA(unroll)

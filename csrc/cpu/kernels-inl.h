@@ -12,8 +12,10 @@
 //   gt_i32, lt_u32, lt_f, is_nan, lsb_set (masks); inc_where, select_u, select_f, zero_unless;
 //   mulhilo (the 32x32 -> 64-bit products' halves), transpose4 (lane-major -> element order);
 //   load_f, store_f, load_u, store_u, load_bf16, store_u16, load_f16, store_f16 (unaligned);
-//   select_sign(c, nc, word, q) (the Rademacher term: lane l gets nc = -c if bit q * kLanes + l of
-//   *word is set, else c; kLanes divides 32).
+//   SW, sign_word(p), select_sign(c, nc, s, q) (the Rademacher term: s = sign_word(p) prepares the
+//   32-element sign word *p; lane l gets nc = -c if bit q * kLanes + l of it is set, else c; kLanes
+//   divides 32); kSignGroup (seeds per pass over the accumulator, 1 .. 8) and kSignRun (vectors of a sign
+//   word whose accumulators stay in registers together), chosen for the ISA's register file.
 // Every float operation below is one IEEE operation in the spec's order: mul then add, never an fma.
 //
 // Element order: a vector of Philox blocks first_block .. first_block + kLanes - 1 gives 4 * kLanes
@@ -196,21 +198,22 @@ void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t first_block
 // sign bits of consecutive runs of 32 elements.  The term is c or -c (an exact sign flip), added once.
 //
 // The cost per element-seed is a bit selection and one add; what would bound it is the accumulator's
-// load and store, so kSignGroup seeds share one pass over the accumulator: each vector of acc is loaded
-// once, gets its kSignGroup terms added in ascending k (the spec's order, element by element), and is
-// stored once.  The group's Philox words (1/128 of a Philox call per element-seed) are computed first,
+// load and store, so kSignGroup seeds share one pass over the accumulator: the 32 elements of a sign
+// word are loaded once (kSignPieces vectors), get their kSignGroup terms added in ascending k (the
+// spec's order, element by element), and are stored once; each seed's word is prepared once for them.  The group's Philox words (1/128 of a Philox call per element-seed) are computed first,
 // into a small buffer.
-constexpr int kSignGroup = 8;
 static_assert(32 % kLanes == 0, "a vector of elements must lie in one 32-bit sign word");
 constexpr int kSignPieces = 32 / kLanes;  // vectors per sign word
+static_assert(kSignPieces % kSignRun == 0, "a sign word is whole runs");
 // Words of the Philox blocks a call may touch: nwords <= kMaxSignWords from any word offset, the
 // blocks rounded up to whole vectors of blocks.
 constexpr int64_t kSignBufWords = 4 * (((kMaxSignWords + 3 + 3) / 4 + kLanes - 1) / kLanes * kLanes);
 
 // acc[32 w + j] += t_g for g = 0 .. G-1 in order, seed g's sign words being words[g * kSignBufWords + w]
-// (one base pointer: the seeds' words sit at fixed distances).
+// (one base pointer: the seeds' words sit at fixed distances).  Out of line: one call per group of
+// seeds, and bench/cpu_insn_count.py counts its loop.
 template <int G>
-void signs_pass(const uint32_t* words, const float* coefs, int64_t nwords, float* acc) {
+KSEED_NOINLINE void signs_pass(const uint32_t* words, const float* coefs, int64_t nwords, float* acc) {
   VF c[G], nc[G];
   for (int g = 0; g < G; ++g) {
     c[g] = set_f(coefs[g]);
@@ -218,12 +221,19 @@ void signs_pass(const uint32_t* words, const float* coefs, int64_t nwords, float
   }
   for (int64_t w = 0; w < nwords; ++w) {
     KSEED_UNROLL
-    for (int q = 0; q < kSignPieces; ++q) {
-      float* a = acc + 32 * w + kLanes * q;
-      VF v = load_f(a);
+    for (int r = 0; r < kSignPieces; r += kSignRun) {  // kSignRun vectors of the word stay in registers
+      float* a = acc + 32 * w + kLanes * r;
+      VF v[kSignRun];
       KSEED_UNROLL
-      for (int g = 0; g < G; ++g) v = add(v, select_sign(c[g], nc[g], words + g * kSignBufWords + w, q));
-      store_f(a, v);
+      for (int q = 0; q < kSignRun; ++q) v[q] = load_f(a + kLanes * q);
+      KSEED_UNROLL
+      for (int g = 0; g < G; ++g) {  // ascending k, element by element
+        const SW s = sign_word(words + g * kSignBufWords + w);
+        KSEED_UNROLL
+        for (int q = 0; q < kSignRun; ++q) v[q] = add(v[q], select_sign(c[g], nc[g], s, r + q));
+      }
+      KSEED_UNROLL
+      for (int q = 0; q < kSignRun; ++q) store_f(a + kLanes * q, v[q]);
     }
   }
 }
@@ -243,19 +253,19 @@ void accumulate_signs(const uint64_t* seeds, const float* coefs, int64_t K, uint
     }
     const uint32_t* words = buf + off;
     const float* cg = coefs + k0;
-    switch (G) {
-      case 8: signs_pass<8>(words, cg, nwords, acc); break;
-      case 7: signs_pass<7>(words, cg, nwords, acc); break;
-      case 6: signs_pass<6>(words, cg, nwords, acc); break;
-      case 5: signs_pass<5>(words, cg, nwords, acc); break;
-      case 4: signs_pass<4>(words, cg, nwords, acc); break;
-      case 3: signs_pass<3>(words, cg, nwords, acc); break;
-      case 2: signs_pass<2>(words, cg, nwords, acc); break;
+    switch (G) {  // G <= kSignGroup <= 8
+      case 8: if constexpr (kSignGroup >= 8) signs_pass<8>(words, cg, nwords, acc); break;
+      case 7: if constexpr (kSignGroup >= 7) signs_pass<7>(words, cg, nwords, acc); break;
+      case 6: if constexpr (kSignGroup >= 6) signs_pass<6>(words, cg, nwords, acc); break;
+      case 5: if constexpr (kSignGroup >= 5) signs_pass<5>(words, cg, nwords, acc); break;
+      case 4: if constexpr (kSignGroup >= 4) signs_pass<4>(words, cg, nwords, acc); break;
+      case 3: if constexpr (kSignGroup >= 3) signs_pass<3>(words, cg, nwords, acc); break;
+      case 2: if constexpr (kSignGroup >= 2) signs_pass<2>(words, cg, nwords, acc); break;
       default: signs_pass<1>(words, cg, nwords, acc); break;
     }
   }
 }
-static_assert(kSignGroup == 8, "accumulate_signs dispatches groups of 1 .. 8 seeds");
+static_assert(kSignGroup >= 1 && kSignGroup <= 8, "accumulate_signs dispatches groups of 1 .. 8 seeds");
 
 // ------------------------------------------------------------------------------ the final write
 // One vector (elements j .. j + kLanes - 1) of dst = round(float32(src) + acc), spec 5.
