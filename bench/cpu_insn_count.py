@@ -9,7 +9,7 @@ step of kUnroll * kLanes Philox blocks = 4 * kUnroll * kLanes element-seeds of o
 per object, any fused multiply-add (there must be none: the spec's floats are separate mul and add),
 the float operations and the stack accesses in the loop (register spills).
 
-The Rademacher family (issue 12) gets a second table: the main loop of signs_pass<kSignGroup> (one
+The Rademacher family (issue 12) gets a second table: the main loop of signs_pass<kSignGroup, false> (one
 32-element sign word of the accumulator and kSignGroup seeds: its float adds are the element-seed terms,
 kLanes each), plus the
 Philox words it needs (philox_words' loop: kLanes blocks = 128 * kLanes element-seeds of one seed).
@@ -131,7 +131,7 @@ def main():
                 for addr, mn, ops in loop:
                     print(f"{addr:8x}  {mn:12} {ops}")
             # Rademacher: the sign pass of 8 seeds, and the Philox words behind it
-            sloop, _ = main_loop(function(listing, f"void kseed::cpu::{path}::signs_pass<{group}>("), arch)
+            sloop, _ = main_loop(function(listing, f"void kseed::cpu::{path}::signs_pass<{group}, false>("), arch)
             ploop, _ = main_loop(function(listing, f"kseed::cpu::{path}::philox_words("), arch)
             adds = sum(1 for _, mn, _ in sloop if FLOAT_ADD[arch].match(mn))
             if not sloop or not adds or not ploop:
@@ -152,7 +152,7 @@ def main():
         print(f"{p:8} {a:8} {la:5d} {u:6d} {n:10d} {es:10d} {per:15.2f} {flo:13.2f} {st:10d} {fma:13d}")
     if rad_rows:
         print()
-        print("Rademacher (signs_pass<kSignGroup> main loop + philox_words loop, per element-seed):")
+        print("Rademacher (signs_pass<kSignGroup, false> main loop + philox_words loop, per element-seed):")
         print(f"{'path':8} {'seeds':>5} {'sign insns':>10} {'elem-seeds':>10} {'sign/e-s':>9} {'philox insns':>12} "
               f"{'philox/e-s':>10} {'total/e-s':>9} {'stack refs':>10}")
         for p, g, n, es, per, pn, pp, tot, st in rad_rows:

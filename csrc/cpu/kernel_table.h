@@ -22,8 +22,8 @@ struct Kernels {
   // The building blocks of kseed_cpu.h, same contracts (nblocks a multiple of kGroupBlocks).
   void (*accumulate_normals)(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float c,
                              float* acc);
-  void (*accumulate_signs)(const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream,
-                           uint64_t first_word, int64_t nwords, float* acc);
+  void (*sum_signs)(const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, uint64_t first_word,
+                    int64_t nwords, float* acc);
   void (*normals)(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
   void (*philox_words)(Key key, uint32_t stream, uint32_t word3, uint64_t first_block, int64_t nblocks,
                        uint32_t* out);

@@ -116,9 +116,9 @@ void philox_words(Isa isa, Key key, uint32_t stream, uint32_t word3, uint64_t fi
   kernels(isa).philox_words(key, stream, word3, first_block, nblocks, out);
 }
 
-void accumulate_signs(Isa isa, const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream,
-                      uint64_t first_word, int64_t nwords, float* acc) {
-  kernels(isa).accumulate_signs(seeds, coefs, K, stream, first_word, nwords, acc);
+void sum_signs(Isa isa, const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream,
+               uint64_t first_word, int64_t nwords, float* acc) {
+  kernels(isa).sum_signs(seeds, coefs, K, stream, first_word, nwords, acc);
 }
 
 void finish(Isa isa, DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r,
@@ -149,9 +149,7 @@ void apply_tile(Isa isa, DType dtype, Noise noise, const void* src, void* dst, u
   int64_t skip;
   if (noise == kNoiseRademacher) {
     skip = int64_t(e0 & 31u);
-    const int64_t nw = (skip + n + 31) >> 5;
-    std::memset(acc, 0, sizeof(float) * size_t(32 * nw));  // +0.0f
-    kn.accumulate_signs(seeds, coefs, K, stream, e0 >> 5, nw, acc);
+    kn.sum_signs(seeds, coefs, K, stream, e0 >> 5, (skip + n + 31) >> 5, acc);  // from +0.0f
   } else {
     skip = int64_t(e0 & 3u);
     const int64_t nbp = padded_blocks(e0, n);
@@ -179,10 +177,8 @@ void rademacher_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64
   if (n <= 0) return;
   alignas(64) float buf[kBuf];
   const int64_t skip = int64_t(e0 & 31u);
-  const int64_t nw = (skip + n + 31) >> 5;
-  std::memset(buf, 0, sizeof(float) * size_t(32 * nw));
   const float one = 1.0f;
-  accumulate_signs(isa, &seed, &one, 1, stream, e0 >> 5, nw, buf);  // 0 + (+-1) = +-1, exact
+  sum_signs(isa, &seed, &one, 1, stream, e0 >> 5, (skip + n + 31) >> 5, buf);  // 0 + (+-1) = +-1, exact
   std::memcpy(out, buf + skip, sizeof(float) * size_t(n));
 }
 

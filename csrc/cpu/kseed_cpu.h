@@ -70,11 +70,12 @@ void rademacher_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64
 // acc[4 b + l] = acc[4 b + l] + c * z(lane l of block first_block + b).
 void accumulate_normals(Isa isa, Key key, uint32_t stream, uint64_t first_block, int64_t nblocks,
                         float c, float* acc);
-// The Rademacher accumulate over whole 32-element sign words: for w in [0, nwords), j in [0, 32),
-// element i = 32 (first_word + w) + j:  acc[32 w + j] = acc[32 w + j] + t_k for k = 0 .. K-1 in order,
-// t_k = +-coefs[k] the sign of r(seeds[k], stream, i).  nwords <= kMaxSignWords; any first_word.
-void accumulate_signs(Isa isa, const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream,
-                      uint64_t first_word, int64_t nwords, float* acc);
+// The Rademacher sum over whole 32-element sign words: for w in [0, nwords), j in [0, 32), element
+// i = 32 (first_word + w) + j:  acc[32 w + j] = +0.0f + t_0 + ... + t_(K-1) in that order, t_k = +-coefs[k]
+// the sign of r(seeds[k], stream, i) (the accumulator is written, not read).  nwords <= kMaxSignWords;
+// any first_word.
+void sum_signs(Isa isa, const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream,
+               uint64_t first_word, int64_t nwords, float* acc);
 // out[4 b + l] = z(lane l of block first_block + b).
 void normals(Isa isa, Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
 // out[4 b + l] = word l of Philox(counter = (block, stream, word3), key).
