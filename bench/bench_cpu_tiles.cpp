@@ -9,6 +9,7 @@
 //                   the add pass in the same loop
 //     --isa NAME    scalar, avx2, avx512, neon or "all" (default: the fastest this CPU runs)
 //     --quick       K up to 256, R = 3
+//     --gaussian-only   time the Gaussian apply only (to compare builds: the Rademacher columns read 0)
 //
 // The buffer is the 10.4M-parameter LLaMA-shaped model of bench/bench_cpu.py as one flat tensor
 // (10424576 elements, stream 0) for K = 1, 2, 32; K = 256 and 1024 use its first 262144 elements (the
@@ -110,7 +111,7 @@ double load_average() {
 
 int main(int argc, char** argv) {
   int repeats = 5;
-  bool quick = false;
+  bool quick = false, gaussian_only = false;
   std::string isa_arg;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -118,8 +119,10 @@ int main(int argc, char** argv) {
     else if (a == "--repeats" && i + 1 < argc) repeats = std::max(1, std::atoi(argv[++i]));
     else if (a == "--isa" && i + 1 < argc) isa_arg = argv[++i];
     else if (a == "--quick") quick = true;
+    else if (a == "--gaussian-only") gaussian_only = true;
     else {
-      std::fprintf(stderr, "usage: %s [--threads T] [--repeats R] [--isa NAME|all] [--quick]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads T] [--repeats R] [--isa NAME|all] [--quick] [--gaussian-only]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -172,10 +175,11 @@ int main(int argc, char** argv) {
         std::vector<double> tg, tr, ta;
         int64_t ig = 0, ir = 0, ia = 0;
         apply(isa, dt, kNoiseGaussian, w, n, seeds, coefs);  // warm-up
-        apply(isa, dt, kNoiseRademacher, w, n, seeds, coefs);
+        if (!gaussian_only) apply(isa, dt, kNoiseRademacher, w, n, seeds, coefs);
         for (int r = 0; r < repeats; ++r) {
           tg.push_back(timed([&] { apply(isa, dt, kNoiseGaussian, w, n, seeds, coefs); }, &ig));
-          tr.push_back(timed([&] { apply(isa, dt, kNoiseRademacher, w, n, seeds, coefs); }, &ir));
+          if (gaussian_only) tr.push_back(INFINITY);
+          else tr.push_back(timed([&] { apply(isa, dt, kNoiseRademacher, w, n, seeds, coefs); }, &ir));
           if (K == 1) ta.push_back(timed([&] { add_pass(a.data(), b.data(), full); }, &ia));
         }
         const double g = double(n * K) / median(tg), rr = double(n * K) / median(tr);
