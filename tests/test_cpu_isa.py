@@ -70,9 +70,17 @@ def test_apply_per_isa(gen, isa, dtype, rounding):
 
 def test_isas_agree_on_large_inputs(gen):
     """All paths bitwise equal on a larger input (cheap: no reference), special values included."""
+    _check_isas_agree(gen, 3)
+
+
+def _check_isas_agree(gen, k, noise=None):
+    """Every path's apply (each dtype and rounding, K = k, the ``noise`` family; None: the ops' default,
+    no keyword) and noise sample on a 200003-element input, bitwise equal."""
+    kw = {} if noise is None else {"noise": noise}
+    sample = kk.rademacher if noise == "rademacher" else kk.gaussian
     n = 200_003
-    seeds = [_u64(gen) for _ in range(3)]
-    coefs = torch.randn(3, generator=gen)
+    seeds = [_u64(gen) for _ in range(k)]
+    coefs = torch.randn(k, generator=gen)
     base = torch.randn(n, generator=gen) * 10
     base[:8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 65504.0, 7e4])
     results = {}
@@ -83,9 +91,9 @@ def test_isas_agree_on_large_inputs(gen):
             for dtype in DTYPES:
                 for rounding in ("nearest", "stochastic"):
                     w = base.to(dtype, copy=True)
-                    kk.apply_seeds_(w, seeds, coefs, stream=5, backend="cpu", rounding=rounding)
+                    kk.apply_seeds_(w, seeds, coefs, stream=5, backend="cpu", rounding=rounding, **kw)
                     out.append(bits(w))
-            out.append(kk.gaussian(seeds[0], n, stream=2, offset=3, backend="cpu").view(torch.int32))
+            out.append(sample(seeds[0], n, stream=2, offset=3, backend="cpu").view(torch.int32))
             results[isa] = out
     finally:
         CPU.set_isa(None)
@@ -202,28 +210,6 @@ def test_apply_rademacher_per_isa(gen, isa, dtype, rounding):
 
 @needs_noise
 def test_rademacher_isas_agree_on_large_inputs(gen):
-    """All paths bitwise equal on a larger input with the Rademacher family, special values included."""
-    n = 200_003
-    seeds = [_u64(gen) for _ in range(11)]
-    coefs = torch.randn(11, generator=gen)
-    base = torch.randn(n, generator=gen) * 10
-    base[:8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 65504.0, 7e4])
-    results = {}
-    try:
-        for isa in ISAS:
-            CPU.set_isa(isa)
-            out = []
-            for dtype in DTYPES:
-                for rounding in ("nearest", "stochastic"):
-                    w = base.to(dtype, copy=True)
-                    kk.apply_seeds_(w, seeds, coefs, stream=5, backend="cpu", rounding=rounding,
-                                    noise="rademacher")
-                    out.append(bits(w))
-            out.append(kk.rademacher(seeds[0], n, stream=2, offset=3, backend="cpu").view(torch.int32))
-            results[isa] = out
-    finally:
-        CPU.set_isa(None)
-    first = results[ISAS[0]]
-    for isa in ISAS[1:]:
-        for i, (a, b) in enumerate(zip(results[isa], first)):
-            assert torch.equal(a, b), (isa, i)
+    """All paths bitwise equal on a larger input with the Rademacher family (K = 11: across the groups of
+    seeds), special values included."""
+    _check_isas_agree(gen, 11, "rademacher")

@@ -91,22 +91,33 @@ static void test_kat() {
   }
 }
 
-static void test_spec_vectors(const char* path) {
+// Reads a spec-vector text file: for each row "seed stream offset values..." (# comments skipped) calls
+// row(seed, stream, offset, rest) with the rest of the line; returns the number of rows.
+template <typename F>
+static int read_vector_rows(const char* path, F row) {
   std::ifstream in(path);
   CHECK(bool(in), "cannot open %s", path);
-  if (!in) return;
   std::string line;
   int rows = 0;
-  while (std::getline(in, line)) {
+  while (in && std::getline(in, line)) {
     if (line.empty() || line[0] == '#') continue;
     std::istringstream ss(line);
     unsigned long long seed, offset;
     unsigned long stream;
     ss >> seed >> stream >> offset;
+    ++rows;
+    row(seed, stream, offset, ss);
+  }
+  CHECK(rows > 0, "no spec vectors read from %s", path);
+  return rows;
+}
+
+static void test_spec_vectors(const char* path) {
+  const int rows = read_vector_rows(path, [](unsigned long long seed, unsigned long stream,
+                                             unsigned long long offset, std::istringstream& ss) {
     std::vector<uint32_t> want;
     std::string hex;
     while (ss >> hex) want.push_back(uint32_t(std::stoul(hex, nullptr, 16)));
-    ++rows;
     for (size_t j = 0; j < want.size(); ++j) {
       const float z = gaussian_at(seed, uint32_t(stream), offset + j);
       CHECK(float_to_bits(z) == want[j], "spec vector (core) seed %llu stream %lu index %llu: got %08x want %08x",
@@ -121,8 +132,7 @@ static void test_spec_vectors(const char* path) {
               want[j]);
       }
     }
-  }
-  CHECK(rows > 0, "no spec vectors read from %s", path);
+  });
   std::printf("spec vectors: %d rows\n", rows);
 }
 
@@ -229,20 +239,11 @@ static float term(Noise noise, float c, uint64_t seed, uint32_t stream, uint64_t
 // The Rademacher spec vectors (text form: seed stream offset signs, '+' for r = +1, '-' for r = -1)
 // through the core, rademacher_tile and a K = 1, c = 1 apply on zeros (0 + (+-1)) on every path.
 static void test_rademacher_vectors(const char* path) {
-  std::ifstream in(path);
-  CHECK(bool(in), "cannot open %s", path);
-  if (!in) return;
-  std::string line;
-  int rows = 0;
-  while (std::getline(in, line)) {
-    if (line.empty() || line[0] == '#') continue;
-    std::istringstream ss(line);
-    unsigned long long seed, offset;
-    unsigned long stream;
+  const int rows = read_vector_rows(path, [path](unsigned long long seed, unsigned long stream,
+                                                 unsigned long long offset, std::istringstream& ss) {
     std::string signs;
-    ss >> seed >> stream >> offset >> signs;
+    ss >> signs;
     CHECK(!signs.empty() && signs.find_first_not_of("+-") == std::string::npos, "bad signs in %s", path);
-    ++rows;
     const int64_t n = int64_t(signs.size());
     for (int64_t j = 0; j < n; ++j) {
       const uint32_t want = signs[size_t(j)] == '-' ? 1u : 0u;
@@ -263,8 +264,7 @@ static void test_rademacher_vectors(const char* path) {
               stream, offset + (unsigned long long)j, double(out[size_t(j)]), double(w[size_t(j)]), double(want));
       }
     }
-  }
-  CHECK(rows > 0, "no Rademacher spec vectors read from %s", path);
+  });
   std::printf("rademacher spec vectors: %d rows\n", rows);
 }
 
