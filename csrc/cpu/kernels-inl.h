@@ -192,7 +192,7 @@ void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t first_block
   }
 }
 
-// ------------------------------------------------------------------------ the Rademacher accumulate
+// ------------------------------------------------------------------------------ the Rademacher sum
 // Spec section 8: element i's sign is bit (i & 31) of Philox word (i >> 5) & 3 of block i >> 7
 // (counter word 3 = COUNTER_RADEMACHER), so philox_words of consecutive blocks is, word by word, the
 // sign bits of consecutive runs of 32 elements.  The term is c or -c (an exact sign flip), added once.
@@ -275,7 +275,7 @@ void sum_signs(const uint64_t* seeds, const float* coefs, int64_t K, uint32_t st
     else signs_group<false>(G, buf + off, coefs + k0, nwords, acc);
   }
 }
-static_assert(kSignGroup >= 1 && kSignGroup <= 8, "accumulate_signs dispatches groups of 1 .. 8 seeds");
+static_assert(kSignGroup >= 1 && kSignGroup <= 8, "sum_signs dispatches groups of 1 .. 8 seeds");
 
 // ------------------------------------------------------------------------------ the final write
 // One vector (elements j .. j + kLanes - 1) of dst = round(float32(src) + acc), spec 5.
