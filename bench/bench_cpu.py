@@ -8,7 +8,12 @@
    (backend="cpu") over all the parameters with the same K = 32 seeds.
 2. Absolute rates (element-seed updates per second) for K = 1, 2, 32, 1024, float32 and bfloat16, for
    each SIMD path the CPU supports.
-The table is printed last.
+3. The Rademacher family (issue 12), once the ops take noise= (skipped, with a note, before): rates at
+   K = 1, 2, 32, 256, 1024 (float32 and bfloat16, the automatic path), each alternating with the
+   Gaussian fused apply on the same tensors, the ratio rademacher / gaussian (target >= 15x at K = 256
+   and 1024, float32), and a plain add_ pass (p.add_(q) over every parameter) as the K = 1 reference.
+   bench/bench_cpu_tiles.cpp measures the same on the tile kernels without torch.
+The tables are printed last.
 """
 from __future__ import annotations
 
@@ -62,6 +67,41 @@ def baseline(params, seeds, coefs):
 
 def ours(params, streams, seeds, coefs):
     kk.apply_seeds_multi_(params, streams, seeds, coefs, backend="cpu")
+
+
+def has_noise():
+    """Whether this build's ops take noise= (the op plumbing of issue 12)."""
+    import inspect
+
+    return hasattr(kk, "rademacher") and "noise" in inspect.signature(kk.apply_seeds_multi_).parameters
+
+
+def noise_rows(big, streams, reps, quick):
+    """(dtype, K, elements, gaussian rate, rademacher rate) rows and the add_ pass rate (elements/s)."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [p.to(dtype) for p in big]
+        for k in (1, 2, 32, 256, 1024):
+            if k >= 256:  # the K = 1024 slice of section 2: embed rows 0..1023 (262144 elements)
+                ps, st = [params[0][: (256 if quick else 1024)]], streams[:1]
+            else:
+                ps, st = params, streams
+            n = sum(p.numel() for p in ps)
+            sd, cf = list(range(7, 7 + k)), [1e-4] * k
+            run = {nz: (lambda nz=nz: kk.apply_seeds_multi_(ps, st, sd, cf, backend="cpu", noise=nz))
+                   for nz in ("gaussian", "rademacher")}
+            for f in run.values():
+                f()  # warm-up
+            r = 1 if (k == 1024 and quick) else reps
+            tg, tr = [], []
+            for _ in range(r):
+                tg.append(timed(run["gaussian"]))
+                tr.append(timed(run["rademacher"]))
+            rows.append((str(dtype).replace("torch.", ""), k, n, n * k / statistics.median(tg),
+                         n * k / statistics.median(tr)))
+    qs = [torch.full_like(p, 1e-4) for p in big]
+    ta = [timed(lambda: [p.add_(q) for p, q in zip(big, qs)]) for _ in range(reps)]
+    return rows, sum(p.numel() for p in big) / statistics.median(ta)
 
 
 def timed(fn):
@@ -135,6 +175,11 @@ def main():
                 rows.append((isa, str(dtype).replace("torch.", ""), kk_, n, t, n * kk_ / t))
     CPU.set_isa(None)
 
+    # --- 3. the Rademacher family against the Gaussian, same tensors, alternating
+    nrows, add_rate = [], None
+    if not args.ratio_only and has_noise():
+        nrows, add_rate = noise_rows(big, streams, reps, args.quick)
+
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
@@ -154,6 +199,18 @@ def main():
     print(f"{'path':8} {'dtype':9} {'K':>5} {'elements':>10} {'median s':>9} {'M elem-seed/s':>14}")
     for isa, dt, kk_, n, t, rate in rows:
         print(f"{isa:8} {dt:9} {kk_:5d} {n:10d} {t:9.4f} {rate / 1e6:14.1f}")
+    print()
+    if not nrows:
+        print("rademacher rows: skipped (this build's ops take no noise= keyword yet; "
+              "bench/bench_cpu_tiles.cpp measures the tile kernels)")
+        return
+    print(f"rademacher vs gaussian fused apply (cpu, {CPU.isa()}, medians of {reps}, alternating); "
+          f"add_ pass over all parameters: {add_rate / 1e6:.1f} M elements/s")
+    print(f"{'dtype':9} {'K':>5} {'elements':>10} {'gauss M e-s/s':>14} {'rad M e-s/s':>12} {'rad/gauss':>9} "
+          f"{'rad/add_':>8}")
+    for dt, kk_, n, g, r in nrows:
+        vs_add = f"{r / add_rate:8.2f}" if kk_ == 1 else ""
+        print(f"{dt:9} {kk_:5d} {n:10d} {g / 1e6:14.1f} {r / 1e6:12.1f} {r / g:9.2f} {vs_add:>8}")
 
 
 if __name__ == "__main__":

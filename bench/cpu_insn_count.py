@@ -9,6 +9,11 @@ step of kUnroll * kLanes Philox blocks = 4 * kUnroll * kLanes element-seeds of o
 per object, any fused multiply-add (there must be none: the spec's floats are separate mul and add),
 the float operations and the stack accesses in the loop (register spills).
 
+The Rademacher family (issue 12) gets a second table: the main loop of signs_pass<kSignGroup, false> (one
+32-element sign word of the accumulator and kSignGroup seeds: its float adds are the element-seed terms,
+kLanes each), plus the
+Philox words it needs (philox_words' loop: kLanes blocks = 128 * kLanes element-seeds of one seed).
+
 A static count, not a measurement: no hardware is needed, and it does not depend on the load.
 """
 from __future__ import annotations
@@ -36,6 +41,7 @@ FMA = {"x86": re.compile(r"^v?f(n)?m(add|sub)"),
        "aarch64": re.compile(r"^(fmla|fmls|fmadd|fmsub|fnmadd|fnmsub)$")}
 FLOAT_OP = {"x86": re.compile(r"^v?(mul|add|sub|sqrt)(ps|ss)$"),
             "aarch64": re.compile(r"^(fmul|fadd|fsub|fsqrt)$")}
+FLOAT_ADD = {"x86": re.compile(r"^v?add(ps|ss)$"), "aarch64": re.compile(r"^fadd$")}
 X86_BRANCH = re.compile(r"^j[a-z]+$")
 A64_BRANCH = re.compile(r"^(b|b\.[a-z]+|cbn?z|tbn?z)$")
 STACK = {"x86": re.compile(r"\(%rsp\)|\(%rbp\)|%rsp\)"), "aarch64": re.compile(r"\[sp")}
@@ -45,7 +51,8 @@ def vector_constants(header):
     text = open(os.path.join(CPU, header)).read()
     lanes = int(re.search(r"constexpr int kLanes = (\d+);", text).group(1))
     unroll = int(re.search(r"constexpr int kUnroll = (\d+);", text).group(1))
-    return lanes, unroll
+    group = int(re.search(r"constexpr int kSignGroup = (\d+);", text).group(1))
+    return lanes, unroll, group
 
 
 def disassemble(cxx, objdump, src, out):
@@ -92,7 +99,8 @@ def main():
     ap.add_argument("--objdump", default="objdump")
     ap.add_argument("--aarch64-cxx", default="aarch64-linux-gnu-g++")
     ap.add_argument("--aarch64-objdump", default="aarch64-linux-gnu-objdump")
-    ap.add_argument("--show", metavar="PATH", help="also print that path's main loop")
+    ap.add_argument("--show", metavar="PATH", help="also print that path's main loop (PATH-rademacher: its "
+                    "Rademacher sign loop)")
     args = ap.parse_args()
     host_x86 = os.uname().machine in ("x86_64", "AMD64")
     tools = {"x86": (args.cxx, args.objdump) if host_x86 else None,
@@ -100,14 +108,14 @@ def main():
     if not host_x86:  # a native aarch64 host compiles NEON with its own compiler
         tools["aarch64"] = (args.cxx, args.objdump)
 
-    rows, notes = [], []
+    rows, rad_rows, notes = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for path, (tu, header, arch) in PATHS.items():
             tool = tools[arch]
             if tool is None or not all(shutil.which(t) for t in tool):
                 notes.append(f"{path}: skipped ({arch} compiler / objdump not found)")
                 continue
-            lanes, unroll = vector_constants(header)
+            lanes, unroll, group = vector_constants(header)
             listing = disassemble(*tool, os.path.join(CPU, tu), os.path.join(tmp, path + ".o"))
             fma_all = sum(1 for line in listing.splitlines()
                           if (m := re.match(r"^\s*[0-9a-f]+:\s+(\S+)", line)) and FMA[arch].match(m.group(1)))
@@ -122,10 +130,37 @@ def main():
             if args.show == path:
                 for addr, mn, ops in loop:
                     print(f"{addr:8x}  {mn:12} {ops}")
+            # Rademacher: the sign pass of 8 seeds, and the Philox words behind it
+            sloop, _ = main_loop(function(listing, f"void kseed::cpu::{path}::signs_pass<{group}, false>("), arch)
+            ploop, _ = main_loop(function(listing, f"kseed::cpu::{path}::philox_words("), arch)
+            adds = sum(1 for _, mn, _ in sloop if FLOAT_ADD[arch].match(mn))
+            if not sloop or not adds or not ploop:
+                notes.append(f"{path}: Rademacher loops not found")
+                continue
+            # a scalar add is one element-seed; a vector add kLanes (the scalar path's loop may be partial)
+            ses = adds * lanes
+            sst = sum(1 for _, _, ops in sloop if STACK[arch].search(ops))
+            per_sign = len(sloop) / ses
+            per_philox = len(ploop) / (128 * lanes)
+            rad_rows.append((path, group, len(sloop), ses, per_sign, len(ploop), per_philox, per_sign + per_philox, sst))
+            if args.show == path + "-rademacher":
+                for addr, mn, ops in sloop:
+                    print(f"{addr:8x}  {mn:12} {ops}")
     print(f"{'path':8} {'arch':8} {'lanes':>5} {'unroll':>6} {'loop insns':>10} {'elem-seeds':>10} "
           f"{'insns/elem-seed':>15} {'float ops/e-s':>13} {'stack refs':>10} {'fma in object':>13}")
     for p, a, la, u, n, es, per, flo, st, fma in rows:
         print(f"{p:8} {a:8} {la:5d} {u:6d} {n:10d} {es:10d} {per:15.2f} {flo:13.2f} {st:10d} {fma:13d}")
+    if rad_rows:
+        print()
+        print("Rademacher (signs_pass<kSignGroup, false> main loop + philox_words loop, per element-seed):")
+        print(f"{'path':8} {'seeds':>5} {'sign insns':>10} {'elem-seeds':>10} {'sign/e-s':>9} {'philox insns':>12} "
+              f"{'philox/e-s':>10} {'total/e-s':>9} {'stack refs':>10}")
+        for p, g, n, es, per, pn, pp, tot, st in rad_rows:
+            print(f"{p:8} {g:5d} {n:10d} {es:10d} {per:9.3f} {pn:12d} {pp:10.3f} {tot:9.3f} {st:10d}")
+        gauss = {r[0]: r[6] for r in rows}
+        ratios = [f"{p} {gauss[p] / tot:.0f}x" for p, *_, tot, _ in rad_rows if p in gauss]
+        if ratios:
+            print("Gaussian / Rademacher instructions per element-seed: " + ", ".join(ratios))
     for n in notes:
         print("note:", n)
     return 1 if any(r[-1] for r in rows) else 0

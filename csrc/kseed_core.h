@@ -177,6 +177,13 @@ KSEED_HD uint32_t lane_of(Block b, unsigned lane) {
   return lane == 0 ? b.x0 : lane == 1 ? b.x1 : lane == 2 ? b.x2 : b.x3;
 }
 
+// The sign bit of r(seed, stream, i) (spec 8.1): 1 for r = -1, 0 for r = +1 (slow path: a whole block
+// per element).  The term of an apply is c with this bit xor'ed into its sign bit.
+KSEED_HD uint32_t rademacher_signbit(uint64_t seed, uint32_t stream, uint64_t i) {
+  const Block b = philox_block(key_of(seed), i >> 7, stream, spec::COUNTER_RADEMACHER);
+  return (lane_of(b, unsigned(i >> 5) & 3u) >> (i & 31u)) & 1u;
+}
+
 // Round-to-nearest-even float32 -> bfloat16 bits (NaN -> the canonical quiet NaN 0x7FC0, as torch's
 // c10::BFloat16 does).  The one home of bf16 round-to-nearest for every backend.
 KSEED_HD uint16_t round_bf16_nearest(float v) {

@@ -70,9 +70,17 @@ def test_apply_per_isa(gen, isa, dtype, rounding):
 
 def test_isas_agree_on_large_inputs(gen):
     """All paths bitwise equal on a larger input (cheap: no reference), special values included."""
+    _check_isas_agree(gen, 3)
+
+
+def _check_isas_agree(gen, k, noise=None):
+    """Every path's apply (each dtype and rounding, K = k, the ``noise`` family; None: the ops' default,
+    no keyword) and noise sample on a 200003-element input, bitwise equal."""
+    kw = {} if noise is None else {"noise": noise}
+    sample = kk.rademacher if noise == "rademacher" else kk.gaussian
     n = 200_003
-    seeds = [_u64(gen) for _ in range(3)]
-    coefs = torch.randn(3, generator=gen)
+    seeds = [_u64(gen) for _ in range(k)]
+    coefs = torch.randn(k, generator=gen)
     base = torch.randn(n, generator=gen) * 10
     base[:8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 65504.0, 7e4])
     results = {}
@@ -83,9 +91,9 @@ def test_isas_agree_on_large_inputs(gen):
             for dtype in DTYPES:
                 for rounding in ("nearest", "stochastic"):
                     w = base.to(dtype, copy=True)
-                    kk.apply_seeds_(w, seeds, coefs, stream=5, backend="cpu", rounding=rounding)
+                    kk.apply_seeds_(w, seeds, coefs, stream=5, backend="cpu", rounding=rounding, **kw)
                     out.append(bits(w))
-            out.append(kk.gaussian(seeds[0], n, stream=2, offset=3, backend="cpu").view(torch.int32))
+            out.append(sample(seeds[0], n, stream=2, offset=3, backend="cpu").view(torch.int32))
             results[isa] = out
     finally:
         CPU.set_isa(None)
@@ -151,3 +159,57 @@ def test_paths_of_this_machine(monkeypatch):
             kk.gaussian(1, 8, backend="cpu")
         monkeypatch.delenv("KSEED_CPU_ISA")
     assert CPU.isa() == ISAS[-1]
+
+
+# ------------------------------------------------------------------------ the Rademacher family
+# The CPU kernels have it on every path (tests/cpp checks them bitwise); these cases run once the op
+# plumbing (kseed_kernels.rademacher and the noise= keyword, issue 12) is in the build, and are skipped
+# before.
+def _has_noise_keyword():
+    import inspect
+
+    if not hasattr(kk, "rademacher"):
+        return False
+    return all("noise" in inspect.signature(f).parameters for f in (kk.apply_seeds_, kk.apply_seeds_multi_))
+
+
+needs_noise = pytest.mark.skipif(not _has_noise_keyword(),
+                                 reason="the op plumbing of issue 12 (kseed_kernels.rademacher, noise=) is not built")
+
+
+@needs_noise
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_rademacher_per_isa(gen, isa):
+    # offsets and lengths crossing 32- and 128-element boundaries, block carries into counter word 1
+    for stream, offset, n in [(0, 0, 4099), (2**31 + 3, 2**32 * 128 - 45, 300), (2**32 - 1, 2**41 + 2, 77),
+                              (11, 1, 1), (7, 95, 33), (3, 127, 129)]:
+        seed = _u64(gen)
+        got = kk.rademacher(seed, n, stream=stream, offset=offset, backend="cpu")
+        want = R.rademacher(seed, n, stream, offset)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (isa, seed, stream, offset)
+
+
+@needs_noise
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_apply_rademacher_per_isa(gen, isa, dtype, rounding):
+    # K across the kernels' groups of seeds (4 or 8 per pass over the accumulator)
+    for shape, k in [((5,), 3), ((4101,), 9), ((3, 17), 17), ((1,), 1), ((4096 + 33,), 8), ((130,), 4)]:
+        w = (torch.randn(shape, generator=gen) * 2).to(dtype)
+        seeds = [_u64(gen) for _ in range(k)]
+        coefs = torch.randn(k, generator=gen) * 0.1
+        stream = _u64(gen) >> 32
+        got, want = w.clone(), w.clone()
+        kk.apply_seeds_(got, seeds, coefs, stream=stream, backend="cpu", rounding=rounding, noise="rademacher")
+        kk.apply_seeds_(want, seeds, coefs, stream=stream, backend="reference", rounding=rounding,
+                        noise="rademacher")
+        assert torch.equal(bits(got), bits(want)), (isa, dtype, shape, k)
+
+
+@needs_noise
+def test_rademacher_isas_agree_on_large_inputs(gen):
+    """All paths bitwise equal on a larger input with the Rademacher family (K = 11: across the groups of
+    seeds), special values included."""
+    _check_isas_agree(gen, 11, "rademacher")

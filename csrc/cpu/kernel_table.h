@@ -22,6 +22,8 @@ struct Kernels {
   // The building blocks of kseed_cpu.h, same contracts (nblocks a multiple of kGroupBlocks).
   void (*accumulate_normals)(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float c,
                              float* acc);
+  void (*sum_signs)(const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, uint64_t first_word,
+                    int64_t nwords, float* acc);
   void (*normals)(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
   void (*philox_words)(Key key, uint32_t stream, uint32_t word3, uint64_t first_block, int64_t nblocks,
                        uint32_t* out);
@@ -59,6 +61,12 @@ const Kernels* neon_kernels();
 #define KSEED_INLINE inline __attribute__((always_inline))
 #else
 #define KSEED_INLINE inline
+#endif
+// Keep a function out of line (a hot loop that bench/cpu_insn_count.py finds by name).
+#if defined(__GNUC__) || defined(__clang__)
+#define KSEED_NOINLINE __attribute__((noinline))
+#else
+#define KSEED_NOINLINE
 #endif
 // Unroll the next loop completely (its trip count is a small constant).
 #if defined(__clang__)

@@ -11,14 +11,18 @@
 //   shl<k>, shr<k> (logical), max_i32, to_f32 (signed int32 -> float, exact here), as_f, as_u (bit casts),
 //   gt_i32, lt_u32, lt_f, is_nan, lsb_set (masks); inc_where, select_u, select_f, zero_unless;
 //   mulhilo (the 32x32 -> 64-bit products' halves), transpose4 (lane-major -> element order);
-//   load_f, store_f, load_u, store_u, load_bf16, store_u16, load_f16, store_f16 (unaligned).
+//   load_f, store_f, load_u, store_u, load_bf16, store_u16, load_f16, store_f16 (unaligned);
+//   SW, sign_word(p), select_sign(c, nc, s, q) (the Rademacher term: s = sign_word(p) prepares the
+//   32-element sign word *p; lane l gets nc = -c if bit q * kLanes + l of it is set, else c; kLanes
+//   divides 32); kSignGroup (seeds per pass over the accumulator, 1 .. 8) and kSignRun (vectors of a sign
+//   word whose accumulators stay in registers together), chosen for the ISA's register file.
 // Every float operation below is one IEEE operation in the spec's order: mul then add, never an fma.
 //
 // Element order: a vector of Philox blocks first_block .. first_block + kLanes - 1 gives 4 * kLanes
 // elements; lane b of word l is element 4 b + l, and transpose4 puts them in element order.
 //
-// A new noise family (the Rademacher signs of issue 12) is one more accumulate function here and one
-// more member of the Kernels table, filled at the end of this file.
+// A noise family is one accumulate function here and one member of the Kernels table, filled at the end
+// of this file: accumulate_normals (Gaussian, sections 2-4) and sum_signs (Rademacher, section 8).
 
 // Philox round keys (the key bumped once per round), computed once per seed.
 struct RoundKeys {
@@ -188,6 +192,91 @@ void philox_words(Key key, uint32_t stream, uint32_t word3, uint64_t first_block
   }
 }
 
+// ------------------------------------------------------------------------------ the Rademacher sum
+// Spec section 8: element i's sign is bit (i & 31) of Philox word (i >> 5) & 3 of block i >> 7
+// (counter word 3 = COUNTER_RADEMACHER), so philox_words of consecutive blocks is, word by word, the
+// sign bits of consecutive runs of 32 elements.  The term is c or -c (an exact sign flip), added once.
+//
+// The cost per element-seed is a bit selection and one add; what would bound it is the accumulator's
+// load and store, so kSignGroup seeds share one pass over the accumulator: the 32 elements of a sign
+// word are loaded once (kSignPieces vectors), get their kSignGroup terms added in ascending k (the
+// spec's order, element by element), and are stored once; each seed's word is prepared once for them.
+// The group's Philox words (1/128 of a Philox call per element-seed) are computed first,
+// into a small buffer.
+static_assert(32 % kLanes == 0, "a vector of elements must lie in one 32-bit sign word");
+constexpr int kSignPieces = 32 / kLanes;  // vectors per sign word
+static_assert(kSignPieces % kSignRun == 0, "a sign word is whole runs");
+// Words of the Philox blocks a call may touch: nwords <= kMaxSignWords from any word offset, the
+// blocks rounded up to whole vectors of blocks.
+constexpr int64_t kSignBufWords = 4 * (((kMaxSignWords + 3 + 3) / 4 + kLanes - 1) / kLanes * kLanes);
+
+// acc[32 w + j] = a + t_0 + ... + t_(G-1) in that order, a = +0.0f for the first group (kFirst: no
+// load, no separate zeroing pass) and acc[32 w + j] after it; seed g's sign words are
+// words[g * kSignBufWords + w] (one base pointer: the seeds' words sit at fixed distances).  Out of
+// line: one call per group of seeds, and bench/cpu_insn_count.py counts its loop.
+template <int G, bool kFirst>
+KSEED_NOINLINE void signs_pass(const uint32_t* words, const float* coefs, int64_t nwords, float* acc) {
+  VF c[G], nc[G];
+  for (int g = 0; g < G; ++g) {
+    c[g] = set_f(coefs[g]);
+    nc[g] = as_f(xor_u(as_u(c[g]), set_u(0x80000000u)));  // -c, exact
+  }
+  for (int64_t w = 0; w < nwords; ++w) {
+    KSEED_UNROLL
+    for (int r = 0; r < kSignPieces; r += kSignRun) {  // kSignRun vectors of the word stay in registers
+      float* a = acc + 32 * w + kLanes * r;
+      VF v[kSignRun];
+      KSEED_UNROLL
+      for (int q = 0; q < kSignRun; ++q) v[q] = kFirst ? set_f(0.0f) : load_f(a + kLanes * q);
+      KSEED_UNROLL
+      for (int g = 0; g < G; ++g) {  // ascending k, element by element
+        const SW s = sign_word(words + g * kSignBufWords + w);
+        KSEED_UNROLL
+        for (int q = 0; q < kSignRun; ++q) v[q] = add(v[q], select_sign(c[g], nc[g], s, r + q));
+      }
+      KSEED_UNROLL
+      for (int q = 0; q < kSignRun; ++q) store_f(a + kLanes * q, v[q]);
+    }
+  }
+}
+
+template <bool kFirst>
+void signs_group(int G, const uint32_t* words, const float* cg, int64_t nwords, float* acc) {
+  switch (G) {  // 1 <= G <= kSignGroup <= 8
+    case 8: if constexpr (kSignGroup >= 8) signs_pass<8, kFirst>(words, cg, nwords, acc); break;
+    case 7: if constexpr (kSignGroup >= 7) signs_pass<7, kFirst>(words, cg, nwords, acc); break;
+    case 6: if constexpr (kSignGroup >= 6) signs_pass<6, kFirst>(words, cg, nwords, acc); break;
+    case 5: if constexpr (kSignGroup >= 5) signs_pass<5, kFirst>(words, cg, nwords, acc); break;
+    case 4: if constexpr (kSignGroup >= 4) signs_pass<4, kFirst>(words, cg, nwords, acc); break;
+    case 3: if constexpr (kSignGroup >= 3) signs_pass<3, kFirst>(words, cg, nwords, acc); break;
+    case 2: if constexpr (kSignGroup >= 2) signs_pass<2, kFirst>(words, cg, nwords, acc); break;
+    default: signs_pass<1, kFirst>(words, cg, nwords, acc); break;
+  }
+}
+
+void sum_signs(const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, uint64_t first_word,
+               int64_t nwords, float* acc) {
+  if (nwords <= 0) return;
+  if (K <= 0) {
+    std::memset(acc, 0, sizeof(float) * size_t(32 * nwords));  // +0.0f
+    return;
+  }
+  const uint64_t fb = first_word >> 2;
+  const int64_t off = int64_t(first_word & 3u);
+  const int64_t nb = (off + nwords + 3) >> 2;
+  const int64_t nbv = (nb + kLanes - 1) / kLanes * kLanes;
+  alignas(64) uint32_t buf[kSignGroup * kSignBufWords];
+  for (int64_t k0 = 0; k0 < K; k0 += kSignGroup) {
+    const int G = int(K - k0 < kSignGroup ? K - k0 : kSignGroup);
+    for (int g = 0; g < G; ++g) {
+      philox_words(key_of(seeds[k0 + g]), stream, spec::COUNTER_RADEMACHER, fb, nbv, buf + g * kSignBufWords);
+    }
+    if (k0 == 0) signs_group<true>(G, buf + off, coefs, nwords, acc);
+    else signs_group<false>(G, buf + off, coefs + k0, nwords, acc);
+  }
+}
+static_assert(kSignGroup >= 1 && kSignGroup <= 8, "sum_signs dispatches groups of 1 .. 8 seeds");
+
 // ------------------------------------------------------------------------------ the final write
 // One vector (elements j .. j + kLanes - 1) of dst = round(float32(src) + acc), spec 5.
 template <DType D, int R>
@@ -261,5 +350,5 @@ void finish(DType dtype, const void* src, void* dst, const float* acc, const uin
 
 // This ISA's row of the dispatch table.
 constexpr Kernels make_kernels(bool (*supported)()) {
-  return Kernels{supported, &accumulate_normals, &normals, &philox_words, &finish};
+  return Kernels{supported, &accumulate_normals, &sum_signs, &normals, &philox_words, &finish};
 }

@@ -116,6 +116,11 @@ void philox_words(Isa isa, Key key, uint32_t stream, uint32_t word3, uint64_t fi
   kernels(isa).philox_words(key, stream, word3, first_block, nblocks, out);
 }
 
+void sum_signs(Isa isa, const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream,
+               uint64_t first_word, int64_t nwords, float* acc) {
+  kernels(isa).sum_signs(seeds, coefs, K, stream, first_word, nwords, acc);
+}
+
 void finish(Isa isa, DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r,
             int64_t n, int rounding) {
   kernels(isa).finish(dtype, src, dst, acc, r, n, rounding);
@@ -124,6 +129,7 @@ void finish(Isa isa, DType dtype, const void* src, void* dst, const float* acc, 
 // ------------------------------------------------------------------------------------------ tiles
 namespace {
 constexpr int64_t kBuf = kMaxTile + 4 * kGroupBlocks;  // room for a misaligned start and padding
+static_assert(32 * kMaxSignWords <= kBuf, "a tile's Rademacher accumulator fits the buffer");
 
 // Blocks covering elements [e0, e0 + n), padded to whole SIMD groups.
 inline int64_t padded_blocks(uint64_t e0, int64_t n) {
@@ -132,44 +138,28 @@ inline int64_t padded_blocks(uint64_t e0, int64_t n) {
 }
 }  // namespace
 
-void accumulate_signs_scalar(Key key, uint32_t stream, uint64_t first, int64_t n, float c,
-                             float* acc) {
-  const uint32_t cb = float_to_bits(c);
-  uint64_t blk = ~uint64_t(0);
-  Block x{0, 0, 0, 0};
-  for (int64_t j = 0; j < n; ++j) {
-    const uint64_t e = first + uint64_t(j);
-    if ((e >> 7) != blk) {
-      blk = e >> 7;
-      x = philox_block(key, blk, stream, spec::COUNTER_RADEMACHER);
-    }
-    const uint32_t p = uint32_t(e & 127u);
-    const uint32_t w = p < 32 ? x.x0 : p < 64 ? x.x1 : p < 96 ? x.x2 : x.x3;
-    acc[j] = fadd(acc[j], bits_to_float(cb ^ (((w >> (p & 31u)) & 1u) << 31)));  // +-c, exact
-  }
-}
-
 void apply_tile(Isa isa, DType dtype, Noise noise, const void* src, void* dst, uint64_t e0, int64_t n,
                 const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, int rounding,
                 uint64_t sr_key) {
   if (n <= 0 || K <= 0) return;
   const Kernels& kn = kernels(isa);
   alignas(64) float acc[kBuf];
-  const uint64_t fb = e0 >> 2;
-  const int64_t skip = int64_t(e0 & 3u);
-  const int64_t nbp = padded_blocks(e0, n);
-  std::memset(acc, 0, sizeof(float) * size_t(4 * nbp));  // +0.0f
-  for (int64_t k = 0; k < K; ++k) {
-    if (noise == kNoiseRademacher) {
-      accumulate_signs_scalar(key_of(seeds[k]), stream, 4 * fb, 4 * nbp, coefs[k], acc);
-    } else {
-      kn.accumulate_normals(key_of(seeds[k]), stream, fb, nbp, coefs[k], acc);
-    }
+  // The accumulator starts at element 4 (e0 >> 2) (Gaussian: whole Philox-4 blocks, padded to SIMD
+  // groups) or 32 (e0 >> 5) (Rademacher: whole sign words); element e0 is acc[skip].
+  int64_t skip;
+  if (noise == kNoiseRademacher) {
+    skip = int64_t(e0 & 31u);
+    kn.sum_signs(seeds, coefs, K, stream, e0 >> 5, (skip + n + 31) >> 5, acc);  // from +0.0f
+  } else {
+    skip = int64_t(e0 & 3u);
+    const int64_t nbp = padded_blocks(e0, n);
+    std::memset(acc, 0, sizeof(float) * size_t(4 * nbp));  // +0.0f
+    for (int64_t k = 0; k < K; ++k) kn.accumulate_normals(key_of(seeds[k]), stream, e0 >> 2, nbp, coefs[k], acc);
   }
-  if (rounding == 1 && dtype != DType::F32) {
+  if (rounding == kRoundStochastic && dtype != DType::F32) {
     alignas(64) uint32_t rb[kBuf];
-    kn.philox_words(key_of(sr_key), stream, spec::COUNTER_STOCHASTIC_ROUNDING, fb, nbp, rb);
-    kn.finish(dtype, src, dst, acc + skip, rb + skip, n, kRoundStochastic);
+    kn.philox_words(key_of(sr_key), stream, spec::COUNTER_STOCHASTIC_ROUNDING, e0 >> 2, padded_blocks(e0, n), rb);
+    kn.finish(dtype, src, dst, acc + skip, rb + (e0 & 3u), n, kRoundStochastic);
   } else {
     kn.finish(dtype, src, dst, acc + skip, nullptr, n, kRoundNearest);
   }
@@ -181,6 +171,15 @@ void gaussian_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t
   const int64_t nbp = padded_blocks(e0, n);
   normals(isa, key_of(seed), stream, e0 >> 2, nbp, buf);
   std::memcpy(out, buf + (e0 & 3u), sizeof(float) * size_t(n));
+}
+
+void rademacher_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n) {
+  if (n <= 0) return;
+  alignas(64) float buf[kBuf];
+  const int64_t skip = int64_t(e0 & 31u);
+  const float one = 1.0f;
+  sum_signs(isa, &seed, &one, 1, stream, e0 >> 5, (skip + n + 31) >> 5, buf);  // 0 + (+-1) = +-1, exact
+  std::memcpy(out, buf + skip, sizeof(float) * size_t(n));
 }
 
 }  // namespace cpu

@@ -24,6 +24,9 @@ using ::kseed::DType;
 constexpr int64_t kMaxTile = 4096;
 // SIMD groups are 16 Philox blocks (64 elements); tile buffers are padded to whole groups.
 constexpr int64_t kGroupBlocks = 16;
+// The Rademacher accumulate works on whole 32-element sign words (spec section 8): a tile of kMaxTile
+// elements at any start spans at most this many.
+constexpr int64_t kMaxSignWords = kMaxTile / 32 + 1;
 
 const char* isa_name(Isa isa);
 // Parses "scalar", "avx2", "avx512", "neon"; false if unknown.
@@ -58,17 +61,21 @@ void apply_tile(Isa isa, DType dtype, Noise noise, const void* src, void* dst, u
                 const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, int rounding,
                 uint64_t sr_key);
 
-// acc[j] = acc[j] + (+-c) for j in [0, n): the Rademacher term of element first + j (spec section 8),
-// portable scalar code.
-void accumulate_signs_scalar(Key key, uint32_t stream, uint64_t first, int64_t n, float c, float* acc);
-
 // out[j] = z(seed, stream, e0 + j) for j in [0, n), n <= kMaxTile.
 void gaussian_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n);
+// out[j] = r(seed, stream, e0 + j) (+1.0f or -1.0f, spec section 8) for j in [0, n), n <= kMaxTile.
+void rademacher_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n);
 
 // Building blocks (exposed for the C++ tests).  nblocks must be a multiple of kGroupBlocks.
 // acc[4 b + l] = acc[4 b + l] + c * z(lane l of block first_block + b).
 void accumulate_normals(Isa isa, Key key, uint32_t stream, uint64_t first_block, int64_t nblocks,
                         float c, float* acc);
+// The Rademacher sum over whole 32-element sign words: for w in [0, nwords), j in [0, 32), element
+// i = 32 (first_word + w) + j:  acc[32 w + j] = +0.0f + t_0 + ... + t_(K-1) in that order, t_k = +-coefs[k]
+// the sign of r(seeds[k], stream, i) (the accumulator is written, not read).  nwords <= kMaxSignWords;
+// any first_word.
+void sum_signs(Isa isa, const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream,
+               uint64_t first_word, int64_t nwords, float* acc);
 // out[4 b + l] = z(lane l of block first_block + b).
 void normals(Isa isa, Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
 // out[4 b + l] = word l of Philox(counter = (block, stream, word3), key).

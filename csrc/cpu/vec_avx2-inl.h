@@ -90,3 +90,22 @@ KSEED_INLINE void store_f16(uint16_t* p, VF v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+// The Rademacher term (spec 8): sign_word broadcasts a 32-element sign word (once per seed and word);
+// select_sign(c, nc, s, q) flips the sign of c in the lanes whose bit q * 8 + lane of it is set: the
+// word is shifted left per lane (vpsllvd) so that lane's bit lands in the sign position, masked and
+// xor'ed into c (nc = -c is unused here).
+// The Rademacher pass (kernels-inl.h): 4 seeds per pass over the accumulator, a whole sign word (4 ymm
+// accumulators) per run, next to the 4 seeds' c, the 4 shift counts and the sign mask: 16 registers.
+constexpr int kSignGroup = 4;
+constexpr int kSignRun = 4;
+using SW = VU;
+KSEED_INLINE SW sign_word(const uint32_t* word) { return set_u(*word); }
+KSEED_INLINE VF select_sign(VF c, VF /*nc*/, SW s, int q) {
+  alignas(32) static constexpr uint32_t kShift[4][8] = {{31, 30, 29, 28, 27, 26, 25, 24},
+                                                        {23, 22, 21, 20, 19, 18, 17, 16},
+                                                        {15, 14, 13, 12, 11, 10, 9, 8},
+                                                        {7, 6, 5, 4, 3, 2, 1, 0}};
+  const VU t = _mm256_sllv_epi32(s, load_u(kShift[q]));
+  return as_f(xor_u(as_u(c), and_u(t, set_u(0x80000000u))));
+}

@@ -91,3 +91,19 @@ KSEED_INLINE void store_f16(uint16_t* p, VF v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+
+// The Rademacher term (spec 8): select_sign(c, nc, s, q) is nc (= -c) in the lanes whose bit
+// q * 16 + lane of the 32-element sign word *s is set, c elsewhere.  Half q of the little-endian word is
+// the lane mask as it stands: one kmovw from memory (a load, no ALU port; the compilers would otherwise
+// go through a general register and port 5) and one masked blend.  So sign_word keeps the address.
+// The Rademacher pass (kernels-inl.h): 8 seeds per pass over the accumulator, a whole sign word (2 zmm
+// accumulators) per run, next to the 8 seeds' c and -c.
+constexpr int kSignGroup = 8;
+constexpr int kSignRun = 2;
+using SW = const uint32_t*;
+KSEED_INLINE SW sign_word(const uint32_t* word) { return word; }
+KSEED_INLINE VF select_sign(VF c, VF nc, SW s, int q) {
+  __mmask16 k;
+  asm("kmovw %1, %0" : "=Yk"(k) : "m"(*(reinterpret_cast<const uint16_t*>(s) + q)));
+  return _mm512_mask_blend_ps(k, c, nc);
+}

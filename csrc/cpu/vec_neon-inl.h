@@ -77,3 +77,21 @@ KSEED_INLINE VF load_bf16(const uint16_t* p) { return as_f(vshll_n_u16(vld1_u16(
 KSEED_INLINE void store_u16(uint16_t* p, VU v) { vst1_u16(p, vmovn_u32(v)); }  // v: values < 2^16
 KSEED_INLINE VF load_f16(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
 KSEED_INLINE void store_f16(uint16_t* p, VF v) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(v))); }
+
+// The Rademacher term (spec 8): sign_word broadcasts a 32-element sign word (ld1r, once per seed and
+// word); select_sign(c, nc, s, q) is nc (= -c) in the lanes whose bit q * 4 + lane of it is set, c
+// elsewhere: the word tested against each lane's bit (cmtst) selects (bsl).
+// The Rademacher pass (kernels-inl.h): 4 seeds per pass over the accumulator, a whole sign word (8
+// accumulators) per run, next to the 4 seeds' c and -c and the 8 bit masks: 32 registers.
+constexpr int kSignGroup = 4;
+constexpr int kSignRun = 8;
+using SW = VU;
+KSEED_INLINE SW sign_word(const uint32_t* word) { return vld1q_dup_u32(word); }
+KSEED_INLINE VF select_sign(VF c, VF nc, SW s, int q) {
+  alignas(16) static constexpr uint32_t kBit[8][4] = {
+      {1u << 0, 1u << 1, 1u << 2, 1u << 3},     {1u << 4, 1u << 5, 1u << 6, 1u << 7},
+      {1u << 8, 1u << 9, 1u << 10, 1u << 11},   {1u << 12, 1u << 13, 1u << 14, 1u << 15},
+      {1u << 16, 1u << 17, 1u << 18, 1u << 19}, {1u << 20, 1u << 21, 1u << 22, 1u << 23},
+      {1u << 24, 1u << 25, 1u << 26, 1u << 27}, {1u << 28, 1u << 29, 1u << 30, 1u << 31}};
+  return vbslq_f32(vtstq_u32(s, vld1q_u32(kBit[q])), nc, c);
+}

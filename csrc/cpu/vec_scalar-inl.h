@@ -62,3 +62,14 @@ KSEED_INLINE VF load_bf16(const uint16_t* p) { return bf16_bits_to_float(*p); }
 KSEED_INLINE void store_u16(uint16_t* p, VU v) { *p = uint16_t(v); }
 KSEED_INLINE VF load_f16(const uint16_t* p) { return fp16_bits_to_float(*p); }
 KSEED_INLINE void store_f16(uint16_t* p, VF v) { *p = round_fp16_nearest(v); }
+
+// The Rademacher term (spec 8): sign_word loads a 32-element sign word once per seed; select_sign(c, nc,
+// s, q) is c with its sign flipped where the lane's bit q * kLanes + lane (here: bit q) of it is set.
+// nc = -c is unused here.
+// The Rademacher pass (kernels-inl.h): 8 seeds per pass over the accumulator, 8 elements of a sign word
+// per run.
+constexpr int kSignGroup = 8;
+constexpr int kSignRun = 8;
+using SW = uint32_t;
+KSEED_INLINE SW sign_word(const uint32_t* word) { return *word; }
+KSEED_INLINE VF select_sign(VF c, VF /*nc*/, SW s, int q) { return as_f(as_u(c) ^ ((s >> q) << 31)); }

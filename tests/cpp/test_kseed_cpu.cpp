@@ -4,8 +4,13 @@
 //   - every SIMD path bitwise equal to the scalar path, on random inputs: normals, Philox words, the
 //     final write for each dtype and rounding (random bit patterns, NaN / inf / subnormals included),
 //     whole tiles at misaligned starts;
+//   - the Rademacher family (spec section 8): the spec vectors (spec_vectors_rademacher.txt) through the
+//     core, rademacher_tile and apply_tile on every path; the sum (sum_signs) of every path against the
+//     scalar path and a per-element oracle (odd word offsets, 2^32-block carries, K across the seed
+//     groups); whole tiles of every dtype and rounding, in and out of place, at starts and lengths
+//     crossing 32- and 128-element boundaries;
 //   - the scalar float16 / bfloat16 conversions against the hardware conversions where present.
-// Usage: kseed_cpp_tests [path/to/spec_vectors.txt]
+// Usage: kseed_cpp_tests [path/to/spec_vectors.txt [path/to/spec_vectors_rademacher.txt]]
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
@@ -86,22 +91,33 @@ static void test_kat() {
   }
 }
 
-static void test_spec_vectors(const char* path) {
+// Reads a spec-vector text file: for each row "seed stream offset values..." (# comments skipped) calls
+// row(seed, stream, offset, rest) with the rest of the line; returns the number of rows.
+template <typename F>
+static int read_vector_rows(const char* path, F row) {
   std::ifstream in(path);
   CHECK(bool(in), "cannot open %s", path);
-  if (!in) return;
   std::string line;
   int rows = 0;
-  while (std::getline(in, line)) {
+  while (in && std::getline(in, line)) {
     if (line.empty() || line[0] == '#') continue;
     std::istringstream ss(line);
     unsigned long long seed, offset;
     unsigned long stream;
     ss >> seed >> stream >> offset;
+    ++rows;
+    row(seed, stream, offset, ss);
+  }
+  CHECK(rows > 0, "no spec vectors read from %s", path);
+  return rows;
+}
+
+static void test_spec_vectors(const char* path) {
+  const int rows = read_vector_rows(path, [](unsigned long long seed, unsigned long stream,
+                                             unsigned long long offset, std::istringstream& ss) {
     std::vector<uint32_t> want;
     std::string hex;
     while (ss >> hex) want.push_back(uint32_t(std::stoul(hex, nullptr, 16)));
-    ++rows;
     for (size_t j = 0; j < want.size(); ++j) {
       const float z = gaussian_at(seed, uint32_t(stream), offset + j);
       CHECK(float_to_bits(z) == want[j], "spec vector (core) seed %llu stream %lu index %llu: got %08x want %08x",
@@ -116,8 +132,7 @@ static void test_spec_vectors(const char* path) {
               want[j]);
       }
     }
-  }
-  CHECK(rows > 0, "no spec vectors read from %s", path);
+  });
   std::printf("spec vectors: %d rows\n", rows);
 }
 
@@ -214,12 +229,102 @@ static void test_finish_paths() {
   }
 }
 
-static void test_tiles() {
-  std::mt19937_64 rng(99);
-  const auto all = paths();
+// The spec's term coefs[k] * noise(seeds[k], stream, i): a product for the Gaussian, an exact sign flip
+// of the coefficient for the Rademacher family.
+static float term(Noise noise, float c, uint64_t seed, uint32_t stream, uint64_t i) {
+  if (noise == kNoiseRademacher) return bits_to_float(float_to_bits(c) ^ (rademacher_signbit(seed, stream, i) << 31));
+  return c * gaussian_at(seed, stream, i);
+}
+
+// The Rademacher spec vectors (text form: seed stream offset signs, '+' for r = +1, '-' for r = -1)
+// through the core, rademacher_tile and a K = 1, c = 1 apply on zeros (0 + (+-1)) on every path.
+static void test_rademacher_vectors(const char* path) {
+  const int rows = read_vector_rows(path, [path](unsigned long long seed, unsigned long stream,
+                                                 unsigned long long offset, std::istringstream& ss) {
+    std::string signs;
+    ss >> signs;
+    CHECK(!signs.empty() && signs.find_first_not_of("+-") == std::string::npos, "bad signs in %s", path);
+    const int64_t n = int64_t(signs.size());
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t want = signs[size_t(j)] == '-' ? 1u : 0u;
+      CHECK(rademacher_signbit(seed, uint32_t(stream), offset + uint64_t(j)) == want,
+            "rademacher vector (core) seed %llu stream %lu index %llu", seed, stream, offset + (unsigned long long)j);
+    }
+    for (Isa isa : paths()) {
+      std::vector<float> out(size_t(n), 0.0f), w(size_t(n), 0.0f);
+      rademacher_tile(isa, out.data(), seed, uint32_t(stream), offset, n);
+      const uint64_t s1 = seed;
+      const float one = 1.0f;
+      apply_tile(isa, DType::F32, kNoiseRademacher, w.data(), w.data(), offset, n, &s1, &one, 1, uint32_t(stream),
+                 kRoundNearest, 0);
+      for (int64_t j = 0; j < n; ++j) {
+        const float want = signs[size_t(j)] == '-' ? -1.0f : 1.0f;
+        CHECK(float_to_bits(out[size_t(j)]) == float_to_bits(want) && float_to_bits(w[size_t(j)]) == float_to_bits(want),
+              "rademacher vector (%s) seed %llu stream %lu index %llu: tile %g apply %g want %g", isa_name(isa), seed,
+              stream, offset + (unsigned long long)j, double(out[size_t(j)]), double(w[size_t(j)]), double(want));
+      }
+    }
+  });
+  std::printf("rademacher spec vectors: %d rows\n", rows);
+}
+
+// A coefficient: mostly normal, sometimes a special value (the term must be an exact sign flip of it).
+static float random_coef(std::mt19937_64& rng) {
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (int trial = 0; trial < 30; ++trial) {
-    const int64_t K = 1 + int64_t(rng() % 5);
+  switch (rng() % 16) {
+    case 0: return 0.0f;
+    case 1: return -0.0f;
+    case 2: return bits_to_float(random_bits(rng));  // NaN, inf, subnormal, ...
+    default: return nd(rng) * (rng() % 2 ? 1e-3f : 1.0f);
+  }
+}
+
+// sum_signs of every path against the scalar path and the per-element oracle (from +0.0f, in ascending
+// k; coefficients with special values: zeros of both signs, NaN, inf, subnormals), over an accumulator
+// of junk (it is written, not read): word offsets of every residue mod 4 (blocks starting mid-way),
+// block indices near 2^32 (the carry into counter word 1), K across the groups of seeds (0 .. 19).
+static void test_signs_paths() {
+  std::mt19937_64 rng(2468);
+  const auto all = paths();
+  for (int trial = 0; trial < 60; ++trial) {
+    const int64_t K = trial == 0 ? 0 : 1 + int64_t(rng() % 19);
+    std::vector<uint64_t> seeds(static_cast<size_t>(K) + 1);
+    std::vector<float> coefs(static_cast<size_t>(K) + 1);
+    for (int64_t k = 0; k < K; ++k) {
+      seeds[size_t(k)] = rng();
+      coefs[size_t(k)] = random_coef(rng);
+    }
+    const uint32_t stream = uint32_t(rng());
+    const uint64_t fw = trial % 3 == 0 ? (uint64_t(0xffffffffull - rng() % 4) << 2) + rng() % 4 : rng() >> 6;
+    const int64_t nw = trial % 5 == 0 ? kMaxSignWords : 1 + int64_t(rng() % uint64_t(kMaxSignWords));
+    std::vector<float> a0(size_t(32 * nw));
+    for (auto& x : a0) x = bits_to_float(random_bits(rng));
+    std::vector<float> ref = a0;
+    sum_signs(Isa::Scalar, seeds.data(), coefs.data(), K, stream, fw, nw, ref.data());
+    for (int64_t j = 0; j < 32 * nw; j += (K == 0 ? 1 : 7)) {  // the oracle, element by element, in ascending k
+      float a = 0.0f;
+      for (int64_t k = 0; k < K; ++k) a = a + term(kNoiseRademacher, coefs[size_t(k)], seeds[size_t(k)], stream, 32 * fw + uint64_t(j));
+      CHECK(float_to_bits(ref[size_t(j)]) == float_to_bits(a), "scalar sum_signs vs core: word %llu j %lld K %lld",
+            (unsigned long long)fw, (long long)j, (long long)K);
+    }
+    for (Isa isa : all) {
+      std::vector<float> got(a0.size(), -7.0f);  // other junk than the scalar path's
+      sum_signs(isa, seeds.data(), coefs.data(), K, stream, fw, nw, got.data());
+      CHECK(std::memcmp(got.data(), ref.data(), ref.size() * 4) == 0, "%s sum_signs differs (K %lld, nwords %lld)",
+            isa_name(isa), (long long)K, (long long)nw);
+    }
+  }
+}
+
+// Whole tiles of one noise family: the scalar path against the one-element core (every dtype and
+// rounding, sampled elements), every path bitwise against the scalar path, in and out of place.
+static void test_tiles(Noise noise, int trials, int64_t max_k) {
+  std::mt19937_64 rng(noise == kNoiseRademacher ? 98 : 99);
+  const auto all = paths();
+  const char* fam = noise == kNoiseRademacher ? "rademacher" : "gaussian";
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int trial = 0; trial < trials; ++trial) {
+    const int64_t K = 1 + int64_t(rng() % uint64_t(max_k));
     std::vector<uint64_t> seeds(static_cast<size_t>(K));
     std::vector<float> coefs(static_cast<size_t>(K));
     for (int64_t k = 0; k < K; ++k) {
@@ -227,8 +332,10 @@ static void test_tiles() {
       coefs[size_t(k)] = nd(rng);
     }
     const uint32_t stream = uint32_t(rng());
-    const uint64_t e0 = (rng() >> 3) + uint64_t(trial % 4);
-    const int64_t n = 1 + int64_t(rng() % kMaxTile);
+    // starts: anywhere, or just before a 32- / 128-element boundary; lengths: any, or short
+    uint64_t e0 = (rng() >> 3) + uint64_t(trial % 4);
+    if (trial % 3 == 1) e0 = ((rng() >> 8) << 7) - 1 - rng() % 40;
+    const int64_t n = trial % 4 == 2 ? 1 + int64_t(rng() % 300) : 1 + int64_t(rng() % kMaxTile);
     const uint64_t sr_key = rng();
     for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
       for (int rounding : {0, 1}) {
@@ -242,15 +349,26 @@ static void test_tiles() {
         std::vector<float> ref = w0;
         std::vector<uint16_t> ref16 = h0;
         void* rp = dt == DType::F32 ? static_cast<void*>(ref.data()) : static_cast<void*>(ref16.data());
-        apply_tile(Isa::Scalar, dt, kNoiseGaussian, rp, rp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
-        if (dt == DType::F32) {
-          for (int64_t j = 0; j < n; j += 97) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < K; ++k) {
-              acc = acc + coefs[size_t(k)] * gaussian_at(seeds[size_t(k)], stream, e0 + uint64_t(j));
-            }
+        apply_tile(Isa::Scalar, dt, noise, rp, rp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
+        for (int64_t j = 0; j < n; j += (noise == kNoiseRademacher ? 13 : 97)) {
+          const uint64_t i = e0 + uint64_t(j);
+          float acc = 0.0f;
+          for (int64_t k = 0; k < K; ++k) acc = acc + term(noise, coefs[size_t(k)], seeds[size_t(k)], stream, i);
+          const Block rb = philox_block(key_of(sr_key), i >> 2, stream, spec::COUNTER_STOCHASTIC_ROUNDING);
+          const uint32_t rbits = lane_of(rb, unsigned(i & 3u));
+          if (dt == DType::F32) {
             const float want = w0[size_t(j)] + acc;
-            CHECK(float_to_bits(ref[size_t(j)]) == float_to_bits(want), "scalar tile vs core j=%lld",
+            CHECK(float_to_bits(ref[size_t(j)]) == float_to_bits(want), "%s scalar tile vs core j=%lld", fam,
+                  (long long)j);
+          } else if (dt == DType::BF16) {
+            const float v = bf16_bits_to_float(h0[size_t(j)]) + acc;
+            const uint16_t want = rounding == 1 ? round_bf16_stochastic(v, rbits) : round_bf16_nearest(v);
+            CHECK(ref16[size_t(j)] == want, "%s scalar bf16 tile vs core rounding %d j=%lld", fam, rounding,
+                  (long long)j);
+          } else {
+            const float v = fp16_bits_to_float(h0[size_t(j)]) + acc;
+            const uint16_t want = round_fp16_nearest(rounding == 1 ? round_fp16_stochastic_value(v, rbits) : v);
+            CHECK(ref16[size_t(j)] == want, "%s scalar f16 tile vs core rounding %d j=%lld", fam, rounding,
                   (long long)j);
           }
         }
@@ -258,25 +376,25 @@ static void test_tiles() {
           std::vector<float> g = w0;
           std::vector<uint16_t> g16 = h0;
           void* gp = dt == DType::F32 ? static_cast<void*>(g.data()) : static_cast<void*>(g16.data());
-          apply_tile(isa, dt, kNoiseGaussian, gp, gp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
+          apply_tile(isa, dt, noise, gp, gp, e0, n, seeds.data(), coefs.data(), K, stream, rounding, sr_key);
           // out of place: the source is only read, the destination (junk before) gets the result
           std::vector<float> o(static_cast<size_t>(n), -7.0f);
           std::vector<uint16_t> o16(static_cast<size_t>(n), uint16_t(0xBEEF));
           const std::vector<float> src32 = w0;
           const std::vector<uint16_t> src16 = h0;
-          apply_tile(isa, dt, kNoiseGaussian, dt == DType::F32 ? static_cast<const void*>(src32.data()) : static_cast<const void*>(src16.data()),
+          apply_tile(isa, dt, noise, dt == DType::F32 ? static_cast<const void*>(src32.data()) : static_cast<const void*>(src16.data()),
                      dt == DType::F32 ? static_cast<void*>(o.data()) : static_cast<void*>(o16.data()), e0, n,
                      seeds.data(), coefs.data(), K, stream, rounding, sr_key);
-          CHECK(src32 == w0 && src16 == h0, "%s out-of-place tile wrote its source", isa_name(isa));
+          CHECK(src32 == w0 && src16 == h0, "%s %s out-of-place tile wrote its source", fam, isa_name(isa));
           if (dt == DType::F32) {
-            CHECK(std::memcmp(o.data(), ref.data(), size_t(n) * 4) == 0, "%s out-of-place tile f32 differs", isa_name(isa));
+            CHECK(std::memcmp(o.data(), ref.data(), size_t(n) * 4) == 0, "%s %s out-of-place tile f32 differs", fam, isa_name(isa));
           } else {
-            CHECK(o16 == ref16, "%s out-of-place tile %d rounding %d differs", isa_name(isa), int(dt), rounding);
+            CHECK(o16 == ref16, "%s %s out-of-place tile %d rounding %d differs", fam, isa_name(isa), int(dt), rounding);
           }
           if (dt == DType::F32) {
-            CHECK(std::memcmp(g.data(), ref.data(), size_t(n) * 4) == 0, "%s tile f32 differs", isa_name(isa));
+            CHECK(std::memcmp(g.data(), ref.data(), size_t(n) * 4) == 0, "%s %s tile f32 differs", fam, isa_name(isa));
           } else {
-            CHECK(g16 == ref16, "%s tile %d rounding %d differs", isa_name(isa), int(dt), rounding);
+            CHECK(g16 == ref16, "%s %s tile %d rounding %d differs", fam, isa_name(isa), int(dt), rounding);
           }
         }
       }
@@ -386,6 +504,7 @@ static void test_conversions() {
 
 int main(int argc, char** argv) {
   const char* vectors = argc > 1 ? argv[1] : "tests/data/spec_vectors.txt";
+  const char* rad_vectors = argc > 2 ? argv[2] : "tests/data/spec_vectors_rademacher.txt";
   std::printf("paths:");
   for (Isa i : paths()) std::printf(" %s", isa_name(i));
   std::printf("\n");
@@ -394,7 +513,10 @@ int main(int argc, char** argv) {
   test_paths_agree();
   test_finish_paths();
   test_finish_core();
-  test_tiles();
+  test_tiles(kNoiseGaussian, 30, 5);
+  test_rademacher_vectors(rad_vectors);
+  test_signs_paths();
+  test_tiles(kNoiseRademacher, 40, 19);
   test_conversions();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
