@@ -111,7 +111,10 @@ at::Tensor philox4x32_10_cpu(const at::Tensor& counter, const at::Tensor& key) {
   return out;
 }
 
-void gaussian_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
+// out[j] = the noise of (seed, stream, offset + j), one tile generator (gaussian_tile, rademacher_tile)
+// per tile of the output.
+using NoiseTile = void (*)(Isa, float*, uint64_t, uint32_t, uint64_t, int64_t);
+void noise_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset, NoiseTile tile_fn) {
   const uint32_t st = kseed::checks::check_noise_out(out, stream, offset, kCPU);
   const int64_t n = out.numel();
   if (n == 0) return;
@@ -122,31 +125,17 @@ void gaussian_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset)
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j0 = t * tile;
       const int64_t len = std::min(tile, n - j0);
-      kseed::cpu::gaussian_tile(isa, p + j0, uint64_t(seed), st, uint64_t(offset + j0), len);
+      tile_fn(isa, p + j0, uint64_t(seed), st, uint64_t(offset + j0), len);
     }
   });
 }
 
-// out[j] = r(seed, stream, offset + j): the Rademacher update of a zeroed float32 tile with K = 1 and
-// coefficient 1.0 (0 + (+-1) is exactly +-1), through the same tile kernel as apply.
+void gaussian_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
+  noise_cpu(out, seed, stream, offset, &kseed::cpu::gaussian_tile);
+}
+
 void rademacher_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset) {
-  const uint32_t st = kseed::checks::check_noise_out(out, stream, offset, kCPU);
-  const int64_t n = out.numel();
-  if (n == 0) return;
-  const Isa isa = current_isa();
-  const int64_t tile = kseed::cpu::tile_elems();
-  const uint64_t s = uint64_t(seed);
-  const float one = 1.0f;
-  float* p = out.data_ptr<float>();
-  at::parallel_for(0, kseed::tiles_of(n, tile), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t j0 = t * tile;
-      const int64_t len = std::min(tile, n - j0);
-      std::fill(p + j0, p + j0 + len, 0.0f);
-      kseed::cpu::apply_tile(isa, DType::F32, kseed::kNoiseRademacher, p + j0, p + j0,
-                             uint64_t(offset + j0), len, &s, &one, 1, st, kseed::kRoundNearest, 0);
-    }
-  });
+  noise_cpu(out, seed, stream, offset, &kseed::cpu::rademacher_tile);
 }
 
 // Benchmark floor on the CPU: per tile of kFloorTileElems elements, the noise sum into a float32 scratch
