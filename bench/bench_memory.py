@@ -247,6 +247,17 @@ def worker_timings(cache: str, reps: int) -> None:
     res["rebuild_k"] = k
     res["rebuild_rate"] = ms.numel * k / t_apply
     res["rebuild_k4096_s"] = ms.numel * 4096 / res["rebuild_rate"]
+    # the Rademacher family (issue 12): its ZO step (the perturbation's share of a step is what is left
+    # after the two forward passes) and its rebuild rate, at a K that fills its several-seed passes
+    msr = ModelSeeds(model, noise="rademacher")
+    res["kseed_step_rademacher_s"] = timed(lambda i: msr.zo_step(3000 + i, loss, eps=eps, lr=lr), reps)
+    kr = 256
+    seeds_r = np.arange(7000, 7000 + kr, dtype=np.uint64)
+    coefs_r = (np.random.default_rng(1).standard_normal(kr) * 1e-4).tolist()
+    t_r = timed(lambda i: msr.apply(seeds_r + np.uint64(1000 * i), coefs_r), reps)
+    res["rebuild_rademacher_k"] = kr
+    res["rebuild_rademacher_rate"] = msr.numel * kr / t_r
+    res["rebuild_rademacher_k4096_s"] = msr.numel * 4096 / res["rebuild_rademacher_rate"]
     res["parameters"] = ms.numel
     res["load_avg_end"] = os.getloadavg()[0]
     print(json.dumps(res))
@@ -362,6 +373,14 @@ def main(argv=None) -> int:
                   f"({t['reference_step_s'] / t['kseed_step_s']:.2f}x); rebuild "
                   f"{t['rebuild_rate'] / 1e9:.2f} G element-seed/s (K = {t['rebuild_k']}), full K = 4096 "
                   f"rebuild {t['rebuild_k4096_s'] / 60:.1f} min")
+            if "kseed_step_rademacher_s" in t:
+                share = lambda step: max(0.0, step - 2 * t["forward_s"]) / step  # noqa: E731
+                print(f"  perturbation share of a step: gaussian {100 * share(t['kseed_step_s']):.0f} %, "
+                      f"rademacher {100 * share(t['kseed_step_rademacher_s']):.0f} % (step "
+                      f"{t['kseed_step_rademacher_s']:.2f} s); rademacher rebuild "
+                      f"{t['rebuild_rademacher_rate'] / 1e9:.2f} G element-seed/s (K = "
+                      f"{t['rebuild_rademacher_k']}), full K = 4096 rebuild "
+                      f"{t['rebuild_rademacher_k4096_s'] / 60:.2f} min")
         elif row["case"] == "timings":
             print("timings: failed:", row.get("tail", ""))
     if a.json:
