@@ -7,7 +7,9 @@ of each kernel's inner K loop in SASS instructions, with the instruction mix.
 
 The fused apply kernels are arithmetic-bound, so SASS instructions per element-seed (the inner loop's
 length over the elements one thread handles per seed) is the number a change to the kernels should move.
-It is a count, not a timing: bench/bench_gpu_apply.py measures.
+It is a count, not a timing: bench/bench_gpu_apply.py measures.  For the Rademacher variants the inner
+loop is the per-seed sign-and-add loop; their Philox calls (one per seed per 128 elements, shared by the
+CTA through shared memory) sit outside it, once per batch of 16 seeds.
 """
 from __future__ import annotations
 
@@ -47,16 +49,22 @@ def build_cuda_cubin(arch: int, out_dir: str) -> str:
     return cubin
 
 
+NOISE_NAMES = ("gaussian", "rademacher")  # csrc/kseed_types.h: enum Noise
+
+
 def _demangle_short(name: str) -> str:
-    m = re.search(r"(apply_kernel|noise_floor_kernel|gaussian_kernel)(?:ILNS0_5DTypeE(\d)ELi(\d)ELb(\d))?",
-                  name)
+    m = re.search(r"(apply_kernel|noise_floor_kernel|gaussian_kernel|rademacher_kernel)"
+                  r"(?:ILNS0?_5DTypeE(\d)ELi(\d)ELb(\d)ELi(\d))?(?:ILi(\d)E)?", name)
     if not m:
         return name[:60]
+    if m.group(6) is not None:  # noise_floor_kernel<NOISE>
+        return f"{m.group(1)}<{NOISE_NAMES[int(m.group(6))]}>"
     if m.group(2) is None:
         return m.group(1)
     dt = ("f32", "bf16", "f16")[int(m.group(2))]
     rnd = ("nearest", "stochastic")[int(m.group(3))]
-    return f"{m.group(1)}<{dt},{rnd},{'aligned' if m.group(4) == '1' else 'unaligned'}>"
+    al = "aligned" if m.group(4) == "1" else "unaligned"
+    return f"{m.group(1)}<{dt},{rnd},{al},{NOISE_NAMES[int(m.group(5))]}>"
 
 
 def analyse(cubin: str):

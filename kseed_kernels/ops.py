@@ -196,15 +196,14 @@ def _check_noise(noise) -> str:
     return noise
 
 
-def _update(seeds, coefs, rounding, noise) -> tuple:
-    """The checked seeds, coefs, rounding and noise of an apply call: (seeds, coefs, rounding, noise)."""
+def _update(seeds, coefs, rounding) -> tuple:
+    """The checked seeds, coefs and rounding of an apply call: (seeds, coefs, rounding)."""
     rounding = _check_rounding(rounding)
-    noise = _check_noise(noise)
     s = normalize_seeds(seeds)
-    return s, normalize_coefs(coefs, s.numel()), rounding, noise
+    return s, normalize_coefs(coefs, s.numel()), rounding
 
 
-def _run(mod, outs, streams, seeds, coefs, rounding, noise, bases=None) -> None:
+def _run(mod, outs, streams, seeds, coefs, rounding, bases=None, noise="gaussian") -> None:
     """mod.apply on the non-empty tensors, through contiguous copies where a tensor is not contiguous
     (element i is always the row-major index); results are copied back into such outs.  K = 0: nothing
     in place, a copy of each base out of place."""
@@ -346,9 +345,10 @@ def apply_seeds_(tensor, seeds, coefs, *, stream=0, backend=None, rounding="near
     """
     _check_tensor(tensor)
     stream = _check_stream(stream)
-    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
+    s, c, rounding = _update(seeds, coefs, rounding)
+    noise = _check_noise(noise)
     _check_writable(tensor, "tensor")
-    _run(_backends.pick(tensor.device, backend), [tensor], [stream], s, c, rounding, noise)
+    _run(_backends.pick(tensor.device, backend), [tensor], [stream], s, c, rounding, noise=noise)
     return tensor
 
 
@@ -361,14 +361,15 @@ def apply_seeds_multi_(tensors, streams, seeds, coefs, *, backend=None, rounding
     """
     ts, names = _check_tensors(tensors, "tensors")
     st = _check_streams(streams, len(ts), "tensors")
-    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
+    s, c, rounding = _update(seeds, coefs, rounding)
+    noise = _check_noise(noise)
     if not ts:
         return tensors
     _one_device(ts)
     for t, name in zip(ts, names):
         _check_writable(t, name)
     _check_no_overlap(list(zip(names, ts)), hint="list each tensor once")
-    _run(_backends.pick(ts[0].device, backend), ts, st, s, c, rounding, noise)
+    _run(_backends.pick(ts[0].device, backend), ts, st, s, c, rounding, noise=noise)
     return tensors
 
 
@@ -382,9 +383,11 @@ def apply_seeds(base, seeds, coefs, *, out=None, stream=0, backend=None, roundin
     """
     _check_tensor(base, "base")
     stream = _check_stream(stream)
-    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
+    s, c, rounding = _update(seeds, coefs, rounding)
+    noise = _check_noise(noise)
     (out,) = _outs_for([base], None if out is None else [out], ["base"], ["out"])
-    _run(_backends.pick(base.device, backend), [out], [stream], s, c, rounding, noise, bases=[base])
+    _run(_backends.pick(base.device, backend), [out], [stream], s, c, rounding, bases=[base],
+         noise=noise)
     return out
 
 
@@ -395,7 +398,8 @@ def apply_seeds_multi(bases, streams, seeds, coefs, *, outs=None, backend=None, 
     or other out), or None for fresh contiguous ones.  Returns the outs (a list)."""
     bs, bnames = _check_tensors(bases, "bases")
     st = _check_streams(streams, len(bs), "bases")
-    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
+    s, c, rounding = _update(seeds, coefs, rounding)
+    noise = _check_noise(noise)
     if outs is not None:
         outs = _check_sequence(outs, "outs", "tensors")
         if len(outs) != len(bs):
@@ -406,5 +410,5 @@ def apply_seeds_multi(bases, streams, seeds, coefs, *, outs=None, backend=None, 
     os_ = _outs_for(bs, outs, bnames, [f"outs[{i}]" for i in range(len(bs))])
     if not bs:
         return os_
-    _run(_backends.pick(bs[0].device, backend), os_, st, s, c, rounding, noise, bases=bs)
+    _run(_backends.pick(bs[0].device, backend), os_, st, s, c, rounding, bases=bs, noise=noise)
     return os_

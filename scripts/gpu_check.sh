@@ -195,12 +195,15 @@ if not smoke:
         if b not in kk.backends():
             errors.append(f'backend "{b}" is not usable')
             continue
-        z = kk.gaussian(2**63 + 5, 4099, stream=7, offset=3, device="cuda", backend=b).cpu()
-        r = kk.gaussian(2**63 + 5, 4099, stream=7, offset=3, backend="reference")
-        same = torch.equal(z.view(torch.int32), r.view(torch.int32))
-        print(f"gaussian on backend {b}:", "bitwise equal to" if same else "DIFFERS from", "the reference")
-        if not same:
-            errors.append(f'backend "{b}": gaussian differs from the reference')
+        for fam in ("gaussian", "rademacher"):
+            gen = getattr(kk, fam)
+            z = gen(2**63 + 5, 4099, stream=7, offset=3, device="cuda", backend=b).cpu()
+            r = gen(2**63 + 5, 4099, stream=7, offset=3, backend="reference")
+            same = torch.equal(z.view(torch.int32), r.view(torch.int32))
+            print(f"{fam} on backend {b}:", "bitwise equal to" if same else "DIFFERS from",
+                  "the reference")
+            if not same:
+                errors.append(f'backend "{b}": {fam} differs from the reference')
 for e in errors:
     print("ERROR:", e)
 sys.exit(1 if errors else 0)

@@ -124,7 +124,7 @@ __device__ __forceinline__ void accumulate_signs(float (&acc)[kBlocksPerThread][
                                                  uint32_t stream, const uint64_t* __restrict__ seeds,
                                                  const float* __restrict__ coefs, int64_t K,
                                                  SeedRec* recs) {
-  __shared__ uint4 words[kRadSeeds][kRadBlocks];
+  __shared__ uint32_t words[kRadSeeds][kRadBlocks][4];
   const uint64_t rb0 = (blk[0] - threadIdx.x) >> 5;
   // This thread's Philox job in each batch: seed job_seed of the batch, block rb0 + job_blk; the
   // round-0 products depend on the counter only.
@@ -155,7 +155,11 @@ __device__ __forceinline__ void accumulate_signs(float (&acc)[kBlocksPerThread][
         load_round_keys(recs[i0 + job_seed], rk);
         const Block x = philox_rk(uint32_t(p0 >> 32), uint32_t(p0), uint32_t(p1 >> 32), uint32_t(p1),
                                   uint32_t(rb >> 32), spec::COUNTER_RADEMACHER, rk);
-        words[job_seed][job_blk] = make_uint4(x.x0, x.x1, x.x2, x.x3);
+        uint32_t* dst = words[job_seed][job_blk];
+        dst[0] = x.x0;
+        dst[1] = x.x1;
+        dst[2] = x.x2;
+        dst[3] = x.x3;
       }
       __syncthreads();
 #pragma unroll 1
@@ -163,9 +167,7 @@ __device__ __forceinline__ void accumulate_signs(float (&acc)[kBlocksPerThread][
         const uint32_t cb = float_to_bits(recs[i0 + j].coef);
 #pragma unroll
         for (int v = 0; v < kBlocksPerThread; ++v) {
-          const uint4 q = words[j][wrel[v]];
-          const Block x{q.x, q.y, q.z, q.w};
-          const uint32_t w = block_word(x, wsel[v]) >> shift[v];
+          const uint32_t w = words[j][wrel[v]][wsel[v]] >> shift[v];  // one 4-byte shared load
 #pragma unroll
           for (int l = 0; l < 4; ++l) acc[v][l] = fadd(acc[v][l], signed_coef(cb, (w >> l) & 1u));
         }
