@@ -73,13 +73,6 @@ struct Elem<DType::F16> {
   KSEED_HD static float to_f32(uint16_t x) { return __half2float(__ushort_as_half(x)); }
 };
 
-// Round-to-nearest-even float32 -> bfloat16 bits (NaN -> the canonical quiet NaN, as torch does).
-KSEED_HD uint16_t bf16_rn(float v) {
-  const uint32_t b = float_to_bits(v);
-  if (v != v) return uint16_t(0x7FC0u);
-  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-
 // The final value of one element: v = float32(w) + acc, rounded to the tensor's dtype.
 template <DType DT, int ROUND>
 KSEED_HD typename Elem<DT>::T finish(typename Elem<DT>::T w, float acc,
@@ -88,7 +81,7 @@ KSEED_HD typename Elem<DT>::T finish(typename Elem<DT>::T w, float acc,
   if constexpr (DT == DType::F32) {
     return v;
   } else if constexpr (DT == DType::BF16) {
-    return ROUND == 1 ? round_bf16_stochastic(v, rbits) : bf16_rn(v);
+    return ROUND == 1 ? round_bf16_stochastic(v, rbits) : round_bf16_nearest(v);
   } else {
     const float r = ROUND == 1 ? round_fp16_stochastic_value(v, rbits) : v;
     return __half_as_ushort(__float2half_rn(r));

@@ -1,7 +1,7 @@
 // Host-side check of the CUDA kernels' helpers (kseed_cuda_device.cuh), runnable without a GPU:
 // nvcc compiles them as __host__ __device__ and this program calls them on the CPU.
 //   - philox_rk (precomputed round keys, round-0 products passed in) == kseed::philox
-//   - bf16_rn == round-to-nearest-even computed independently (exact arithmetic in double)
+//   - round_bf16_nearest (kseed_core.h) == round-to-nearest-even computed independently (exact arithmetic in double)
 //   - Elem<F16>::to_f32 == a manual decode of every float16 bit pattern
 //   - finish<...> adds in float32 and rounds as the scalar spec core does
 // Prints "kseed_cuda_host_check: OK" and exits 0, or names the first failure and exits 1.
@@ -87,7 +87,7 @@ static void check_bf16() {
     if (i % 4 == 1) b = (b & 0xFFFF0000u) | 0x8000u;  // exact ties
     if (i % 4 == 2) b = 0x7F7F0000u | (b & 0x8000FFFFu);  // near the largest finite value
     const float v = bits_to_float(b);
-    CHECK(bf16_rn(v) == bf16_ref(v) || (std::isnan(v) && bf16_rn(v) == 0x7FC0u), "bf16_rn %08x",
+    CHECK(round_bf16_nearest(v) == bf16_ref(v) || (std::isnan(v) && round_bf16_nearest(v) == 0x7FC0u), "round_bf16_nearest %08x",
           b);
   }
 }
@@ -116,7 +116,7 @@ static void check_finish() {
     CHECK((float_to_bits(finish<DType::F32, 0>(w32, acc, rb)) == float_to_bits(w32 + acc)), "f32");
     const uint16_t wb = uint16_t(float_to_bits(w32) >> 16);
     const float vb = bits_to_float(uint32_t(wb) << 16) + acc;
-    CHECK((finish<DType::BF16, 0>(wb, acc, rb) == bf16_rn(vb)), "bf16 rn");
+    CHECK((finish<DType::BF16, 0>(wb, acc, rb) == round_bf16_nearest(vb)), "bf16 rn");
     CHECK((finish<DType::BF16, 1>(wb, acc, rb) == round_bf16_stochastic(vb, rb)), "bf16 sr");
     const uint16_t wh = __half_as_ushort(__float2half_rn(w32));
     const float vh = half_ref(wh) + acc;
