@@ -21,10 +21,11 @@ import time
 from kseed.config import NOISES
 
 
-def final_losses(seeds, noise, extra, log=None) -> dict:
-    """{seed: final held-out loss} of the CLI run ``kseed-fed --seed S --noise NOISE EXTRA``."""
+def final_losses(seeds, noise, extra, log=None):
+    """({seed: final held-out loss}, {seed: round-0 held-out loss}) of the CLI runs
+    ``kseed-fed --seed S --noise NOISE EXTRA``."""
     from kseed.cli import main
-    out = {}
+    out, start = {}, {}
     with tempfile.TemporaryDirectory(prefix="kseed-conv-") as tmp:
         for s in seeds:
             d = os.path.join(tmp, f"{noise}-{s}")
@@ -33,18 +34,22 @@ def final_losses(seeds, noise, extra, log=None) -> dict:
             if rc != 0:
                 raise RuntimeError(f"kseed-fed --seed {s} --noise {noise} failed (exit {rc})")
             with open(os.path.join(d, "summary.json")) as f:
-                out[s] = float(json.load(f)["eval_loss_last"])
+                summary = json.load(f)
+            out[s] = float(summary["eval_loss_last"])
+            start[s] = float(summary["eval_loss_first"])
             if log:
-                log(f"{noise} seed {s}: {out[s]:.4f} ({time.perf_counter() - t0:.0f}s)")
-    return out
+                log(f"{noise} seed {s}: {start[s]:.4f} -> {out[s]:.4f} "
+                    f"({time.perf_counter() - t0:.0f}s)")
+    return out, start
 
 
 def compare(seeds, extra, log=None) -> dict:
     """Both families over ``seeds``: per-seed losses, means, and rademacher / gaussian."""
     rec = {"seeds": list(seeds), "extra_args": list(extra), "losses": {}, "mean": {}}
     for noise in NOISES:
-        rec["losses"][noise] = final_losses(seeds, noise, extra, log)
+        rec["losses"][noise], start = final_losses(seeds, noise, extra, log)
         rec["mean"][noise] = statistics.fmean(rec["losses"][noise].values())
+    rec["start_mean"] = statistics.fmean(start.values())  # round 0: w0, the same for both
     rec["ratio"] = rec["mean"]["rademacher"] / rec["mean"]["gaussian"]
     return rec
 
@@ -57,7 +62,8 @@ def table(rec: dict) -> str:
         ls = rec["losses"][noise]
         rows.append(f"| {noise} | " + " | ".join(f"{ls[s]:.4f}" for s in seeds)
                     + f" | {rec['mean'][noise]:.4f} |")
-    rows.append(f"\nrademacher / gaussian mean: {rec['ratio']:.4f} "
+    rows.append(f"\nround-0 held-out loss (both): mean {rec['start_mean']:.4f}; "
+                f"rademacher / gaussian mean: {rec['ratio']:.4f} "
                 f"({(rec['ratio'] - 1) * 100:+.2f}%)")
     return "\n".join(rows)
 
