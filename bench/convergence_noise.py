@@ -11,6 +11,7 @@ Writes a JSON record (--json) and prints a markdown table.  Each run is the CLI 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,7 +31,8 @@ def final_losses(seeds, noise, extra, log=None):
         for s in seeds:
             d = os.path.join(tmp, f"{noise}-{s}")
             t0 = time.perf_counter()
-            rc = main(["--seed", str(s), "--noise", noise, "--out", d, "--quiet", *extra])
+            with contextlib.redirect_stdout(sys.stderr):  # the run's own line: not the table's
+                rc = main(["--seed", str(s), "--noise", noise, "--out", d, "--quiet", *extra])
             if rc != 0:
                 raise RuntimeError(f"kseed-fed --seed {s} --noise {noise} failed (exit {rc})")
             with open(os.path.join(d, "summary.json")) as f:

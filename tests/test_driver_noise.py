@@ -14,21 +14,16 @@ from kseed import modeling as M
 from kseed import protocol as P
 from kseed.client import FedKSeedClient, check_down
 from kseed.config import NOISES, FedConfig
+from test_driver_cli import _metrics as _cli_metrics  # the CLI tests' helpers
+from test_driver_cli import _run, _strip
 
 TINY = ["--num-clients", "4", "--clients-per-round", "2", "--local-steps", "4", "-K", "16",
         "--eval-size", "8", "--rouge-size", "0", "--embedded-examples", "240",
         "--min-per-client", "5", "--batch-size", "2", "--quiet"]
 
 
-def _run(capsys, *args):
-    rc = cli.main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
 def _metrics(d):
-    with open(os.path.join(d, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in f]
+    return _strip(_cli_metrics(d))
 
 
 def _ckpt(d):
