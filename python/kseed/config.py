@@ -139,8 +139,8 @@ class FedConfig:
             raise ValueError(f"--min-replies ({self.min_replies}) is more than --clients-per-round "
                              f"({self.clients_per_round})")
         for n, choices in (("sampling", SAMPLINGS), ("dataset", DATASETS), ("partition", PARTITIONS),
-                           ("dtype", DTYPES), ("rounding", ROUNDINGS), ("noise", NOISES), ("lr_rule", LR_RULES),
-                           ("lr_signal", LR_SIGNALS), ("prompt", PROMPTS)):
+                           ("dtype", DTYPES), ("rounding", ROUNDINGS), ("noise", NOISES),
+                           ("lr_rule", LR_RULES), ("lr_signal", LR_SIGNALS), ("prompt", PROMPTS)):
             if getattr(self, n) not in choices:
                 raise ValueError(f"{flag(n)} must be {' | '.join(choices)}, got "
                                  f"{getattr(self, n)!r}")

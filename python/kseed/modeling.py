@@ -254,7 +254,8 @@ class Workspace:
     """
 
     def __init__(self, model, tok, *, backend: Optional[str] = None, rounding: str = "nearest",
-                 noise: str = "gaussian", identity: Optional[dict] = None, cache: bool = False, staged: Optional[bool] = None):
+                 noise: str = "gaussian", identity: Optional[dict] = None, cache: bool = False,
+                 staged: Optional[bool] = None):
         self.model = model
         self.tok = tok
         self.ms = ModelSeeds(model, backend=backend, rounding=rounding, noise=noise)
