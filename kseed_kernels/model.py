@@ -5,7 +5,8 @@ tensor shared by several names, e.g. tied input/output embeddings, is listed onc
 and each tensor's stream id ``stream_id(name)``.  Every operation is then one call of
 ``apply_seeds_multi_`` over that list:
 
-* ``perturb(seed, scale)``: w <- w + scale * z(seed)
+* ``perturb(seed, scale)``: w <- w + scale * z(seed)  (z: the object's noise family, Gaussian by
+  default or Rademacher with ``noise="rademacher"``)
 * ``apply(seeds, coefs)``: w <- w + sum_k coefs[k] * z(seeds[k]) in one fused pass (catching up)
 * ``apply_from(bases, seeds, coefs)``: w <- bases + sum_k coefs[k] * z(seeds[k]), the bases read-only
   (rebuilding a global model from a pristine w0 that may live on another device, e.g. a host memory
@@ -27,7 +28,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from .ops import (_check_rounding, _check_seed, apply_seeds_multi, apply_seeds_multi_,
+from .ops import (_check_noise, _check_rounding, _check_seed, apply_seeds_multi, apply_seeds_multi_,
                   normalize_coefs, normalize_seeds, stream_id)
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -83,11 +84,16 @@ class ModelSeeds:
         a kseed_kernels backend name, or None for the default choice per device.
     rounding:
         "nearest" (default) or "stochastic" (bf16 / fp16 weights).
+    noise:
+        the direction family of every update this object makes: "gaussian" (default, z ~ N(0, I))
+        or "rademacher" (r in {-1, +1}, docs/SPEC.md); fixed for the object's whole life, so a +eps
+        applied by one call is removed along the same direction by the next.
     """
 
     def __init__(self, model_or_named_params, *, backend: Optional[str] = None,
-                 rounding: str = "nearest"):
+                 rounding: str = "nearest", noise: str = "gaussian"):
         self.rounding = _check_rounding(rounding)
+        self.noise = _check_noise(noise)
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
         self.backend = backend
@@ -171,7 +177,7 @@ class ModelSeeds:
     # -------------------------------------------------------------------------------------- ops
     def _apply(self, seeds, coefs) -> None:
         apply_seeds_multi_(list(self._params), list(self._streams), seeds, coefs,
-                           backend=self.backend, rounding=self.rounding)
+                           backend=self.backend, rounding=self.rounding, noise=self.noise)
 
     def perturb(self, seed, scale) -> None:
         """w <- w + scale * z(seed) on every parameter (one fused pass)."""
@@ -210,7 +216,7 @@ class ModelSeeds:
         if not staged and seeds.numel() and all(b.device == p.device
                                                 for b, p in zip(bases, self._params)):
             apply_seeds_multi(bases, list(self._streams), seeds, coefs, outs=list(self._params),
-                              backend=self.backend, rounding=self.rounding)
+                              backend=self.backend, rounding=self.rounding, noise=self.noise)
             return
         with torch.no_grad():
             for p, b in zip(self._params, bases):
@@ -290,7 +296,7 @@ class ModelSeeds:
 
     def __repr__(self) -> str:
         return (f"ModelSeeds({len(self._params)} tensors, {self.numel} elements, "
-                f"backend={self.backend!r}, rounding={self.rounding!r})")
+                f"backend={self.backend!r}, rounding={self.rounding!r}, noise={self.noise!r})")
 
 
 __all__ = ["ModelSeeds", "ZOStepResult"]

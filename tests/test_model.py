@@ -211,3 +211,117 @@ def test_pending_tracking_and_restore():
         ms.zo_step(4, lambda: 0.0, eps=0.0, lr=0.1)
     with pytest.raises(ValueError, match="lr"):
         ms.zo_step(4, lambda: 0.0, eps=1e-3, lr=float("inf"))
+
+
+# ------------------------------------------------------------------------------ noise families
+def _ops_zo(params, streams, seed, nxt, loss_at, eps, lr, backend, noise):
+    """One zo_step written with the ops themselves (in place on ``params``), for comparison."""
+    def ap(seeds, coefs):
+        kk.apply_seeds_multi_(params, streams, seeds, coefs, backend=backend, noise=noise)
+    ap([seed], [eps])
+    lp = loss_at(params)
+    ap([seed], [-2 * eps])
+    lm = loss_at(params)
+    g = (lp - lm) / (2 * eps)
+    if nxt is None:
+        ap([seed], [eps - lr * g])
+    else:
+        ap([seed, nxt], [eps - lr * g, eps])
+    return g
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian", None])
+def test_noise_family_matches_ops(backend, noise):
+    """A ModelSeeds built with ``noise=`` gives bitwise what the ops give with that noise, in every
+    op (perturb, apply, apply_from both paths, zo_step chained and not, restore_pending); None: the
+    default, which must be the Gaussian."""
+    if backend not in kk.backends():
+        pytest.skip(f"backend {backend} not built")
+    op_noise = noise or "gaussian"
+    torch.manual_seed(7)
+    m = Tiny()
+    x = torch.randint(0, 13, (4, 5))
+    kw = {} if noise is None else {"noise": noise}
+    ms = ModelSeeds(m, backend=backend, **kw)
+    assert ms.noise == op_noise and repr(ms).endswith(f"noise={op_noise!r})")
+    mirror = [p.detach().clone() for p in ms.params]
+    streams = list(ms.streams)
+
+    def check(what):
+        for p, q, n in zip(ms.params, mirror, ms.names):
+            assert torch.equal(p.detach(), q), (what, n)
+
+    def ap(seeds, coefs):
+        kk.apply_seeds_multi_(mirror, streams, seeds, coefs, backend=backend, noise=op_noise)
+
+    ms.perturb(5, 0.25)
+    ap([5], [0.25])
+    check("perturb")
+    seeds, coefs = [3, 2 ** 64 - 1, 77], [0.5, -1.25, 0.125]
+    ms.apply(seeds, coefs)
+    ap(seeds, coefs)
+    check("apply")
+    bases = [torch.randn_like(p) for p in ms.params]
+    for staged in (False, True):
+        ms.apply_from(bases, seeds, coefs, staged=staged)
+        mirror = [b.clone() for b in bases]
+        ap(seeds, coefs)
+        check(f"apply_from staged={staged}")
+        # the out-of-place op itself, too
+        outs = kk.apply_seeds_multi(bases, streams, seeds, coefs, backend=backend, noise=op_noise)
+        for p, o in zip(ms.params, outs):
+            assert torch.equal(p.detach(), o)
+
+    def loss_on(ts):
+        saved = [p.detach().clone() for p in ms.params]
+        with torch.no_grad():
+            for p, t in zip(ms.params, ts):
+                p.copy_(t)
+            out = float(m.loss(x))
+            for p, s in zip(ms.params, saved):
+                p.copy_(s)
+        return out
+
+    def loss_fn():
+        with torch.no_grad():
+            return m.loss(x)
+
+    eps, lr = 1e-2, 0.05
+    chain = [11, 12, 12, 13]
+    for i, s in enumerate(chain[:-1]):
+        nxt = chain[i + 1] if i < 1 else None
+        res = ms.zo_step(s, loss_fn, eps=eps, lr=lr, next_seed=nxt)
+        g = _ops_zo(mirror, streams, s, nxt, loss_on, eps, lr, backend, op_noise) if i != 1 else None
+        if i == 1:  # the +eps was applied by the previous combined pass
+            lp = loss_on(mirror)
+            ap([s], [-2 * eps])
+            lm = loss_on(mirror)
+            g = (lp - lm) / (2 * eps)
+            ap([s], [eps - lr * g])
+        assert res.g == g and not res.skipped
+        check(f"zo_step {i}")
+    res = ms.zo_step(14, loss_fn, eps=eps, lr=lr, next_seed=15)
+    ms.restore_pending()
+    assert ms.pending is None
+    g = _ops_zo(mirror, streams, 14, 15, loss_on, eps, lr, backend, op_noise)
+    ap([15], [-eps])
+    assert res.g == g
+    check("restore_pending")
+
+
+def test_noise_families_differ_and_validate():
+    """The two families give different weights (the keyword is really passed), and a bad noise is a
+    ValueError naming it."""
+    torch.manual_seed(3)
+    a = torch.randn(300)
+    b = a.clone()
+    ModelSeeds([("w", a)]).apply([9], [0.5])
+    ModelSeeds([("w", b)], noise="rademacher").apply([9], [0.5])
+    assert not torch.equal(a, b)
+    r = kk.rademacher(9, 300, stream=kk.stream_id("w"), backend="reference")
+    assert set(r.unique().tolist()) == {-1.0, 1.0}
+    with pytest.raises(ValueError, match="noise"):
+        ModelSeeds([("w", a)], noise="uniform")
+    with pytest.raises(ValueError, match="noise"):
+        ModelSeeds([("w", a)], noise=None)

@@ -58,6 +58,9 @@ _OPTIONS = [
     (("--pro-clip",), "pro_clip", float, "C: |g| clip of the FedKSeed-Pro statistics"),
     (("--embedded-examples",), "embedded_examples", int, "size of the embedded synthetic data set"),
     (("--rounding",), "rounding", str, "nearest | stochastic rounding of bf16/fp16 weights"),
+    (("--noise",), "noise", str,
+     "perturbation family: gaussian (z ~ N(0, I), the paper's) | rademacher (each z_i = +1 or -1, "
+     "the classical SPSA direction; cheaper to apply)"),
     (("--prompt",), "prompt", str,
      "prompt template: reference (the FedKSeed code's Dolly/NI template, response appended "
      "directly after '### Response:') | alpaca (the standard Alpaca wording) | auto (reference for "
@@ -85,7 +88,7 @@ _OPTIONS = [
      "median] (0: off)"),
 ]
 _CHOICES = {"sampling": C.SAMPLINGS, "dataset": C.DATASETS, "dtype": C.DTYPES,
-            "partition": C.PARTITIONS, "rounding": C.ROUNDINGS, "prompt": C.PROMPTS,
+            "partition": C.PARTITIONS, "rounding": C.ROUNDINGS, "noise": C.NOISES, "prompt": C.PROMPTS,
             "lr_rule": C.LR_RULES, "lr_signal": C.LR_SIGNALS}
 _FLAGS = [
     ("--equal-weights", "equal_weights", "aggregate clients with equal weights instead of by "

@@ -29,11 +29,16 @@ def lr_range(cfg: FedConfig):
 def check_down(cfg: FedConfig, m: P.DownMessage) -> None:
     """Refuse a down message whose local settings are not what this client's own config says
     (ProtocolError naming the field): a server, or whoever speaks for it, cannot make the client run
-    2^32 steps, use batch 2^32, a perturbation other than --eps, an lr outside the configured rule's
-    range, another sampling, or another RNG seed than the one derived from (seed, round, client)."""
+    2^32 steps, use batch 2^32, a perturbation other than --eps, another noise family than --noise,
+    an lr outside the configured rule's range, another sampling, or another RNG seed than the one
+    derived from (seed, round, client)."""
     def bad(name, got, want):
         raise P.ProtocolError(f"down message field {name} = {got!r} does not match this client's "
                               f"config ({want})")
+    if m.noise != cfg.noise:
+        raise P.ProtocolError(f"down message noise {m.noise!r} does not match this client's "
+                              f"--noise {cfg.noise!r}: the server's global model is built along "
+                              f"{m.noise} directions, this client's along {cfg.noise} ones")
     if m.local_steps != cfg.local_steps:
         bad("local_steps", m.local_steps, f"--local-steps {cfg.local_steps}")
     if m.batch_size != cfg.batch_size:
@@ -99,6 +104,9 @@ class FedKSeedClient:
     def fit(self, down_bytes: bytes) -> bytes:
         m = self._decode(down_bytes)
         ws = self.workspace
+        if ws.ms.noise != m.noise:
+            raise P.ProtocolError(f"down message noise {m.noise!r} does not match this client's "
+                                  f"workspace (built with noise {ws.ms.noise!r})")
         ws.rebuild(self.seeds, m.coefs)
         items = self._tokenized()
         k, tau = m.k, m.local_steps

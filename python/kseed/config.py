@@ -18,11 +18,12 @@ DATASETS = ("embedded", "dolly", "ni")
 PARTITIONS = ("dirichlet", "iid")
 DTYPES = ("fp32", "bf16", "fp16")
 ROUNDINGS = ("nearest", "stochastic")
+NOISES = ("gaussian", "rademacher")  # the perturbation family (docs/SPEC.md; issue #12)
 
 # Values for fields an older checkpoint does not have: they reproduce what that run did (no
 # aggregation bounds, kseed's own client-wise lr rule, the Alpaca prompt), so it resumes bitwise.
 LEGACY = {"g_clip": 0.0, "g_clip_abs": 0.0, "norm_bound": 0.0, "weight_cap": 0.0, "loss_cap": 0.0,
-          "lr_rule": "ratio", "prompt": "alpaca"}
+          "lr_rule": "ratio", "prompt": "alpaca", "noise": "gaussian"}
 
 
 @dataclass
@@ -65,6 +66,8 @@ class FedConfig:
     embedded_examples: int = 2000
     dtype: str = "fp32"
     rounding: str = "nearest"
+    # the direction family of every perturbation and update: gaussian (the paper's) | rademacher
+    noise: str = "gaussian"
     # reference (the FedKSeed code's Dolly/NI template) | alpaca | auto: the template the data's base
     # model was built for (reference for Dolly / NI, alpaca for the embedded model; see prompt_template)
     prompt: str = "auto"
@@ -136,8 +139,8 @@ class FedConfig:
             raise ValueError(f"--min-replies ({self.min_replies}) is more than --clients-per-round "
                              f"({self.clients_per_round})")
         for n, choices in (("sampling", SAMPLINGS), ("dataset", DATASETS), ("partition", PARTITIONS),
-                           ("dtype", DTYPES), ("rounding", ROUNDINGS), ("lr_rule", LR_RULES),
-                           ("lr_signal", LR_SIGNALS), ("prompt", PROMPTS)):
+                           ("dtype", DTYPES), ("rounding", ROUNDINGS), ("noise", NOISES),
+                           ("lr_rule", LR_RULES), ("lr_signal", LR_SIGNALS), ("prompt", PROMPTS)):
             if getattr(self, n) not in choices:
                 raise ValueError(f"{flag(n)} must be {' | '.join(choices)}, got "
                                  f"{getattr(self, n)!r}")

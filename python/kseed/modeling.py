@@ -234,7 +234,8 @@ def rouge_l(model, tok, examples: Sequence[dict], max_length: int, device,
 class Workspace:
     """A model, its tokenizer, the ModelSeeds over its trainable tensors, and the pristine weights w0.
 
-    ``rebuild(seeds, coefs)`` sets the weights to w0 + sum_k coefs[k] z(seeds[k]) with one fused pass
+    ``rebuild(seeds, coefs)`` sets the weights to w0 + sum_k coefs[k] z(seeds[k]) (z of the workspace's
+    noise family, ``noise``: gaussian or rademacher) with one fused pass
     over the nonzero coefficients (in ascending k; a zero term adds nothing under the spec's float32
     sum, see docs/SPEC.md section 4), reading each weight of w0 once.
 
@@ -253,10 +254,11 @@ class Workspace:
     """
 
     def __init__(self, model, tok, *, backend: Optional[str] = None, rounding: str = "nearest",
-                 identity: Optional[dict] = None, cache: bool = False, staged: Optional[bool] = None):
+                 noise: str = "gaussian", identity: Optional[dict] = None, cache: bool = False,
+                 staged: Optional[bool] = None):
         self.model = model
         self.tok = tok
-        self.ms = ModelSeeds(model, backend=backend, rounding=rounding)
+        self.ms = ModelSeeds(model, backend=backend, rounding=rounding, noise=noise)
         self.identity = identity or {}
         self.device = self.ms.params[0].device
         self.w0, self.w0_source = W.host_w0(model, self.ms, key=self.identity.get("hash"),

@@ -5,7 +5,9 @@ Down (server -> client), ``DOWN_MAGIC`` + version 1::
     offset size
     0      4   magic b"KSD1"
     4      2   version (uint16) = 1
-    6      2   flags (uint16): bit 0 = probabilities present (FedKSeed-Pro)
+    6      2   flags (uint16): bit 0 = probabilities present (FedKSeed-Pro); bit 1 = Rademacher
+                 noise (the directions are r in {-1, +1}; clear: Gaussian z, as every message
+                 before the flag existed)
     8      4   round (uint32)
     12     4   client id (uint32)
     16     8   seed-pool fingerprint (8 bytes: SHA-256 prefix of the K seeds)
@@ -35,6 +37,11 @@ Up (client -> server), ``UP_MAGIC`` + version 1::
 
 With K = 4096 and tau = 200: down = 64 + 16384 = 16,448 bytes, up = 32 + 200 * 6 = 1,232 bytes.
 
+The noise kind is a flag bit, not the reserved word, and the version stays 1: a Gaussian message is
+byte for byte what it always was, and a decoder from before the flag refuses a Rademacher message
+("unknown flags") instead of reading it as Gaussian (it does not check the reserved word, so a kind
+kept there would be silently ignored and the client would train along the wrong directions).
+
 Every decoder checks everything and raises ``ProtocolError`` (a ValueError) naming the problem.
 """
 from __future__ import annotations
@@ -47,6 +54,8 @@ from typing import Optional
 
 import numpy as np
 
+from .config import NOISES  # the noise kinds a down message can name
+
 VERSION = 1
 DOWN_MAGIC = b"KSD1"
 UP_MAGIC = b"KSU1"
@@ -56,6 +65,8 @@ DOWN_HEADER_SIZE = _DOWN_HDR.size
 UP_HEADER_SIZE = _UP_HDR.size
 assert DOWN_HEADER_SIZE == 64 and UP_HEADER_SIZE == 32
 FLAG_PROBS = 1
+FLAG_RADEMACHER = 2
+_DOWN_FLAGS = FLAG_PROBS | FLAG_RADEMACHER
 FLAG_U16 = 1
 MAX_K = 1 << 24
 MAX_STEPS = 1 << 24
@@ -113,6 +124,7 @@ class DownMessage:
     batch_size: int
     client_seed: int
     probs: Optional[np.ndarray] = None  # float32 [K] or None
+    noise: str = "gaussian"  # the direction family: gaussian | rademacher (flag bit 1)
 
     @property
     def k(self) -> int:
@@ -171,7 +183,9 @@ def encode_down(m: DownMessage) -> bytes:
         raise ProtocolError("batch_size must be >= 1")
     if not isinstance(m.client_seed, (int, np.integer)) or not 0 <= int(m.client_seed) < 2 ** 64:
         raise ProtocolError(f"client_seed must be a uint64, got {m.client_seed!r}")
-    flags = 0
+    if not isinstance(m.noise, str) or m.noise not in NOISES:
+        raise ProtocolError(f"noise must be one of {' | '.join(NOISES)}, got {m.noise!r}")
+    flags = FLAG_RADEMACHER if m.noise == "rademacher" else 0
     tail = b""
     if m.probs is not None:
         p = _finite_f32("probs", m.probs)
@@ -207,7 +221,7 @@ def decode_down(data, *, expected_round: Optional[int] = None, expected_k: Optio
         raise ProtocolError(f"not a kseed down message (magic {magic!r})")
     if ver != VERSION:
         raise ProtocolError(f"unsupported down message version {ver} (this build reads {VERSION})")
-    if flags & ~FLAG_PROBS:
+    if flags & ~_DOWN_FLAGS:
         raise ProtocolError(f"unknown flags 0x{flags:x} in down message")
     if not 1 <= k <= MAX_K:
         raise ProtocolError(f"K = {k} out of range [1, {MAX_K}]")
@@ -235,7 +249,8 @@ def decode_down(data, *, expected_round: Optional[int] = None, expected_k: Optio
         if not np.isfinite(probs).all() or (probs < 0).any() or not probs.sum() > 0:
             raise ProtocolError("down message probabilities are not a valid distribution")
     return DownMessage(round=rnd, client_id=cid, fingerprint=fp, coefs=coefs, lr=lr, eps=eps,
-                       local_steps=steps, batch_size=bs, client_seed=cseed, probs=probs)
+                       local_steps=steps, batch_size=bs, client_seed=cseed, probs=probs,
+                       noise="rademacher" if flags & FLAG_RADEMACHER else "gaussian")
 
 
 def encode_up(m: UpMessage, *, k: int) -> bytes:

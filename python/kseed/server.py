@@ -303,7 +303,8 @@ class FedKSeedServer:
                             coefs=self.global_coefs(), lr=self.client_lr(client_id, rnd), eps=c.eps,
                             local_steps=c.local_steps, batch_size=c.batch_size,
                             client_seed=self.client_seed(rnd, client_id),
-                            probs=self._round_probs(rnd) if c.sampling == "pro" else None)
+                            probs=self._round_probs(rnd) if c.sampling == "pro" else None,
+                            noise=c.noise)
         return P.encode_down(msg)
 
     def aggregate(self, rnd: int, uploads: Mapping[int, bytes],

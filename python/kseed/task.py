@@ -79,8 +79,8 @@ def load_workspace(cfg: FedConfig, device: str = "cpu", backend: Optional[str] =
     ident = {"model": "embedded" if cfg.model is None else os.path.abspath(path),
              "hash": M.model_hash(model), "dtype": cfg.dtype,
              "parameters": int(sum(p.numel() for p in model.parameters()))}
-    return M.Workspace(model, tok, backend=backend, rounding=cfg.rounding, identity=ident,
-                       cache=cache)
+    return M.Workspace(model, tok, backend=backend, rounding=cfg.rounding, noise=cfg.noise,
+                       identity=ident, cache=cache)
 
 
 # ------------------------------------------------------------------------------ evaluation
