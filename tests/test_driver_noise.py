@@ -226,10 +226,6 @@ def test_flower_grid_round_rademacher(tmp_path):
     from kseed.flower.runconfig import fed_config
     from kseed.flower.server_app import run_federation
 
-    import logging
-
-    lg = logging.getLogger("kseed")  # the ServerApp sends kseed's log to stderr: put it back after
-    saved_log = (list(lg.handlers), lg.level, lg.propagate)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -241,7 +237,6 @@ def test_flower_grid_round_rademacher(tmp_path):
         S.run(fed_config(rc), str(sim), progress=False)
     finally:
         torch.set_num_threads(n)
-        lg.handlers[:], lg.level, lg.propagate = saved_log
     fl, si = _ckpt(out)["server"], _ckpt(sim)["server"]
     assert fl["config"]["noise"] == si["config"]["noise"] == "rademacher"
     assert fl["acc"] == si["acc"] and np.any(np.frombuffer(bytes.fromhex(fl["acc"]), "<f8") != 0)

@@ -42,6 +42,7 @@ def _log_to_stderr() -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _log_to_stderr()  # this process is the ServerApp's own: its stderr is what Flower streams
     run_federation(grid, context.run_config)
 
 
@@ -53,7 +54,6 @@ def run_federation(grid, run_config) -> dict:
     from .exchange import discover_partitions, exchange
     from .runconfig import extra, fed_config
 
-    _log_to_stderr()
     cfg = fed_config(run_config)
     out = extra(run_config, "out") or None
     round_timeout = extra(run_config, "round-timeout")
