@@ -1,4 +1,4 @@
-"""Bit-level comparison of float tensors, shared by the test modules (and by test_triton.py's child
+"""Bit-level comparison of float tensors and random seed bit patterns, shared by the test modules (and by test_triton.py's child
 process, which runs from this folder)."""
 import torch
 
@@ -13,3 +13,12 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equal, except that any NaN equals any NaN (payloads are not specified)."""
     na, nb = torch.isnan(a.detach().cpu().float()), torch.isnan(b.detach().cpu().float())
     return torch.equal(na, nb) and torch.equal(bits(a)[~na], bits(b)[~nb])
+
+
+def random_seeds(gen: torch.Generator, k: int) -> torch.Tensor:
+    """K random seeds as an int64 tensor of uint64 bit patterns, the extreme patterns (all ones, all
+    zeros) first when K >= 2."""
+    s = torch.randint(-2**63, 2**63 - 1, (k,), dtype=torch.int64, generator=gen)
+    if k >= 2:
+        s[0], s[1] = -1, 0
+    return s

@@ -18,7 +18,7 @@ from kseed_kernels import torch_reference as R
 from kseed_kernels.backends import Update
 from kseed_kernels.backends import reference as bref
 
-from bitwise import same_bits
+from bitwise import random_seeds, same_bits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,13 +41,6 @@ pytestmark = [
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("nearest", "stochastic")
 
-
-
-def _seeds(gen, k):
-    s = torch.randint(-2**63, 2**63 - 1, (k,), dtype=torch.int64, generator=gen)
-    if k >= 2:
-        s[0], s[1] = -1, 0
-    return s
 
 
 def _key(seeds, coefs, rounding):
@@ -105,7 +98,7 @@ def test_gaussian(seed, stream, offset, n):
 @pytest.mark.parametrize("k,n", [(1, 1), (1, 7), (2, 2048), (3, 2049), (16, 5000), (300, 777),
                                  (1024, 4096 + 5)])
 def test_apply_bitwise(gen, dtype, rounding, k, n):
-    seeds = _seeds(gen, k)
+    seeds = random_seeds(gen, k)
     coefs = (torch.randn(k, generator=gen) * 1e-2).float()
     x = torch.randn(n, generator=gen).to(dtype)
     stream = int(torch.randint(0, 2**32, (1,), generator=gen))
@@ -121,7 +114,7 @@ def test_apply_bitwise(gen, dtype, rounding, k, n):
 def test_apply_out_of_place(gen, dtype, rounding):
     """apply_seeds / apply_seeds_multi on the GPU: bitwise copy + in-place, the base unchanged, with
     aligned and misaligned bases and outs."""
-    seeds = _seeds(gen, 5)
+    seeds = random_seeds(gen, 5)
     coefs = (torch.randn(5, generator=gen) * 1e-2).float()
     for n, b_off, o_off in ((5000, 0, 0), (4099, 1, 0), (2049, 0, 1), (7, 1, 1)):
         x = torch.randn(n + b_off, generator=gen).to(dtype)[b_off:]
@@ -150,7 +143,7 @@ def test_special_values(gen, dtype, rounding):
     x[8:16] = tiny * torch.rand(8, generator=gen)
     x = x.to(dtype)
     for scale in (1e-3, 1e-39, 3e4):  # 1e-39: float32 subnormals (no flush-to-zero allowed)
-        seeds = _seeds(gen, 3)
+        seeds = random_seeds(gen, 3)
         coefs = (torch.randn(3, generator=gen) * scale).float()
         got = x.cuda()
         kk.apply_seeds_(got, seeds, coefs, stream=11, rounding=rounding, backend="cuda")
@@ -159,7 +152,7 @@ def test_special_values(gen, dtype, rounding):
 
 def test_unaligned_views(gen):
     """Tensors whose data pointer is not 16-byte aligned take the scalar path, same bits."""
-    seeds, coefs = _seeds(gen, 4), (torch.randn(4, generator=gen) * 1e-2).float()
+    seeds, coefs = random_seeds(gen, 4), (torch.randn(4, generator=gen) * 1e-2).float()
     for dtype in DTYPES:
         base = torch.randn(5000, generator=gen).to(dtype)
         dev = base.cuda()
@@ -175,7 +168,7 @@ def test_multi(gen, k, rounding):
     sizes = [1, 3, 4, 5, 2048, 2049, 7, 10000, 16, 2, 300, 65536 + 3]
     xs = [torch.randn(n, generator=gen).to(DTYPES[i % 3]) for i, n in enumerate(sizes)]
     streams = [int(s) for s in torch.randint(0, 2**32, (len(xs),), generator=gen)]
-    seeds, coefs = _seeds(gen, k), (torch.randn(k, generator=gen) * 1e-2).float()
+    seeds, coefs = random_seeds(gen, k), (torch.randn(k, generator=gen) * 1e-2).float()
     got = [x.cuda() for x in xs]
     kk.apply_seeds_multi_(got, streams, seeds, coefs, rounding=rounding, backend="cuda")
     for g, x, st in zip(got, xs, streams):
@@ -186,7 +179,7 @@ def test_multi_many_small(gen):
     xs = [torch.randn(int(n), generator=gen).to(torch.bfloat16)
           for n in torch.randint(1, 600, (400,), generator=gen)]
     streams = list(range(400))
-    seeds, coefs = _seeds(gen, 2), torch.tensor([1e-3, -2e-3])
+    seeds, coefs = random_seeds(gen, 2), torch.tensor([1e-3, -2e-3])
     got = [x.cuda() for x in xs]
     kk.apply_seeds_multi_(got, streams, seeds, coefs, backend="cuda")
     for g, x, st in zip(got, xs, streams):
@@ -198,7 +191,7 @@ def test_long_history(gen):
     if "cpu" not in kk.backends():
         pytest.skip("the CPU backend is the oracle at this K")
     k = 1 << 20
-    seeds = _seeds(gen, k)
+    seeds = random_seeds(gen, k)
     coefs = (torch.randn(k, generator=gen) * 1e-4).float()
     x = torch.randn(37, generator=gen).to(torch.bfloat16)
     got = x.cuda()
@@ -209,7 +202,7 @@ def test_long_history(gen):
 def test_cuda_equals_triton(gen):
     if "triton" not in kk.backends():
         pytest.skip("triton not usable")
-    seeds, coefs = _seeds(gen, 33), (torch.randn(33, generator=gen) * 1e-2).float()
+    seeds, coefs = random_seeds(gen, 33), (torch.randn(33, generator=gen) * 1e-2).float()
     x = torch.randn(10007, generator=gen).to(torch.float16).cuda()
     a, b = x.clone(), x.clone()
     kk.apply_seeds_(a, seeds, coefs, stream=1, rounding="stochastic", backend="cuda")
@@ -260,7 +253,7 @@ def test_rademacher(seed, stream, offset, n):
 @pytest.mark.parametrize("k,n", [(1, 1), (1, 7), (3, 2049), (16, 5000), (17, 4096), (300, 777),
                                  (1024, 4096 + 5)])
 def test_rademacher_apply_bitwise(gen, dtype, rounding, k, n):
-    seeds = _seeds(gen, k)
+    seeds = random_seeds(gen, k)
     coefs = (torch.randn(k, generator=gen) * 1e-2).float()
     x = torch.randn(n, generator=gen).to(dtype)
     stream = int(torch.randint(0, 2**32, (1,), generator=gen))
@@ -278,7 +271,7 @@ def test_rademacher_multi(gen, rounding):
     sizes = [1, 3, 128, 129, 2048, 2049, 7, 10000, 300, 65536 + 3]
     xs = [torch.randn(n, generator=gen).to(DTYPES[i % 3]) for i, n in enumerate(sizes)]
     streams = [int(s) for s in torch.randint(0, 2**32, (len(xs),), generator=gen)]
-    seeds, coefs = _seeds(gen, 20), (torch.randn(20, generator=gen) * 1e-2).float()
+    seeds, coefs = random_seeds(gen, 20), (torch.randn(20, generator=gen) * 1e-2).float()
     got = [x.cuda() for x in xs]
     kk.apply_seeds_multi_(got, streams, seeds, coefs, rounding=rounding, backend="cuda",
                           noise="rademacher")
@@ -292,7 +285,7 @@ def test_rademacher_multi(gen, rounding):
 def test_rademacher_cuda_equals_triton(gen):
     if "triton" not in kk.backends():
         pytest.skip("triton not usable")
-    seeds, coefs = _seeds(gen, 33), (torch.randn(33, generator=gen) * 1e-2).float()
+    seeds, coefs = random_seeds(gen, 33), (torch.randn(33, generator=gen) * 1e-2).float()
     x = torch.randn(10007, generator=gen).to(torch.bfloat16).cuda()
     a, b = x.clone(), x.clone()
     kk.apply_seeds_(a, seeds, coefs, stream=1, rounding="stochastic", backend="cuda",
@@ -307,7 +300,7 @@ def test_rademacher_cuda_equals_triton(gen):
 def test_rademacher_noise_floor(gen):
     from kseed_kernels.backends import cuda as bc
 
-    seeds, coefs = _seeds(gen, 5), (torch.randn(5, generator=gen) * 1e-2).float()
+    seeds, coefs = random_seeds(gen, 5), (torch.randn(5, generator=gen) * 1e-2).float()
     f = bc.noise_floor(3 * 2048, seeds, coefs, 9, torch.device("cuda"), noise="rademacher").cpu()
     acc = torch.zeros(3 * 2048)
     kk.apply_seeds_(acc, seeds, coefs, stream=9, backend="reference", noise="rademacher")

@@ -27,7 +27,7 @@ import kseed_kernels as kk
 from kseed_kernels import _spec as S
 from kseed_kernels import ops
 
-from bitwise import bits
+from bitwise import bits, random_seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
@@ -77,13 +77,6 @@ def emu(tmp_path_factory):
             return f.read()
 
     return run
-
-
-def _seeds(gen, k):
-    s = torch.randint(-2**63, 2**63 - 1, (k,), dtype=torch.int64, generator=gen)
-    if k >= 2:
-        s[0], s[1] = -1, 0  # the extreme bit patterns
-    return s
 
 
 def _coefs(gen, k):
@@ -144,7 +137,7 @@ def test_apply_multi_matches_cpu(emu, tmp_path, gen, k, rounding, noise):
     dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(SIZES))]
     ws = _weights(gen, SIZES, dtypes)
     streams = _streams(gen, len(ws))
-    seeds, coefs = _seeds(gen, k), _coefs(gen, k)
+    seeds, coefs = random_seeds(gen, k), _coefs(gen, k)
     got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, [0] * len(ws), noise=noise),
                       tmp_path), ws)
     want = [w.clone() for w in ws]
@@ -163,7 +156,7 @@ def test_apply_unaligned_path_matches_cpu(emu, tmp_path, gen, dtype, noise):
     sizes = (2049, 37, 4 * TILE)
     ws = _weights(gen, sizes, [dtype] * 3)
     streams = _streams(gen, 3)
-    seeds, coefs = _seeds(gen, 5), _coefs(gen, 5)
+    seeds, coefs = random_seeds(gen, 5), _coefs(gen, 5)
     rounding = "stochastic" if dtype != torch.float32 else "nearest"
     for shifts in ([1, 0, 0], [0, 0, 3]):
         got = _unpack(emu(_apply_job(ws, streams, seeds, coefs, rounding, shifts, noise=noise),
@@ -184,7 +177,7 @@ def test_apply_out_of_place_matches_cpu(emu, tmp_path, gen, rounding, noise):
     dtypes = [(torch.float32, torch.bfloat16, torch.float16)[i % 3] for i in range(len(SIZES))]
     ws = _weights(gen, SIZES, dtypes)
     streams = _streams(gen, len(ws))
-    seeds, coefs = _seeds(gen, 3), _coefs(gen, 3)
+    seeds, coefs = random_seeds(gen, 3), _coefs(gen, 3)
     want = kk.apply_seeds_multi(ws, streams, seeds, coefs, rounding=rounding, backend="cpu",
                                 noise=noise)
     n = len(ws)
@@ -201,7 +194,7 @@ def test_apply_out_of_place_matches_cpu(emu, tmp_path, gen, rounding, noise):
 def test_apply_can_fail(emu, tmp_path, gen, noise):
     """The comparison sees a one-seed change and the other family (the check is not vacuous)."""
     ws = _weights(gen, (3000,), [torch.bfloat16])
-    seeds, coefs = _seeds(gen, 4), _coefs(gen, 4)
+    seeds, coefs = random_seeds(gen, 4), _coefs(gen, 4)
     got = _unpack(emu(_apply_job(ws, [7], seeds, coefs, "nearest", [0], noise=noise), tmp_path), ws)[0]
     other = seeds.clone()
     other[2] ^= 1
@@ -266,7 +259,7 @@ def _floor_reference(acc_flat, numel):
 @pytest.mark.parametrize("noise", NOISES)
 def test_noise_floor_matches_reference_order(emu, tmp_path, gen, k, noise):
     numel, stream = 3 * TILE - 10, 4242
-    seeds, coefs = _seeds(gen, k), _coefs(gen, k)
+    seeds, coefs = random_seeds(gen, k), _coefs(gen, k)
     job = struct.pack("<iqIqi", 2, k, stream, numel, S.NOISE_CODES[noise])
     job += seeds.numpy().tobytes() + coefs.numpy().tobytes()
     got = np.frombuffer(emu(job, tmp_path), dtype=np.float32)

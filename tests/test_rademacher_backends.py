@@ -16,7 +16,7 @@ import kseed_kernels as kk
 from kseed_kernels import _spec as S
 from kseed_kernels import torch_reference as R
 
-from bitwise import bits
+from bitwise import bits, random_seeds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -47,13 +47,6 @@ def backend(request):
         yield "cpu"
     finally:
         cpu.set_isa(None)
-
-
-def _seeds(gen, k):
-    s = torch.randint(-2**63, 2**63 - 1, (k,), dtype=torch.int64, generator=gen)
-    if k >= 2:
-        s[0], s[1] = -1, 0  # the extreme bit patterns
-    return s
 
 
 def _coefs(gen, k):
@@ -117,7 +110,7 @@ def test_rademacher_is_not_gaussian():
 @pytest.mark.parametrize("k", [1, 5])
 def test_apply_in_place_matches_reference(backend, gen, dtype, rounding, k):
     w = (torch.randn(3 * 128 + 45, generator=gen) * 0.05).to(dtype)
-    seeds, coefs = _seeds(gen, k), _coefs(gen, k)
+    seeds, coefs = random_seeds(gen, k), _coefs(gen, k)
     stream = int(torch.randint(0, 2**32, (1,), dtype=torch.int64, generator=gen))
     got = w.clone()
     kk.apply_seeds_(got, seeds, coefs, stream=stream, rounding=rounding, backend=backend,
@@ -132,7 +125,7 @@ def test_apply_in_place_matches_reference(backend, gen, dtype, rounding, k):
 def test_apply_out_of_place_matches_reference(backend, gen, dtype, rounding):
     base = (torch.randn(1000, generator=gen) * 0.05).to(dtype)
     keep = base.clone()
-    seeds, coefs = _seeds(gen, 3), _coefs(gen, 3)
+    seeds, coefs = random_seeds(gen, 3), _coefs(gen, 3)
     out = kk.apply_seeds(base, seeds, coefs, stream=9, rounding=rounding, backend=backend,
                          noise="rademacher")
     want = _ref_apply(base.clone(), seeds, coefs, 9, rounding)
@@ -148,7 +141,7 @@ def test_apply_multi_matches_reference(backend, gen, rounding):
     ws.append((torch.randn(40, 27, generator=gen) * 0.05).t())  # non-contiguous
     ws.append((torch.randn(700, generator=gen) * 0.05).to(torch.bfloat16)[3:])  # misaligned
     streams = [int(x) for x in torch.randint(0, 2**32, (len(ws),), dtype=torch.int64, generator=gen)]
-    seeds, coefs = _seeds(gen, 4), _coefs(gen, 4)
+    seeds, coefs = random_seeds(gen, 4), _coefs(gen, 4)
     want = []
     for w, st in zip(ws, streams):
         # The reference per tensor, with the call's stochastic-rounding key (of all its dtypes).
@@ -171,7 +164,7 @@ def test_apply_exact_sum(backend, gen):
     """float32: w + sum_k (+-c_k) in ascending k, each term exact, from the signs themselves."""
     n, k = 700, 6
     w = torch.randn(n, generator=gen)
-    seeds, coefs = _seeds(gen, k), _coefs(gen, k)
+    seeds, coefs = random_seeds(gen, k), _coefs(gen, k)
     acc = torch.zeros(n)
     for s, c in zip(seeds.tolist(), coefs):
         acc = acc + c * kk.rademacher(s & S.MASK64, n, stream=3)
@@ -181,7 +174,7 @@ def test_apply_exact_sum(backend, gen):
 
 def test_default_is_gaussian(gen):
     w = torch.randn(600, generator=gen)
-    seeds, coefs = _seeds(gen, 3), _coefs(gen, 3)
+    seeds, coefs = random_seeds(gen, 3), _coefs(gen, 3)
     a = kk.apply_seeds(w, seeds, coefs)
     b = kk.apply_seeds(w, seeds, coefs, noise="gaussian")
     c = kk.apply_seeds(w, seeds, coefs, noise="rademacher")
@@ -226,7 +219,7 @@ def test_noise_floor_rademacher(gen):
     from kseed_kernels.backends import cpu
 
     numel, k = 3 * 2048 - 10, 3
-    seeds, coefs = _seeds(gen, k), _coefs(gen, k)
+    seeds, coefs = random_seeds(gen, k), _coefs(gen, k)
     got = cpu.noise_floor(numel, seeds, coefs, 17, torch.device("cpu"), noise="rademacher")
     acc = torch.zeros(numel)
     kk.apply_seeds_(acc, seeds, coefs, stream=17, noise="rademacher", backend="reference")
