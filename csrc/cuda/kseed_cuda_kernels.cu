@@ -367,28 +367,32 @@ cudaError_t launch_noise(DType dtype, const PlanRow* rows, int num_rows, int64_t
 
 }  // namespace
 
-cudaError_t launch_gaussian(float* out, int64_t numel, uint64_t seed, uint32_t stream,
-                            uint64_t offset, cudaStream_t cu_stream) {
+namespace {
+// One launch of a noise generator whose threads each own 2^kShift consecutive elements (from a
+// multiple of 2^kShift): the grid covers the groups of [offset, offset + numel).
+template <int kShift>
+cudaError_t launch_noise(void (*kernel)(float*, int64_t, uint64_t, uint32_t, uint64_t), float* out,
+                         int64_t numel, uint64_t seed, uint32_t stream, uint64_t offset,
+                         cudaStream_t cu_stream) {
   if (numel <= 0) return cudaSuccess;
-  const uint64_t first = offset >> 2;
-  const uint64_t last = (offset + uint64_t(numel) + 3) >> 2;
+  const uint64_t first = offset >> kShift;
+  const uint64_t last = (offset + uint64_t(numel) + (1u << kShift) - 1) >> kShift;
   const uint64_t grid = (last - first + kThreads - 1) / kThreads;
   if (grid > 0x7FFFFFFFull) return cudaErrorInvalidValue;
-  KSEED_LAUNCH(dim3(unsigned(grid)), kThreads, cu_stream, gaussian_kernel)
+  KSEED_LAUNCH(dim3(unsigned(grid)), kThreads, cu_stream, kernel)
   (out, numel, seed, stream, offset);
   return cudaGetLastError();
+}
+}  // namespace
+
+cudaError_t launch_gaussian(float* out, int64_t numel, uint64_t seed, uint32_t stream,
+                            uint64_t offset, cudaStream_t cu_stream) {
+  return launch_noise<2>(gaussian_kernel, out, numel, seed, stream, offset, cu_stream);  // 4 a thread
 }
 
 cudaError_t launch_rademacher(float* out, int64_t numel, uint64_t seed, uint32_t stream,
                               uint64_t offset, cudaStream_t cu_stream) {
-  if (numel <= 0) return cudaSuccess;
-  const uint64_t first = offset >> 5;
-  const uint64_t last = (offset + uint64_t(numel) + 31) >> 5;
-  const uint64_t grid = (last - first + kThreads - 1) / kThreads;
-  if (grid > 0x7FFFFFFFull) return cudaErrorInvalidValue;
-  KSEED_LAUNCH(dim3(unsigned(grid)), kThreads, cu_stream, rademacher_kernel)
-  (out, numel, seed, stream, offset);
-  return cudaGetLastError();
+  return launch_noise<5>(rademacher_kernel, out, numel, seed, stream, offset, cu_stream);  // 32
 }
 
 cudaError_t launch_apply(DType dtype, const PlanRow* rows, int num_rows, int64_t total_tiles,
