@@ -365,9 +365,7 @@ cudaError_t launch_noise(DType dtype, const PlanRow* rows, int num_rows, int64_t
   return cudaErrorInvalidValue;
 }
 
-}  // namespace
 
-namespace {
 // One launch of a noise generator whose threads each own 2^kShift consecutive elements (from a
 // multiple of 2^kShift): the grid covers the groups of [offset, offset + numel).
 template <int kShift>
