@@ -24,9 +24,6 @@ struct Kernels {
                              float* acc);
   void (*sum_signs)(const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, uint64_t first_word,
                     int64_t nwords, float* acc);
-  bool (*apply_signs)(DType dtype, const void* src, void* dst, const uint64_t* seeds, const float* coefs,
-                      int64_t K, uint32_t stream, uint64_t first_word, int64_t n, const uint32_t* r,
-                      int rounding);
   void (*normals)(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
   void (*philox_words)(Key key, uint32_t stream, uint32_t word3, uint64_t first_block, int64_t nblocks,
                        uint32_t* out);

@@ -22,8 +22,7 @@
 // elements; lane b of word l is element 4 b + l, and transpose4 puts them in element order.
 //
 // A noise family is one accumulate function here and one member of the Kernels table, filled at the end
-// of this file: accumulate_normals (Gaussian, sections 2-4) and sum_signs (Rademacher, section 8; with
-// apply_signs, its sum and final write fused for a few seeds).
+// of this file: accumulate_normals (Gaussian, sections 2-4) and sum_signs (Rademacher, section 8).
 
 // Philox round keys (the key bumped once per round), computed once per seed.
 struct RoundKeys {
@@ -211,35 +210,17 @@ static_assert(kSignPieces % kSignRun == 0, "a sign word is whole runs");
 // blocks rounded up to whole vectors of blocks.
 constexpr int64_t kSignBufWords = 4 * (((kMaxSignWords + 3 + 3) / 4 + kLanes - 1) / kLanes * kLanes);
 
-// v[q] = v[q] + t_0 + ... + t_(G-1) (ascending k, element by element) for the kSignRun vectors r .. r +
-// kSignRun - 1 of sign word w; seed g's sign words are words[g * kSignBufWords + w] (one base pointer:
-// the seeds' words sit at fixed distances), c[g] and nc[g] its coefficient and its negation.
-template <int G>
-KSEED_INLINE void add_sign_terms(const uint32_t* words, const VF* c, const VF* nc, int64_t w, int r,
-                                 VF* v) {
-  KSEED_UNROLL
-  for (int g = 0; g < G; ++g) {
-    const SW s = sign_word(words + g * kSignBufWords + w);
-    KSEED_UNROLL
-    for (int q = 0; q < kSignRun; ++q) v[q] = add(v[q], select_sign(c[g], nc[g], s, r + q));
-  }
-}
-
-template <int G>
-KSEED_INLINE void sign_coefs(const float* coefs, VF* c, VF* nc) {
+// acc[32 w + j] = a + t_0 + ... + t_(G-1) in that order, a = +0.0f for the first group (kFirst: no
+// load, no separate zeroing pass) and acc[32 w + j] after it; seed g's sign words are
+// words[g * kSignBufWords + w] (one base pointer: the seeds' words sit at fixed distances).  Out of
+// line: one call per group of seeds, and bench/cpu_insn_count.py counts its loop.
+template <int G, bool kFirst>
+KSEED_NOINLINE void signs_pass(const uint32_t* words, const float* coefs, int64_t nwords, float* acc) {
+  VF c[G], nc[G];
   for (int g = 0; g < G; ++g) {
     c[g] = set_f(coefs[g]);
     nc[g] = as_f(xor_u(as_u(c[g]), set_u(0x80000000u)));  // -c, exact
   }
-}
-
-// acc[32 w + j] = a + t_0 + ... + t_(G-1) in that order, a = +0.0f for the first group (kFirst: no
-// load, no separate zeroing pass) and acc[32 w + j] after it.  Out of line: one call per group of
-// seeds, and bench/cpu_insn_count.py counts its loop.
-template <int G, bool kFirst>
-KSEED_NOINLINE void signs_pass(const uint32_t* words, const float* coefs, int64_t nwords, float* acc) {
-  VF c[G], nc[G];
-  sign_coefs<G>(coefs, c, nc);
   for (int64_t w = 0; w < nwords; ++w) {
     KSEED_UNROLL
     for (int r = 0; r < kSignPieces; r += kSignRun) {  // kSignRun vectors of the word stay in registers
@@ -247,7 +228,12 @@ KSEED_NOINLINE void signs_pass(const uint32_t* words, const float* coefs, int64_
       VF v[kSignRun];
       KSEED_UNROLL
       for (int q = 0; q < kSignRun; ++q) v[q] = kFirst ? set_f(0.0f) : load_f(a + kLanes * q);
-      add_sign_terms<G>(words, c, nc, w, r, v);
+      KSEED_UNROLL
+      for (int g = 0; g < G; ++g) {  // ascending k, element by element
+        const SW s = sign_word(words + g * kSignBufWords + w);
+        KSEED_UNROLL
+        for (int q = 0; q < kSignRun; ++q) v[q] = add(v[q], select_sign(c[g], nc[g], s, r + q));
+      }
       KSEED_UNROLL
       for (int q = 0; q < kSignRun; ++q) store_f(a + kLanes * q, v[q]);
     }
@@ -268,21 +254,6 @@ void signs_group(int G, const uint32_t* words, const float* cg, int64_t nwords, 
   }
 }
 
-// The sign words of seeds[0 .. G) for the words first_word .. first_word + nwords - 1: seed g's word
-// first_word + w is buf[g * kSignBufWords + (first_word & 3) + w] (whole Philox blocks from block
-// first_word >> 2, padded to whole vectors of blocks).  Returns first_word & 3.
-KSEED_INLINE int64_t group_sign_words(const uint64_t* seeds, int G, uint32_t stream, uint64_t first_word,
-                                      int64_t nwords, uint32_t* buf) {
-  const int64_t off = int64_t(first_word & 3u);
-  const int64_t nb = (off + nwords + 3) >> 2;
-  const int64_t nbv = (nb + kLanes - 1) / kLanes * kLanes;
-  for (int g = 0; g < G; ++g) {
-    philox_words(key_of(seeds[g]), stream, spec::COUNTER_RADEMACHER, first_word >> 2, nbv,
-                 buf + g * kSignBufWords);
-  }
-  return off;
-}
-
 void sum_signs(const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, uint64_t first_word,
                int64_t nwords, float* acc) {
   if (nwords <= 0) return;
@@ -290,10 +261,16 @@ void sum_signs(const uint64_t* seeds, const float* coefs, int64_t K, uint32_t st
     std::memset(acc, 0, sizeof(float) * size_t(32 * nwords));  // +0.0f
     return;
   }
+  const uint64_t fb = first_word >> 2;
+  const int64_t off = int64_t(first_word & 3u);
+  const int64_t nb = (off + nwords + 3) >> 2;
+  const int64_t nbv = (nb + kLanes - 1) / kLanes * kLanes;
   alignas(64) uint32_t buf[kSignGroup * kSignBufWords];
   for (int64_t k0 = 0; k0 < K; k0 += kSignGroup) {
     const int G = int(K - k0 < kSignGroup ? K - k0 : kSignGroup);
-    const int64_t off = group_sign_words(seeds + k0, G, stream, first_word, nwords, buf);
+    for (int g = 0; g < G; ++g) {
+      philox_words(key_of(seeds[k0 + g]), stream, spec::COUNTER_RADEMACHER, fb, nbv, buf + g * kSignBufWords);
+    }
     if (k0 == 0) signs_group<true>(G, buf + off, coefs, nwords, acc);
     else signs_group<false>(G, buf + off, coefs + k0, nwords, acc);
   }
@@ -301,14 +278,14 @@ void sum_signs(const uint64_t* seeds, const float* coefs, int64_t K, uint32_t st
 static_assert(kSignGroup >= 1 && kSignGroup <= 8, "sum_signs dispatches groups of 1 .. 8 seeds");
 
 // ------------------------------------------------------------------------------ the final write
-// One vector (elements j .. j + kLanes - 1) of dst = round(float32(src) + a), spec 5: a is the vector
-// of those elements' sums.
+// One vector (elements j .. j + kLanes - 1) of dst = round(float32(src) + acc), spec 5.
 template <DType D, int R>
-KSEED_INLINE void finish_val(const void* src, void* dst, VF a, const uint32_t* r, int64_t j) {
+KSEED_INLINE void finish_vec(const void* src, void* dst, const float* acc, const uint32_t* r,
+                             int64_t j) {
   if constexpr (D == DType::F32) {
-    store_f(static_cast<float*>(dst) + j, add(load_f(static_cast<const float*>(src) + j), a));
+    store_f(static_cast<float*>(dst) + j, add(load_f(static_cast<const float*>(src) + j), load_f(acc + j)));
   } else if constexpr (D == DType::BF16) {
-    const VF v = add(load_bf16(static_cast<const uint16_t*>(src) + j), a);
+    const VF v = add(load_bf16(static_cast<const uint16_t*>(src) + j), load_f(acc + j));
     const VU vb = as_u(v);
     VU res;
     if constexpr (R == kRoundStochastic) {  // spec 5.3, as round_bf16_stochastic
@@ -319,7 +296,7 @@ KSEED_INLINE void finish_val(const void* src, void* dst, VF a, const uint32_t* r
     }
     store_u16(static_cast<uint16_t*>(dst) + j, select_u(is_nan(v), set_u(0x7FC0u), res));
   } else {
-    VF v = add(load_f16(static_cast<const uint16_t*>(src) + j), a);
+    VF v = add(load_f16(static_cast<const uint16_t*>(src) + j), load_f(acc + j));
     if constexpr (R == kRoundStochastic) {  // spec 5.4, as round_fp16_stochastic_value
       const VU vb = as_u(v);
       const VF a = as_f(and_u(vb, set_u(0x7FFFFFFFu)));
@@ -335,12 +312,6 @@ KSEED_INLINE void finish_val(const void* src, void* dst, VF a, const uint32_t* r
     }
     store_f16(static_cast<uint16_t*>(dst) + j, v);  // nearest even, as round_fp16_nearest
   }
-}
-
-template <DType D, int R>
-KSEED_INLINE void finish_vec(const void* src, void* dst, const float* acc, const uint32_t* r,
-                             int64_t j) {
-  finish_val<D, R>(src, dst, load_f(acc + j), r, j);
 }
 
 template <DType D, int R>
@@ -377,77 +348,7 @@ void finish(DType dtype, const void* src, void* dst, const float* acc, const uin
   }
 }
 
-// ------------------------------------------------------------------- the fused small-K Rademacher apply
-// With few seeds the accumulator pass would cost as much as the seeds themselves (a store and a load of
-// every element), so for K <= kFusedSigns seeds the sum of a vector stays in a register and goes
-// straight into the final write: dst = round(float32(src) + (+0.0f + t_0 + ... + t_(K-1))), the same
-// operations in the same order as sum_signs then finish, so bitwise the same.
-constexpr int kFusedSigns = kSignGroup < 4 ? kSignGroup : 4;
-
-template <int G, DType D, int R>
-KSEED_NOINLINE void signs_finish_pass(const uint32_t* words, const float* coefs, int64_t nwords,
-                                      const void* src, void* dst, const uint32_t* r) {
-  VF c[G], nc[G];
-  sign_coefs<G>(coefs, c, nc);
-  for (int64_t w = 0; w < nwords; ++w) {
-    KSEED_UNROLL
-    for (int q0 = 0; q0 < kSignPieces; q0 += kSignRun) {
-      VF v[kSignRun];
-      KSEED_UNROLL
-      for (int q = 0; q < kSignRun; ++q) v[q] = set_f(0.0f);
-      add_sign_terms<G>(words, c, nc, w, q0, v);
-      KSEED_UNROLL
-      for (int q = 0; q < kSignRun; ++q) finish_val<D, R>(src, dst, v[q], r, 32 * w + kLanes * (q0 + q));
-    }
-  }
-}
-
-template <DType D, int R>
-void signs_finish_group(int G, const uint32_t* words, const float* coefs, int64_t nwords, const void* src,
-                        void* dst, const uint32_t* r) {
-  switch (G) {  // 1 <= G <= kFusedSigns <= 4
-    case 4: if constexpr (kFusedSigns >= 4) signs_finish_pass<4, D, R>(words, coefs, nwords, src, dst, r); break;
-    case 3: if constexpr (kFusedSigns >= 3) signs_finish_pass<3, D, R>(words, coefs, nwords, src, dst, r); break;
-    case 2: if constexpr (kFusedSigns >= 2) signs_finish_pass<2, D, R>(words, coefs, nwords, src, dst, r); break;
-    default: signs_finish_pass<1, D, R>(words, coefs, nwords, src, dst, r); break;
-  }
-}
-
-// The contract of kseed_cpu.h's apply_signs: elements 32 first_word + j, j in [0, n), n <= kMaxTile;
-// returns false (and does nothing) where K is outside 1 .. kFusedSigns.
-bool apply_signs(DType dtype, const void* src, void* dst, const uint64_t* seeds, const float* coefs,
-                 int64_t K, uint32_t stream, uint64_t first_word, int64_t n, const uint32_t* r, int rounding) {
-  if (K < 1 || K > kFusedSigns) return false;
-  if (n <= 0) return true;
-  const int G = int(K);
-  const int64_t nfull = n >> 5, nwords = (n + 31) >> 5;
-  alignas(64) uint32_t buf[kFusedSigns * kSignBufWords];
-  const uint32_t* words = buf + group_sign_words(seeds, G, stream, first_word, nwords, buf);
-  const bool sr = rounding == kRoundStochastic && dtype != DType::F32;
-  if (nfull > 0) {
-    switch (dtype) {
-      case DType::F32: signs_finish_group<DType::F32, kRoundNearest>(G, words, coefs, nfull, src, dst, r); break;
-      case DType::BF16:
-        if (sr) signs_finish_group<DType::BF16, kRoundStochastic>(G, words, coefs, nfull, src, dst, r);
-        else signs_finish_group<DType::BF16, kRoundNearest>(G, words, coefs, nfull, src, dst, r);
-        break;
-      case DType::F16:
-        if (sr) signs_finish_group<DType::F16, kRoundStochastic>(G, words, coefs, nfull, src, dst, r);
-        else signs_finish_group<DType::F16, kRoundNearest>(G, words, coefs, nfull, src, dst, r);
-        break;
-    }
-  }
-  if (nfull < nwords) {  // the last, partial word: its sum through a one-word accumulator
-    alignas(64) float acc[32];
-    const size_t es = size_t(dtype_size(dtype)), done = size_t(32 * nfull);
-    signs_group<true>(G, words + nfull, coefs, 1, acc);
-    finish(dtype, static_cast<const unsigned char*>(src) + es * done, static_cast<unsigned char*>(dst) + es * done,
-           acc, sr ? r + done : nullptr, n - int64_t(done), sr ? kRoundStochastic : kRoundNearest);
-  }
-  return true;
-}
-
 // This ISA's row of the dispatch table.
 constexpr Kernels make_kernels(bool (*supported)()) {
-  return Kernels{supported, &accumulate_normals, &sum_signs, &apply_signs, &normals, &philox_words, &finish};
+  return Kernels{supported, &accumulate_normals, &sum_signs, &normals, &philox_words, &finish};
 }

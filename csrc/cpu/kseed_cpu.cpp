@@ -126,11 +126,6 @@ void finish(Isa isa, DType dtype, const void* src, void* dst, const float* acc, 
   kernels(isa).finish(dtype, src, dst, acc, r, n, rounding);
 }
 
-bool apply_signs(Isa isa, DType dtype, const void* src, void* dst, const uint64_t* seeds, const float* coefs,
-                 int64_t K, uint32_t stream, uint64_t first_word, int64_t n, const uint32_t* r, int rounding) {
-  return kernels(isa).apply_signs(dtype, src, dst, seeds, coefs, K, stream, first_word, n, r, rounding);
-}
-
 // ------------------------------------------------------------------------------------------ tiles
 namespace {
 constexpr int64_t kBuf = kMaxTile + 4 * kGroupBlocks;  // room for a misaligned start and padding
@@ -148,16 +143,6 @@ void apply_tile(Isa isa, DType dtype, Noise noise, const void* src, void* dst, u
                 uint64_t sr_key) {
   if (n <= 0 || K <= 0) return;
   const Kernels& kn = kernels(isa);
-  const bool sr = rounding == kRoundStochastic && dtype != DType::F32;
-  alignas(64) uint32_t rb[kBuf];
-  if (sr) kn.philox_words(key_of(sr_key), stream, spec::COUNTER_STOCHASTIC_ROUNDING, e0 >> 2, padded_blocks(e0, n), rb);
-  const uint32_t* r = sr ? rb + (e0 & 3u) : nullptr;
-  const int rnd = sr ? kRoundStochastic : kRoundNearest;
-  // A few Rademacher seeds on a tile that starts on a sign word: the sum in registers, no accumulator.
-  if (noise == kNoiseRademacher && (e0 & 31u) == 0 &&
-      kn.apply_signs(dtype, src, dst, seeds, coefs, K, stream, e0 >> 5, n, r, rnd)) {
-    return;
-  }
   alignas(64) float acc[kBuf];
   // The accumulator starts at element 4 (e0 >> 2) (Gaussian: whole Philox-4 blocks, padded to SIMD
   // groups) or 32 (e0 >> 5) (Rademacher: whole sign words); element e0 is acc[skip].
@@ -171,7 +156,13 @@ void apply_tile(Isa isa, DType dtype, Noise noise, const void* src, void* dst, u
     std::memset(acc, 0, sizeof(float) * size_t(4 * nbp));  // +0.0f
     for (int64_t k = 0; k < K; ++k) kn.accumulate_normals(key_of(seeds[k]), stream, e0 >> 2, nbp, coefs[k], acc);
   }
-  kn.finish(dtype, src, dst, acc + skip, r, n, rnd);
+  if (rounding == kRoundStochastic && dtype != DType::F32) {
+    alignas(64) uint32_t rb[kBuf];
+    kn.philox_words(key_of(sr_key), stream, spec::COUNTER_STOCHASTIC_ROUNDING, e0 >> 2, padded_blocks(e0, n), rb);
+    kn.finish(dtype, src, dst, acc + skip, rb + (e0 & 3u), n, kRoundStochastic);
+  } else {
+    kn.finish(dtype, src, dst, acc + skip, nullptr, n, kRoundNearest);
+  }
 }
 
 void gaussian_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n) {

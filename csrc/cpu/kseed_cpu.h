@@ -76,13 +76,6 @@ void accumulate_normals(Isa isa, Key key, uint32_t stream, uint64_t first_block,
 // any first_word.
 void sum_signs(Isa isa, const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream,
                uint64_t first_word, int64_t nwords, float* acc);
-// The Rademacher apply of a few seeds, the sum kept in registers (no accumulator pass): for the n
-// (<= kMaxTile) elements i = 32 first_word + j from a sign word's start, dst[j] = round(float(src[j]) +
-// (+0.0f + t_0 + ... + t_(K-1))) with words r[j] (stochastic only; r[j] is lane i & 3 of block i >> 2),
-// as sum_signs then finish.  Returns false, doing nothing, where this path does not fuse K seeds (K
-// outside 1 .. 4, or fewer on a path with smaller seed groups).
-bool apply_signs(Isa isa, DType dtype, const void* src, void* dst, const uint64_t* seeds, const float* coefs,
-                 int64_t K, uint32_t stream, uint64_t first_word, int64_t n, const uint32_t* r, int rounding);
 // out[4 b + l] = z(lane l of block first_block + b).
 void normals(Isa isa, Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, float* out);
 // out[4 b + l] = word l of Philox(counter = (block, stream, word3), key).

@@ -324,7 +324,7 @@ static void test_tiles(Noise noise, int trials, int64_t max_k) {
   const char* fam = noise == kNoiseRademacher ? "rademacher" : "gaussian";
   std::normal_distribution<float> nd(0.0f, 1.0f);
   for (int trial = 0; trial < trials; ++trial) {
-    // Rademacher: every other pair of trials has 1 .. 4 seeds, the fused apply's range (apply_signs)
+    // Rademacher: every other pair of trials has 1 .. 4 seeds (one group of seeds, partial or whole)
     const bool few = noise == kNoiseRademacher && trial % 4 < 2;
     const int64_t K = 1 + int64_t(rng() % uint64_t(few ? 4 : max_k));
     std::vector<uint64_t> seeds(static_cast<size_t>(K));
@@ -337,7 +337,7 @@ static void test_tiles(Noise noise, int trials, int64_t max_k) {
     // starts: anywhere, or just before a 32- / 128-element boundary; lengths: any, or short
     uint64_t e0 = (rng() >> 3) + uint64_t(trial % 4);
     if (trial % 3 == 1) e0 = ((rng() >> 8) << 7) - 1 - rng() % 40;
-    if (trial % 3 == 2) e0 &= ~uint64_t(31);  // a sign word's start (the fused Rademacher path, K <= 4)
+    if (trial % 3 == 2) e0 &= ~uint64_t(31);  // a sign word's start
     const int64_t n = trial % 4 == 2 ? 1 + int64_t(rng() % 300) : 1 + int64_t(rng() % kMaxTile);
     const uint64_t sr_key = rng();
     for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
