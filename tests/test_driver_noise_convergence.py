@@ -1,18 +1,17 @@
 """Convergence of the Rademacher family against the Gaussian (issue #12), reduced.
 
-The full comparison (bench/convergence_noise.py: plain kseed-fed, 10 rounds, seeds 1..5 per family;
-record in bench/convergence_noise_full.json, table in README.md and docs/DRIVER.md) takes 15 minutes
-on the shared 2-core machine.  This test runs the same comparison (the same code,
+The full comparison (bench/convergence_noise.py: plain kseed-fed, 10 rounds, seeds 1..20 per family;
+record in bench/convergence_noise_full.json, tables in README.md and docs/DRIVER.md) takes 20 minutes
+with two runs at a time on the 2-core machine.  This test runs the same comparison (the same code,
 bench/convergence_noise.compare) on 3 seeds with 3 rounds of 40 local steps and no Rouge-L (about 6 x
 12 s): both families must really train (MIN_DROP), and Rademacher's mean final held-out loss must lie
 within TOL of Gaussian's.
 
-TOL is what the full measurement can resolve, not the issue's 3 %: on the full run the per-seed ratio
-rademacher / gaussian of the final held-out loss was 1.043, 0.835, 1.209, 1.048, 1.135 (standard
-deviation 0.140, from a held-out loss that swings by 0.1-0.3 between rounds), so a mean over 3 seeds
-carries a standard error of 0.081 and TOL is two of them.  The full run's mean ratio, 1.046, is NOT
-within the issue's 3 % (it is 0.74 standard errors of its 5-seed mean away from 1, so not a
-measurable difference either); see README.md, "Noise families".
+TOL is what the full measurement can resolve, not the issue's 3 %: on the full run (seeds 1..20) the
+per-seed ratio rademacher / gaussian of the final held-out loss has a standard deviation of 0.146, so a
+mean over 3 seeds carries a standard error of 0.085 and TOL is two of them.  The full run's numbers:
+seeds 1..5 +1.6 % (the issue's comparison, within its 3 %), seeds 1..20 +2.0 % with a paired 95 %
+interval of -4.9 % .. +9.0 %; this reduced one gave +0.3 %.  See docs/DRIVER.md, "Noise families".
 """
 import os
 import sys
@@ -26,7 +25,7 @@ from convergence_noise import compare  # noqa: E402
 
 REDUCED = ["--rounds", "3", "--local-steps", "40", "--rouge-size", "0"]
 SEEDS = (1, 2, 3)
-TOL = 0.16  # 2 x 0.140 / sqrt(3): two standard errors of a 3-seed mean ratio (docstring)
+TOL = 0.17  # 2 x 0.146 / sqrt(3): two standard errors of a 3-seed mean ratio (docstring)
 MIN_DROP = 0.05  # both families must lower the held-out loss by 5 % at least, or the comparison is void
 
 
