@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import kseed_kernels as kk  # noqa: E402
 from kseed_kernels.backends import cpu as CPU  # noqa: E402
 
+from _baseline import perturb_seeds  # noqa: E402  (bench/, this script's folder)
+
 
 def llama_shapes(vocab=8000, hidden=256, inter=688, layers=8):
     """The issue's 10M-parameter model: embed, 8 x (q, k, v, o, gate, up, down, 2 norms), norm, lm_head."""
@@ -56,14 +58,6 @@ def llama_shapes(vocab=8000, hidden=256, inter=688, layers=8):
 def make_params(dtype, shapes):
     g = torch.Generator().manual_seed(0)
     return [(torch.randn(s, generator=g) * 0.02).to(dtype) for _, s in shapes]
-
-
-def baseline(params, seeds, coefs):
-    for s, c in zip(seeds, coefs):
-        torch.manual_seed(s)
-        for p in params:
-            z = torch.normal(0.0, 1.0, size=p.shape)
-            p.add_(z, alpha=c)
 
 
 def ours(params, streams, seeds, coefs):
@@ -148,10 +142,10 @@ def main():
     p_base = make_params(torch.float32, shapes)
     p_ours = make_params(torch.float32, shapes)
     ours(p_ours, streams, seeds[:1], coefs[:1])  # warm-up (loads, page faults)
-    baseline(p_base, seeds[:1], coefs[:1])
+    perturb_seeds(p_base, seeds[:1], coefs[:1])
     tb, to = [], []
     for _ in range(reps):
-        tb.append(timed(lambda: baseline(p_base, seeds, coefs)))
+        tb.append(timed(lambda: perturb_seeds(p_base, seeds, coefs)))
         to.append(timed(lambda: ours(p_ours, streams, seeds, coefs)))
     mb, mo = statistics.median(tb), statistics.median(to)
     ratio = mb / mo

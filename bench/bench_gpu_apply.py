@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import kseed_kernels as kk  # noqa: E402
+from _baseline import perturb_seeds  # noqa: E402
 from _llama_shapes import LLAMA_TINY, llama_shapes, numel_of  # noqa: E402
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,14 +73,6 @@ def prefix_for(shapes, budget_elems: int):
             m *= d
         n += m
     return out
-
-
-def baseline_loop(params, seeds, coefs, dtype, device):
-    for s, c in zip(seeds, coefs):
-        torch.manual_seed(s)
-        for p in params:
-            z = torch.normal(0.0, 1.0, p.shape, dtype=dtype, device=device)
-            p.add_(z, alpha=c)
 
 
 def floor_fn(backend: str):
@@ -144,8 +137,8 @@ def main():
 
             # baseline: per-seed loop, a few seeds, extrapolated per seed
             nb = min(K, args.baseline_seeds)
-            bl = timed(lambda: baseline_loop(params, seeds[:nb].tolist(), coefs[:nb].tolist(), dtype,
-                                             device), reps, device)
+            bl = timed(lambda: perturb_seeds(params, seeds[:nb].tolist(), coefs[:nb].tolist()), reps,
+                       device)
             t_base = bl / nb * K
             rows.append((dname, K, "baseline" + (" (extrap.)" if nb < K else ""), n, t_base))
             print(f"  {dname} K={K} n={n:,}: baseline {t_base * 1e3:.2f} ms", flush=True)

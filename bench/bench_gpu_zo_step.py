@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import kseed_kernels as kk  # noqa: E402
+from _baseline import mezo_step  # noqa: E402
 from _llama_shapes import LLAMA_1B, LLAMA_TINY  # noqa: E402
 
 
@@ -48,24 +49,6 @@ def build_model(cfg: dict, dtype, device):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def mezo_perturb(params, seed: int, scale: float):
-    torch.manual_seed(seed)
-    for p in params:
-        z = torch.normal(0.0, 1.0, size=p.shape, dtype=p.dtype, device=p.device)
-        p.add_(z, alpha=scale)
-
-
-def mezo_step(params, seed, loss_fn, eps, lr):
-    mezo_perturb(params, seed, eps)
-    lp = float(loss_fn())
-    mezo_perturb(params, seed, -2 * eps)
-    lm = float(loss_fn())
-    mezo_perturb(params, seed, eps)
-    g = (lp - lm) / (2 * eps)
-    mezo_perturb(params, seed, -lr * g)
-    return g
 
 
 def run(name, step, steps, warmup, device):

@@ -197,6 +197,7 @@ def worker_timings(cache: str, reps: int) -> None:
     import numpy as np
     import torch
 
+    from _baseline import mezo_step
     from kseed import modeling as M
     from kseed_kernels import ModelSeeds
 
@@ -212,21 +213,6 @@ def worker_timings(cache: str, reps: int) -> None:
     params = list(ms.params)
     eps, lr = 1e-3, 1e-6
 
-    def ref_perturb(seed, scale):
-        torch.manual_seed(seed)
-        for p in params:
-            z = torch.normal(mean=0.0, std=1.0, size=p.shape, dtype=p.dtype)
-            p.data.add_(z, alpha=scale)
-
-    @torch.no_grad()
-    def ref_step(seed):  # the reference code (MeZO's loop): +eps, L+, -2eps, L-, +eps, update
-        ref_perturb(seed, eps)
-        lp = loss()
-        ref_perturb(seed, -2 * eps)
-        lm = loss()
-        ref_perturb(seed, eps)
-        ref_perturb(seed, -lr * (lp - lm) / (2 * eps))
-
     def timed(fn, n):
         out = []
         for i in range(n):
@@ -235,28 +221,26 @@ def worker_timings(cache: str, reps: int) -> None:
             out.append(time.perf_counter() - t)
         return statistics.median(out)
 
+    def rebuild_rate(m, k, first_seed, stride, rng):
+        """Element-seed updates per second of m.apply with k seeds (a fresh set each repetition)."""
+        seeds = np.arange(first_seed, first_seed + k, dtype=np.uint64)
+        coefs = (np.random.default_rng(rng).standard_normal(k) * 1e-4).tolist()
+        return m.numel * k / timed(lambda i: m.apply(seeds + np.uint64(stride * i), coefs), reps)
+
     res = {"load_avg_start": os.getloadavg()[0]}
     loss()  # warm-up
     res["forward_s"] = timed(lambda i: loss(), reps)
     res["kseed_step_s"] = timed(lambda i: ms.zo_step(1000 + i, loss, eps=eps, lr=lr), reps)
-    res["reference_step_s"] = timed(lambda i: ref_step(2000 + i), reps)
-    k = 16
-    seeds = np.arange(5000, 5000 + k, dtype=np.uint64)
-    coefs = (np.random.default_rng(0).standard_normal(k) * 1e-4).tolist()
-    t_apply = timed(lambda i: ms.apply(seeds + np.uint64(100 * i), coefs), reps)
-    res["rebuild_k"] = k
-    res["rebuild_rate"] = ms.numel * k / t_apply
+    res["reference_step_s"] = timed(lambda i: mezo_step(params, 2000 + i, loss, eps, lr), reps)
+    res["rebuild_k"] = 16
+    res["rebuild_rate"] = rebuild_rate(ms, 16, 5000, 100, 0)
     res["rebuild_k4096_s"] = ms.numel * 4096 / res["rebuild_rate"]
     # the Rademacher family (issue 12): its ZO step (the perturbation's share of a step is what is left
     # after the two forward passes) and its rebuild rate, at a K that fills its several-seed passes
     msr = ModelSeeds(model, noise="rademacher")
     res["kseed_step_rademacher_s"] = timed(lambda i: msr.zo_step(3000 + i, loss, eps=eps, lr=lr), reps)
-    kr = 256
-    seeds_r = np.arange(7000, 7000 + kr, dtype=np.uint64)
-    coefs_r = (np.random.default_rng(1).standard_normal(kr) * 1e-4).tolist()
-    t_r = timed(lambda i: msr.apply(seeds_r + np.uint64(1000 * i), coefs_r), reps)
-    res["rebuild_rademacher_k"] = kr
-    res["rebuild_rademacher_rate"] = msr.numel * kr / t_r
+    res["rebuild_rademacher_k"] = 256
+    res["rebuild_rademacher_rate"] = rebuild_rate(msr, 256, 7000, 1000, 1)
     res["rebuild_rademacher_k4096_s"] = msr.numel * 4096 / res["rebuild_rademacher_rate"]
     res["parameters"] = ms.numel
     res["load_avg_end"] = os.getloadavg()[0]
