@@ -341,6 +341,18 @@ cudaError_t launch_typed(const PlanRow* rows, int num_rows, int64_t total_tiles,
   return cudaGetLastError();
 }
 
+// launch_typed with the rounding as a template argument (1: stochastic, else nearest).
+template <DType DT, int NOISE>
+cudaError_t launch_rounded(int rounding, const PlanRow* rows, int num_rows, int64_t total_tiles,
+                           const uint64_t* seeds, const float* coefs, int64_t K, uint64_t sr_key,
+                           bool aligned, cudaStream_t cu_stream) {
+  return rounding == 1
+             ? launch_typed<DT, 1, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K, sr_key, aligned,
+                                          cu_stream)
+             : launch_typed<DT, 0, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K, sr_key, aligned,
+                                          cu_stream);
+}
+
 template <int NOISE>
 cudaError_t launch_noise(DType dtype, const PlanRow* rows, int num_rows, int64_t total_tiles,
                          const uint64_t* seeds, const float* coefs, int64_t K, int rounding,
@@ -350,17 +362,11 @@ cudaError_t launch_noise(DType dtype, const PlanRow* rows, int num_rows, int64_t
       return launch_typed<DType::F32, 0, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K,
                                                 sr_key, aligned, cu_stream);
     case DType::BF16:
-      return rounding == 1
-                 ? launch_typed<DType::BF16, 1, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K,
-                                                       sr_key, aligned, cu_stream)
-                 : launch_typed<DType::BF16, 0, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K,
-                                                       sr_key, aligned, cu_stream);
+      return launch_rounded<DType::BF16, NOISE>(rounding, rows, num_rows, total_tiles, seeds, coefs, K,
+                                                sr_key, aligned, cu_stream);
     case DType::F16:
-      return rounding == 1
-                 ? launch_typed<DType::F16, 1, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K,
-                                                      sr_key, aligned, cu_stream)
-                 : launch_typed<DType::F16, 0, NOISE>(rows, num_rows, total_tiles, seeds, coefs, K,
-                                                      sr_key, aligned, cu_stream);
+      return launch_rounded<DType::F16, NOISE>(rounding, rows, num_rows, total_tiles, seeds, coefs, K,
+                                               sr_key, aligned, cu_stream);
   }
   return cudaErrorInvalidValue;
 }
