@@ -45,14 +45,10 @@ def _one_run_star(args):
     return args[:2], one_run(*args)
 
 
-def final_losses(seeds, noise, extra, log=None, jobs=1):
-    """({seed: final held-out loss}, {seed: round-0 held-out loss}) of the CLI runs
+def _runs(seeds, noises, extra, log, jobs):
+    """{noise: ({seed: final held-out loss}, {seed: round-0 held-out loss})} of the CLI runs
     ``kseed-fed --seed S --noise NOISE EXTRA``; ``jobs`` runs at a time (each in its own process when
     jobs > 1: the embedded model trains on one thread)."""
-    return _runs(list(seeds), (noise,), extra, log, jobs)[noise]
-
-
-def _runs(seeds, noises, extra, log, jobs):
     out = {n: ({}, {}) for n in noises}
     with tempfile.TemporaryDirectory(prefix="kseed-conv-") as tmp:
         work = [(s, n, list(extra), tmp) for n in noises for s in seeds]
