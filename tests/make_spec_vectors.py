@@ -3,6 +3,7 @@ once; the files are committed).
 
     python tests/make_spec_vectors.py              # regenerate the JSON files and their text forms
     python tests/make_spec_vectors.py --txt-only   # rewrite only the text forms from the JSON files
+    python tests/make_spec_vectors.py --rademacher-only   # only the Rademacher JSON and text files
 
 It also writes tests/data/spec_vectors.txt, the same Gaussian vectors for the C++ test (tests/cpp):
 one line per vector, "seed stream offset bits0 bits1 ...", seed/stream/offset in decimal, bits in hex;
@@ -30,28 +31,18 @@ RAD_SPAN = 160
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
-def write_txt(rows):
-    out = os.path.join(DATA, "spec_vectors.txt")
-    with open(out, "w") as fh:
-        fh.write("# kseed spec vectors (generated from spec_vectors.json by tests/make_spec_vectors.py)\n")
-        fh.write("# seed stream offset bits(offset) bits(offset+1) ...\n")
-        for r in rows:
-            fh.write("%s %d %d %s\n" % (r["seed"], r["stream"], r["offset"], " ".join(r["bits"])))
-    print(f"wrote {len(rows)} rows to {out}")
+def gaussian_rows():
+    rows = []
+    for seed in SEEDS:
+        for stream in STREAMS:
+            for off in OFFSETS:
+                bits = reference.gaussian(seed, SPAN, stream, off).view(torch.int32).tolist()
+                rows.append({"seed": str(seed), "stream": stream, "offset": off,
+                             "bits": ["%08x" % (b & 0xFFFFFFFF) for b in bits]})
+    return rows
 
 
-def write_rademacher_txt(rows):
-    out = os.path.join(DATA, "spec_vectors_rademacher.txt")
-    with open(out, "w") as fh:
-        fh.write("# kseed Rademacher spec vectors (generated from spec_vectors_rademacher.json by "
-                 "tests/make_spec_vectors.py)\n")
-        fh.write("# seed stream offset signs(offset ...), + for r = +1, - for r = -1\n")
-        for r in rows:
-            fh.write("%s %d %d %s\n" % (r["seed"], r["stream"], r["offset"], r["signs"]))
-    print(f"wrote {len(rows)} rows to {out}")
-
-
-def make_rademacher():
+def rademacher_rows():
     rows = []
     for seed in SEEDS:
         for stream in STREAMS:
@@ -59,43 +50,52 @@ def make_rademacher():
                 r = reference.rademacher(seed, RAD_SPAN, stream, off)
                 rows.append({"seed": str(seed), "stream": stream, "offset": off,
                              "signs": "".join("+" if x > 0 else "-" for x in r.tolist())})
-    out = os.path.join(DATA, "spec_vectors_rademacher.json")
+    return rows
+
+
+# Each family's files: NAME.json (spec_version, doc, vectors) and NAME.txt for the C++ test, a line
+# per vector "seed stream offset FIELD" under a two-line header naming the columns.
+FAMILIES = {
+    "gaussian": dict(name="spec_vectors", version=1, rows=gaussian_rows, title="spec vectors",
+                     doc="z(seed, stream, offset + j) as float32 bit patterns, j = 0..len(bits)-1",
+                     columns="bits(offset) bits(offset+1) ...", field=lambda r: " ".join(r["bits"])),
+    "rademacher": dict(name="spec_vectors_rademacher", version=2, rows=rademacher_rows,
+                       title="Rademacher spec vectors",
+                       doc="r(seed, stream, offset + j) for j = 0..len(signs)-1: + is +1, - is -1",
+                       columns="signs(offset ...), + for r = +1, - for r = -1", field=lambda r: r["signs"]),
+}
+
+
+def write_txt(fam, rows):
+    out = os.path.join(DATA, fam["name"] + ".txt")
     with open(out, "w") as fh:
-        json.dump({"spec_version": 2,
-                   "doc": "r(seed, stream, offset + j) for j = 0..len(signs)-1: + is +1, - is -1",
-                   "vectors": rows}, fh, indent=0)
+        fh.write(f"# kseed {fam['title']} (generated from {fam['name']}.json by "
+                 "tests/make_spec_vectors.py)\n")
+        fh.write(f"# seed stream offset {fam['columns']}\n")
+        for r in rows:
+            fh.write("%s %d %d %s\n" % (r["seed"], r["stream"], r["offset"], fam["field"](r)))
+    print(f"wrote {len(rows)} rows to {out}")
+
+
+def write_json(fam, rows):
+    out = os.path.join(DATA, fam["name"] + ".json")
+    with open(out, "w") as fh:
+        json.dump({"spec_version": fam["version"], "doc": fam["doc"], "vectors": rows}, fh, indent=0)
         fh.write("\n")
     print(f"wrote {len(rows)} rows to {out}")
-    write_rademacher_txt(rows)
 
 
 def main():
-    if "--txt-only" in sys.argv[1:]:
-        with open(os.path.join(DATA, "spec_vectors.json")) as fh:
-            write_txt(json.load(fh)["vectors"])
-        with open(os.path.join(DATA, "spec_vectors_rademacher.json")) as fh:
-            write_rademacher_txt(json.load(fh)["vectors"])
-        return
-    if "--rademacher-only" in sys.argv[1:]:
-        make_rademacher()
-        return
-    rows = []
-    for seed in SEEDS:
-        for stream in STREAMS:
-            for off in OFFSETS:
-                z = reference.gaussian(seed, SPAN, stream, off)
-                bits = z.view(torch.int32).tolist()
-                rows.append({"seed": str(seed), "stream": stream, "offset": off,
-                             "bits": ["%08x" % (b & 0xFFFFFFFF) for b in bits]})
-    out = os.path.join(os.path.dirname(__file__), "data", "spec_vectors.json")
-    with open(out, "w") as fh:
-        json.dump({"spec_version": 1,
-                   "doc": "z(seed, stream, offset + j) as float32 bit patterns, j = 0..len(bits)-1",
-                   "vectors": rows}, fh, indent=0)
-        fh.write("\n")
-    print(f"wrote {len(rows)} rows to {out}")
-    write_txt(rows)
-    make_rademacher()
+    args = sys.argv[1:]
+    families = [FAMILIES["rademacher"]] if "--rademacher-only" in args else list(FAMILIES.values())
+    for fam in families:
+        if "--txt-only" in args:
+            with open(os.path.join(DATA, fam["name"] + ".json")) as fh:
+                rows = json.load(fh)["vectors"]
+        else:
+            rows = fam["rows"]()
+            write_json(fam, rows)
+        write_txt(fam, rows)
 
 
 if __name__ == "__main__":
