@@ -87,9 +87,6 @@ _OPTIONS = [
      "aggregation bound: a reported training loss is clipped to [0, this x the round's lower "
      "median] (0: off)"),
 ]
-_CHOICES = {"sampling": C.SAMPLINGS, "dataset": C.DATASETS, "dtype": C.DTYPES,
-            "partition": C.PARTITIONS, "rounding": C.ROUNDINGS, "noise": C.NOISES, "prompt": C.PROMPTS,
-            "lr_rule": C.LR_RULES, "lr_signal": C.LR_SIGNALS}
 _FLAGS = [
     ("--equal-weights", "equal_weights", "aggregate clients with equal weights instead of by "
                                          "example count"),
@@ -104,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
                "model from DIR's checkpoint and writes it with safetensors.")
     for flags, name, typ, help_ in _OPTIONS:
         default = getattr(_D, name)
-        kw = {"choices": list(_CHOICES[name])} if name in _CHOICES else {}
+        kw = {"choices": list(C.CHOICES[name])} if name in C.CHOICES else {}
         if "(default" not in help_:
             help_ = f"{help_} (default: {default})"
         ap.add_argument(*flags, dest=name, type=typ, default=None, help=help_, **kw)

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from . import protocol as P
-from .config import FedConfig
+from .config import RATIO_CLIP, FedConfig
 from .modeling import Workspace, batch_loss, collate, eval_loss, tokenize_examples
 
 
@@ -22,7 +22,7 @@ def lr_range(cfg: FedConfig):
     if not cfg.clientwise_lr:
         return cfg.lr, cfg.lr
     if cfg.lr_rule == "ratio":
-        return 0.5 * cfg.lr, 2.0 * cfg.lr
+        return RATIO_CLIP[0] * cfg.lr, RATIO_CLIP[1] * cfg.lr
     return cfg.lr * (1 - cfg.lr_delta), cfg.lr * (1 + cfg.lr_delta)
 
 

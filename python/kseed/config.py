@@ -12,6 +12,7 @@ MAX_LR = 1.0
 MAX_EPS = 1.0
 LR_RULES = ("fedmezo", "ratio")
 LR_SIGNALS = ("round-wise", "five-round", "model-diff")
+RATIO_CLIP = (0.5, 2.0)  # the ratio rule's factor (last loss / mean loss) is clipped to this range
 PROMPTS = ("auto", "reference", "alpaca")
 SAMPLINGS = ("uniform", "pro")
 DATASETS = ("embedded", "dolly", "ni")
@@ -19,6 +20,11 @@ PARTITIONS = ("dirichlet", "iid")
 DTYPES = ("fp32", "bf16", "fp16")
 ROUNDINGS = ("nearest", "stochastic")
 NOISES = ("gaussian", "rademacher")  # the perturbation family (docs/SPEC.md; issue #12)
+# The options with a fixed set of values (FedConfig field -> its values): validate() and kseed-fed's
+# argument parser both read this.
+CHOICES = {"sampling": SAMPLINGS, "dataset": DATASETS, "partition": PARTITIONS, "dtype": DTYPES,
+           "rounding": ROUNDINGS, "noise": NOISES, "lr_rule": LR_RULES, "lr_signal": LR_SIGNALS,
+           "prompt": PROMPTS}
 
 # Values for fields an older checkpoint does not have: they reproduce what that run did (no
 # aggregation bounds, kseed's own client-wise lr rule, the Alpaca prompt), so it resumes bitwise.
@@ -138,9 +144,7 @@ class FedConfig:
         if self.min_replies > self.clients_per_round:
             raise ValueError(f"--min-replies ({self.min_replies}) is more than --clients-per-round "
                              f"({self.clients_per_round})")
-        for n, choices in (("sampling", SAMPLINGS), ("dataset", DATASETS), ("partition", PARTITIONS),
-                           ("dtype", DTYPES), ("rounding", ROUNDINGS), ("noise", NOISES),
-                           ("lr_rule", LR_RULES), ("lr_signal", LR_SIGNALS), ("prompt", PROMPTS)):
+        for n, choices in CHOICES.items():
             if getattr(self, n) not in choices:
                 raise ValueError(f"{flag(n)} must be {' | '.join(choices)}, got "
                                  f"{getattr(self, n)!r}")

@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from . import protocol as P
-from .config import FedConfig
+from .config import RATIO_CLIP, FedConfig
 
 log = logging.getLogger("kseed.server")
 
@@ -265,7 +265,7 @@ class FedKSeedServer:
             if mean > 0 and math.isfinite(mean):
                 for cid in ids:
                     if cid in known:
-                        out[cid] = c.lr * float(np.clip(known[cid] / mean, 0.5, 2.0))
+                        out[cid] = c.lr * float(np.clip(known[cid] / mean, *RATIO_CLIP))
         elif c.clientwise_lr:
             sig = {cid: self._signal(cid) for cid in ids}
             sig = {cid: v for cid, v in sig.items() if v is not None and math.isfinite(v)}
