@@ -196,11 +196,12 @@ def _check_noise(noise) -> str:
     return noise
 
 
-def _update(seeds, coefs, rounding) -> tuple:
-    """The checked seeds, coefs and rounding of an apply call: (seeds, coefs, rounding)."""
+def _update(seeds, coefs, rounding, noise) -> tuple:
+    """The checked seeds, coefs, rounding and noise of an apply call: (seeds, coefs, rounding, noise)."""
     rounding = _check_rounding(rounding)
     s = normalize_seeds(seeds)
-    return s, normalize_coefs(coefs, s.numel()), rounding
+    c = normalize_coefs(coefs, s.numel())
+    return s, c, rounding, _check_noise(noise)
 
 
 def _run(mod, outs, streams, seeds, coefs, rounding, bases=None, noise="gaussian") -> None:
@@ -345,8 +346,7 @@ def apply_seeds_(tensor, seeds, coefs, *, stream=0, backend=None, rounding="near
     """
     _check_tensor(tensor)
     stream = _check_stream(stream)
-    s, c, rounding = _update(seeds, coefs, rounding)
-    noise = _check_noise(noise)
+    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
     _check_writable(tensor, "tensor")
     _run(_backends.pick(tensor.device, backend), [tensor], [stream], s, c, rounding, noise=noise)
     return tensor
@@ -361,8 +361,7 @@ def apply_seeds_multi_(tensors, streams, seeds, coefs, *, backend=None, rounding
     """
     ts, names = _check_tensors(tensors, "tensors")
     st = _check_streams(streams, len(ts), "tensors")
-    s, c, rounding = _update(seeds, coefs, rounding)
-    noise = _check_noise(noise)
+    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
     if not ts:
         return tensors
     _one_device(ts)
@@ -383,8 +382,7 @@ def apply_seeds(base, seeds, coefs, *, out=None, stream=0, backend=None, roundin
     """
     _check_tensor(base, "base")
     stream = _check_stream(stream)
-    s, c, rounding = _update(seeds, coefs, rounding)
-    noise = _check_noise(noise)
+    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
     (out,) = _outs_for([base], None if out is None else [out], ["base"], ["out"])
     _run(_backends.pick(base.device, backend), [out], [stream], s, c, rounding, bases=[base],
          noise=noise)
@@ -398,8 +396,7 @@ def apply_seeds_multi(bases, streams, seeds, coefs, *, outs=None, backend=None, 
     or other out), or None for fresh contiguous ones.  Returns the outs (a list)."""
     bs, bnames = _check_tensors(bases, "bases")
     st = _check_streams(streams, len(bs), "bases")
-    s, c, rounding = _update(seeds, coefs, rounding)
-    noise = _check_noise(noise)
+    s, c, rounding, noise = _update(seeds, coefs, rounding, noise)
     if outs is not None:
         outs = _check_sequence(outs, "outs", "tensors")
         if len(outs) != len(bs):

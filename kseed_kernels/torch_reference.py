@@ -131,10 +131,12 @@ def _normals_of_blocks(x0, x1, x2, x3) -> torch.Tensor:
     return torch.stack((z0, z1, z2, z3), dim=-1)
 
 
-def _element_span(offset: int, numel: int):
-    first_block = offset >> 2
-    last_block = (offset + numel + 3) >> 2
-    return first_block, last_block - first_block, offset & 3
+def _element_span(offset: int, numel: int, per: int = S.GAUSSIAN_BLOCK):
+    """(first block, block count, elements to skip in the first block) covering elements [offset,
+    offset + numel) in blocks of ``per`` elements."""
+    first_block = offset // per
+    last_block = (offset + numel + per - 1) // per
+    return first_block, last_block - first_block, offset - first_block * per
 
 
 def gaussian(seed: int, numel: int, stream: int = 0, offset: int = 0, device=None) -> torch.Tensor:
@@ -159,14 +161,11 @@ def rademacher_signbits(seed: int, numel: int, stream: int = 0, offset: int = 0,
     shifts = torch.arange(32, dtype=torch.int64, device=device)
     for start in range(0, numel, _CHUNK * per):
         n = min(_CHUNK * per, numel - start)
-        first = offset + start
-        fb = first // per
-        nb = (first + n + per - 1) // per - fb
+        fb, nb, skip = _element_span(offset + start, n, per)
         words = torch.stack(_blocks(seed, stream, fb, nb, S.COUNTER_RADEMACHER, device), dim=-1)
         # [nb, 4] words -> [nb, 4, 32] bits, least significant first: element p of a block is bit
         # (p & 31) of word p >> 5, which is exactly this row-major order.
         bits = ((words.unsqueeze(-1) >> shifts) & 1).reshape(-1)
-        skip = first - fb * per
         out[start:start + n] = bits[skip:skip + n]
     return out
 
