@@ -35,11 +35,15 @@ inline DType dtype_of(const at::Tensor& t, const std::string& what) {
          : t.scalar_type() == at::kBFloat16 ? DType::BF16 : DType::F16;
 }
 
-// A tensor the kernels can index (a float dtype, contiguous, at most 2^62 elements) on `device_type`.
-inline void check_weight(const at::Tensor& t, const std::string& what, c10::DeviceType device_type) {
+inline void check_device(const at::Tensor& t, const std::string& what, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(t.device().type() == device_type, "kseed (", c10::DeviceTypeName(device_type),
                     "): ", what, " must be a ", c10::DeviceTypeName(device_type), " tensor, got ",
                     t.device());
+}
+
+// A tensor the kernels can index (a float dtype, contiguous, at most 2^62 elements) on `device_type`.
+inline void check_weight(const at::Tensor& t, const std::string& what, c10::DeviceType device_type) {
+  check_device(t, what, device_type);
   check_float_dtype(t, what);
   TORCH_CHECK_VALUE(t.is_contiguous(), "kseed: ", what, " must be contiguous");
   TORCH_CHECK_VALUE(t.numel() <= kMaxIndex, "kseed: ", what, " has more than 2^62 elements");
@@ -78,9 +82,7 @@ inline Noise check_noise(int64_t noise) {
 // its offset; returns the checked stream id.
 inline uint32_t check_noise_out(const at::Tensor& out, int64_t stream, int64_t offset,
                                c10::DeviceType device_type) {
-  TORCH_CHECK_VALUE(out.device().type() == device_type, "kseed (", c10::DeviceTypeName(device_type),
-                    "): out must be a ", c10::DeviceTypeName(device_type), " tensor, got ",
-                    out.device());
+  check_device(out, "out", device_type);
   TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "kseed: out must be float32, got ",
                    out.scalar_type());
   TORCH_CHECK_VALUE(out.dim() == 1, "kseed: out must be 1-d, got ", out.dim(), " dims");
@@ -120,6 +122,23 @@ inline SeedsCoefs read_seeds_coefs(const at::Tensor& seeds, const at::Tensor& co
                       cp[k]);
   }
   return out;
+}
+
+// The checked arguments of _noise_floor: `like` (the device) on `device_type`, the noise family,
+// 1 <= numel <= 2^62, the stream id and the seeds and coefficients.
+struct FloorArgs {
+  Noise noise;
+  uint32_t stream;
+  SeedsCoefs sc;
+};
+
+inline FloorArgs read_floor(const at::Tensor& like, const at::Tensor& seeds, const at::Tensor& coefs,
+                            int64_t numel, int64_t stream, int64_t noise, c10::DeviceType device_type) {
+  check_device(like, "like", device_type);
+  const Noise nz = check_noise(noise);
+  TORCH_CHECK_VALUE(numel > 0 && numel <= kMaxIndex, "kseed: numel must be in [1, 2^62], got ", numel);
+  const uint32_t st = check_stream(stream, "stream");
+  return {nz, st, read_seeds_coefs(seeds, coefs)};
 }
 
 // The plan of an apply call on outs[i] = round(bases[i] + acc) (bases empty: in place on outs), after

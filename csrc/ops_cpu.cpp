@@ -26,8 +26,6 @@ using kseed::PlanGroup;
 using kseed::PlanRow;
 using kseed::cpu::Isa;
 
-using kseed::checks::check_stream;
-using kseed::checks::kMaxIndex;
 using kseed::checks::kU32;
 
 constexpr c10::DeviceType kCPU = c10::DeviceType::CPU;
@@ -142,11 +140,11 @@ void rademacher_cpu(at::Tensor& out, int64_t seed, int64_t stream, int64_t offse
 // tile (no weight read or written), then the tile's sum.
 at::Tensor noise_floor_cpu(const at::Tensor& like, const at::Tensor& seeds, const at::Tensor& coefs,
                            int64_t numel, int64_t stream, int64_t noise) {
-  TORCH_CHECK_VALUE(like.device().is_cpu(), "kseed (CPU): like must be a CPU tensor");
-  const kseed::Noise nz = kseed::checks::check_noise(noise);
-  TORCH_CHECK_VALUE(numel > 0 && numel <= kMaxIndex, "kseed: numel must be in [1, 2^62], got ", numel);
-  const uint32_t st = check_stream(stream, "stream");
-  const kseed::checks::SeedsCoefs sc = kseed::checks::read_seeds_coefs(seeds, coefs);
+  const kseed::checks::FloorArgs args =
+      kseed::checks::read_floor(like, seeds, coefs, numel, stream, noise, at::kCPU);
+  const kseed::Noise nz = args.noise;
+  const uint32_t st = args.stream;
+  const kseed::checks::SeedsCoefs& sc = args.sc;
   const int64_t tile = kseed::kFloorTileElems;
   static_assert(kseed::kFloorTileElems <= kseed::cpu::kMaxTile, "floor tile too long");
   at::Tensor out = at::empty({kseed::tiles_of(numel, tile)}, like.options().dtype(at::kFloat));

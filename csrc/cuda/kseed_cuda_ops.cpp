@@ -23,8 +23,6 @@ namespace {
 using kseed::PlanGroup;
 using kseed::PlanRow;
 
-using kseed::checks::check_stream;
-using kseed::checks::kMaxIndex;
 
 constexpr c10::DeviceType kCUDA = c10::DeviceType::CUDA;
 
@@ -107,11 +105,11 @@ void rademacher_cuda(at::Tensor& out, int64_t seed, int64_t stream, int64_t offs
 // Benchmark helper: the generate-and-sum floor of an apply over numel elements (one float per CTA).
 at::Tensor noise_floor_cuda(const at::Tensor& like, const at::Tensor& seeds, const at::Tensor& coefs,
                             int64_t numel, int64_t stream, int64_t noise) {
-  TORCH_CHECK_VALUE(like.is_cuda(), "kseed (CUDA): _noise_floor needs a CUDA tensor for the device");
-  const kseed::Noise nz = kseed::checks::check_noise(noise);
-  TORCH_CHECK_VALUE(numel > 0 && numel <= kMaxIndex, "kseed: numel must be in [1, 2^62], got ", numel);
-  const uint32_t st = check_stream(stream, "stream");
-  const kseed::checks::SeedsCoefs sc = kseed::checks::read_seeds_coefs(seeds, coefs);
+  const kseed::checks::FloorArgs args =
+      kseed::checks::read_floor(like, seeds, coefs, numel, stream, noise, at::kCUDA);
+  const kseed::Noise nz = args.noise;
+  const uint32_t st = args.stream;
+  const kseed::checks::SeedsCoefs& sc = args.sc;
   const c10::cuda::CUDAGuard guard(like.device());
   const at::Tensor s = sc.seeds.to(like.device()), c = sc.coefs.to(like.device());
   at::Tensor out = at::zeros({kseed::cuda::tiles_of(numel)}, like.options().dtype(at::kFloat));
