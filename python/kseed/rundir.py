@@ -18,6 +18,7 @@ it created.  Rows and the summary are strict JSON: a non-finite float is written
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -27,7 +28,7 @@ import logging
 import math
 import os
 import secrets
-from typing import List, Optional
+from typing import IO, Iterator, List, Optional
 
 import numpy as np
 
@@ -70,18 +71,14 @@ def dumps(obj, **kw) -> str:
 
 
 # ------------------------------------------------------------------------------- atomic files
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, data) -> None:
-    """Write ``data`` (str or bytes) to ``path`` atomically: a temp file in the same directory,
-    created with mode 0666 less the umask (as open() would), fsync'd, os.replace'd over ``path``; then
-    the directory is fsync'd.  On any error the temp file is removed and ``path`` is untouched."""
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[IO[bytes]]:
+    """Write ``path`` atomically through the binary file this yields: a temp file
+    ``.tmp-<name>-<random>`` in the same directory, created with mode 0666 less the umask (as open()
+    would); on leaving the block it is flushed, fsync'd and os.replace'd over ``path``, then the
+    directory is fsync'd.  On any error (in the block or after) the temp file is removed, ``path`` is
+    untouched and the error is raised again."""
     d = os.path.dirname(os.path.abspath(path))
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     while True:
         tmp = os.path.join(d, f"{TMP_PREFIX}{os.path.basename(path)}-{secrets.token_hex(6)}")
         try:
@@ -91,7 +88,7 @@ def atomic_write(path: str, data) -> None:
             continue
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(raw)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -100,6 +97,13 @@ def atomic_write(path: str, data) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(d)
+
+
+def atomic_write(path: str, data) -> None:
+    """Write ``data`` (str, as UTF-8, or bytes) to ``path`` through ``atomic_file``."""
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    with atomic_file(path) as f:
+        f.write(raw)
 
 
 def _fsync_dir(d: str) -> None:

@@ -31,6 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .rundir import atomic_file
+
 log = logging.getLogger("kseed")
 
 ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -174,9 +176,9 @@ def _aligned(n: int) -> int:
 
 def write_safetensors(path: str, names: Sequence[str], tensors: Sequence[torch.Tensor],
                       metadata: Optional[dict] = None) -> None:
-    """Write float tensors (on any device) as a safetensors file, atomically (temp file, fsync,
-    rename), one tensor at a time: the only extra memory is one tensor's host copy when it is on
-    another device."""
+    """Write float tensors (on any device) as a safetensors file, atomically (``rundir.atomic_file``:
+    temp file, fsync, rename, fsync the directory), one tensor at a time: the only extra memory is
+    one tensor's host copy when it is on another device."""
     hdr: Dict[str, dict] = {}
     off = 0
     for n, t in zip(names, tensors):
@@ -187,25 +189,12 @@ def write_safetensors(path: str, names: Sequence[str], tensors: Sequence[torch.T
         hdr["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(hdr, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)  # the data starts 8-byte aligned
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            for t in tensors:
-                t = t.detach().cpu().contiguous()
-                if t.numel():
-                    f.write(t.view(-1).view(torch.uint8).numpy().data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors:
+            t = t.detach().cpu().contiguous()
+            if t.numel():
+                f.write(t.view(-1).view(torch.uint8).numpy().data)
 
 
 # ---------------------------------------------------------------------------------- checks
