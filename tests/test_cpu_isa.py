@@ -73,10 +73,9 @@ def test_isas_agree_on_large_inputs(gen):
     _check_isas_agree(gen, 3)
 
 
-def _check_isas_agree(gen, k, noise=None):
-    """Every path's apply (each dtype and rounding, K = k, the ``noise`` family; None: the ops' default,
-    no keyword) and noise sample on a 200003-element input, bitwise equal."""
-    kw = {} if noise is None else {"noise": noise}
+def _check_isas_agree(gen, k, noise="gaussian"):
+    """Every path's apply (each dtype and rounding, K = k, the ``noise`` family) and noise sample on a
+    200003-element input, bitwise equal."""
     sample = kk.rademacher if noise == "rademacher" else kk.gaussian
     n = 200_003
     seeds = [_u64(gen) for _ in range(k)]
@@ -91,7 +90,7 @@ def _check_isas_agree(gen, k, noise=None):
             for dtype in DTYPES:
                 for rounding in ("nearest", "stochastic"):
                     w = base.to(dtype, copy=True)
-                    kk.apply_seeds_(w, seeds, coefs, stream=5, backend="cpu", rounding=rounding, **kw)
+                    kk.apply_seeds_(w, seeds, coefs, stream=5, backend="cpu", rounding=rounding, noise=noise)
                     out.append(bits(w))
             out.append(sample(seeds[0], n, stream=2, offset=3, backend="cpu").view(torch.int32))
             results[isa] = out
@@ -162,22 +161,7 @@ def test_paths_of_this_machine(monkeypatch):
 
 
 # ------------------------------------------------------------------------ the Rademacher family
-# The CPU kernels have it on every path (tests/cpp checks them bitwise); these cases run once the op
-# plumbing (kseed_kernels.rademacher and the noise= keyword, issue 12) is in the build, and are skipped
-# before.
-def _has_noise_keyword():
-    import inspect
-
-    if not hasattr(kk, "rademacher"):
-        return False
-    return all("noise" in inspect.signature(f).parameters for f in (kk.apply_seeds_, kk.apply_seeds_multi_))
-
-
-needs_noise = pytest.mark.skipif(not _has_noise_keyword(),
-                                 reason="the op plumbing of issue 12 (kseed_kernels.rademacher, noise=) is not built")
-
-
-@needs_noise
+# The CPU kernels have it on every path (tests/cpp checks them bitwise); here through the ops.
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_rademacher_per_isa(gen, isa):
     # offsets and lengths crossing 32- and 128-element boundaries, block carries into counter word 1
@@ -190,7 +174,6 @@ def test_rademacher_per_isa(gen, isa):
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (isa, seed, stream, offset)
 
 
-@needs_noise
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
@@ -208,7 +191,6 @@ def test_apply_rademacher_per_isa(gen, isa, dtype, rounding):
         assert torch.equal(bits(got), bits(want)), (isa, dtype, shape, k)
 
 
-@needs_noise
 def test_rademacher_isas_agree_on_large_inputs(gen):
     """All paths bitwise equal on a larger input with the Rademacher family (K = 11: across the groups of
     seeds), special values included."""
