@@ -67,12 +67,15 @@ class Stopped(Exception):
 class InProcessGrid:
     """A Flower Grid whose nodes live in this process: node 100 + p holds partition p, and every
     message goes straight to the kseed ClientApp's query / train function with that node's context.
-    ``stop_at``: a train message of that round raises Stopped (the run stops mid-round)."""
+    ``stop_at``: a train message of that round raises Stopped (the run stops mid-round).
+    ``train_for``: partition id -> function answering that partition's train messages in place of
+    the ClientApp's train (same signature: (message, context) -> reply)."""
 
-    def __init__(self, run_config, num_partitions, stop_at=None):
+    def __init__(self, run_config, num_partitions, stop_at=None, *, train_for=None):
         self.run_config = dict(run_config)
         self.num_partitions = num_partitions
         self.stop_at = stop_at
+        self.train_for = dict(train_for or {})
         self.pending = {}
 
     def get_node_ids(self):
@@ -91,7 +94,8 @@ class InProcessGrid:
             return _from(client_app.query(m, ctx), node)
         if self.stop_at is not None and m.metadata.group_id == str(self.stop_at):
             raise Stopped(f"stopped in round {self.stop_at}")
-        return _from(client_app.train(m, ctx), node)
+        train = self.train_for.get(node - 100, client_app.train)
+        return _from(train(m, ctx), node)
 
     def push_messages(self, msgs):
         ids = []

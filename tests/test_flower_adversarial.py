@@ -9,13 +9,13 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 
 from kseed import protocol as P  # noqa: E402
 from kseed.flower import client_app  # noqa: E402
 from kseed.flower.common import RECORD, UP_KEY  # noqa: E402
 from kseed.flower.server_app import run_federation  # noqa: E402
+from test_flower import InProcessGrid, _task_identity  # noqa: E402  (the shared in-process grid)
 
 RC = {"num-clients": 4, "clients-per-round": 4, "local-steps": 4, "num-seeds": 64, "eval-size": 16,
       "embedded-examples": 240, "min-per-client": 10, "rouge-size": 0, "seed": 3, "rounds": 2,
@@ -34,55 +34,11 @@ def lying_train(msg, context):
     return Message(RecordDict({RECORD: ConfigRecord(fields)}), reply_to=msg)
 
 
-class InProcessGrid:
-    """Enough of flwr's Grid for run_federation: node ids, push/pull (discovery) and
-    send_and_receive (rounds), each message answered by the node's ClientApp function."""
-
-    def __init__(self, run_config, liar=None):
-        self.run_config = run_config
-        self.nodes = {100 + p: p for p in range(run_config["num-clients"])}
-        self.liar = liar
-        self.pending = {}
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def _answer(self, m):
-        m.metadata.__dict__["_message_id"] = m.object_id
-        pid = self.nodes[m.metadata.dst_node_id]
-        ctx = Context(run_id=1, node_id=m.metadata.dst_node_id,
-                      node_config={"partition-id": pid, "num-partitions": len(self.nodes)},
-                      state=RecordDict(), run_config=self.run_config)
-        if m.metadata.message_type == "query":
-            fn = client_app.query
-        else:
-            fn = lying_train if pid == self.liar else client_app.train
-        reply = fn(m, ctx)
-        reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
-        return reply
-
-    def push_messages(self, msgs):
-        ids = []
-        for m in msgs:
-            reply = self._answer(m)
-            self.pending[m.metadata.message_id] = reply
-            ids.append(m.metadata.message_id)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.pending.pop(i) for i in ids if i in self.pending]
-
-    def send_and_receive(self, msgs, *, timeout=None):
-        return [self._answer(m) for m in msgs]
-
-
 def _federate(run_config, liar=None):
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    try:
-        return run_federation(InProcessGrid(run_config, liar), run_config)
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    train_for = {} if liar is None else {liar: lying_train}
+    with _task_identity():
+        return run_federation(InProcessGrid(run_config, run_config["num-clients"], train_for=train_for),
+                              run_config)
 
 
 @pytest.mark.slow  # every train message loads the data and the model afresh, as a SuperNode does
