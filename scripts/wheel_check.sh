@@ -2,9 +2,9 @@
 # CI: kseed installs and runs from its wheel, not only from the source tree.
 #   1. build the wheel against the installed torch (pip wheel --no-build-isolation, as the README says);
 #   2. install it into a fresh virtual environment that sees this Python's packages (torch,
-#      transformers, flwr, ...: --system-site-packages) but runs from outside the checkout, and check
-#      that kseed, kseed_kernels and the compiled kseed_kernels._C, the embedded model and the Flower
-#      app dir all come from the wheel;
+#      transformers, flwr, ...: scripts/venv_overlay.py, from a venv, the system Python or conda alike)
+#      but runs from outside the checkout, and check that kseed, kseed_kernels and the compiled
+#      kseed_kernels._C, the embedded model and the Flower app dir all come from the wheel;
 #   3. run kseed-fed there for one short round on the embedded default.
 # Usage: bash scripts/wheel_check.sh   (PYTHON=... picks the interpreter; KEEP=1 keeps the temp dir)
 set -euo pipefail
@@ -17,7 +17,7 @@ t0=$(date +%s)
 lap() { echo "   ($(( $(date +%s) - t0 )) s)"; }
 
 # The build tools a --no-build-isolation build uses from this environment (torch is never touched).
-bash scripts/install.sh --build-tools-only
+KSEED_CONSTRAINTS=${KSEED_CONSTRAINTS-constraints/test.txt} bash scripts/install.sh --build-tools-only
 
 echo "== wheel: build"
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" .
@@ -37,14 +37,14 @@ print(f"wheel holds {len(names)} files")
 PYEOF
 
 echo "== wheel: install into a fresh virtual environment"
-"$PY" - "$work/venv" <<'PYEOF'
-import sys, venv
-# From a venv's interpreter, venv.create still builds on the base installation; system_site_packages
-# makes torch & co. visible without downloading them again.
-venv.create(sys.argv[1], system_site_packages=True, with_pip=True)
-PYEOF
+# Not venv's system_site_packages: from inside a venv that builds on the base installation, which may
+# not have torch at all. The overlay sees this interpreter's own site directories.
+"$PY" scripts/venv_overlay.py "$work/venv"
 VPY="$work/venv/bin/python"
-"$VPY" -m pip install -q --no-deps --no-build-isolation "$whl"
+unset PYTHONPATH  # nothing from the source tree
+# pip is this Python's (seen through the overlay); it installs into the new venv. --ignore-installed:
+# a kseed installed in this Python (editable, say) is neither consulted nor touched.
+"$VPY" -m pip install -q --no-deps --no-build-isolation --ignore-installed "$whl"
 lap
 
 cd "$work"  # outside the checkout: nothing may come from the source tree
