@@ -2,7 +2,6 @@
 bounded by the ServerApp's round loop as in the simulation.  No processes: an in-process Grid carries
 the ServerApp's messages to the kseed ClientApp's own query/train functions (one node per partition);
 the lying node wraps train() and rewrites the upload bytes."""
-import math
 
 import numpy as np
 import pytest
@@ -46,8 +45,8 @@ def test_flower_lying_clientapp_is_bounded(tmp_path):
     clean = _federate(dict(RC, out=str(tmp_path / "clean")))
     lied = _federate(dict(RC, out=str(tmp_path / "lied")), liar=LIAR)
     c, l = clean["eval_loss_last"], lied["eval_loss_last"]
-    assert math.isfinite(l) and abs(l - c) <= 0.05 * c, (l, c)
+    assert l is not None and abs(l - c) <= 0.05 * c, (l, c)  # null: not finite (#24 item 3)
     # without the bound the same lie wrecks the run
     off = dict(RC, out=str(tmp_path / "off"), rounds=1, **{"g-clip": 0.0, "norm-bound": 0.0})
     wrecked = _federate(off, liar=LIAR)["eval_loss_last"]
-    assert not math.isfinite(wrecked) or wrecked > 1.5 * c, wrecked
+    assert wrecked is None or wrecked > 1.5 * c, wrecked

@@ -146,16 +146,40 @@ _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.in
                  "*.pth", "*.gguf")
 
 
-def check_export_target(to: str, base_model: str, overwrite: bool) -> None:
-    """Refuse to export into the run's base model directory (w0: the run could never be resumed or
-    exported again), or into a directory that holds weights unless ``overwrite``."""
+def _weight_files(d: str) -> List[str]:
     import glob
+    return [f for p in _WEIGHT_FILES for f in glob.glob(os.path.join(glob.escape(d), p))]
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # a dangling link is no file of the base model
+        return False
+
+
+def check_export_target(to: str, base_models, overwrite: bool) -> None:
+    """Refuse to export into a base model directory of the run (``base_models``: the one its
+    checkpoint records and the --model given, if any; w0: the run could never be resumed or exported
+    again), by any path or through a weights file that is the same file as one of theirs (a hard or
+    symbolic link); or into a directory that holds weights unless ``overwrite``."""
+    if isinstance(base_models, str):
+        base_models = [base_models]
     if os.path.exists(to) and not os.path.isdir(to):
         raise ValueError(f"--to {to} exists and is not a directory")
-    if os.path.realpath(to) == os.path.realpath(base_model):
-        raise ValueError(f"--to {to} is the run's base model directory: exporting there would "
-                         "overwrite w0 (choose another directory)")
-    held = [f for p in _WEIGHT_FILES for f in glob.glob(os.path.join(glob.escape(to), p))]
+    held = _weight_files(to)
+    for base in base_models:
+        if os.path.realpath(to) == os.path.realpath(base) or (
+                os.path.isdir(to) and os.path.isdir(base) and os.path.samefile(to, base)):
+            raise ValueError(f"--to {to} is the run's base model directory: exporting there would "
+                             "overwrite w0 (choose another directory)")
+        for mine in held:
+            for theirs in _weight_files(base):
+                if _same_file(mine, theirs):
+                    raise ValueError(
+                        f"--to {to}: {os.path.basename(mine)} is the same file as the base model's "
+                        f"{theirs} (a link): exporting there would overwrite w0 (choose another "
+                        "directory)")
     if held and not overwrite:
         raise ValueError(f"--to {to} already holds weights ({os.path.basename(sorted(held)[0])}); "
                          "pass --overwrite to replace them")
@@ -203,9 +227,14 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
             v, b = given.get(name), getattr(base, name)
             if v is not None and b is not None and os.path.realpath(v) == os.path.realpath(b):
                 given[name] = b
+            elif v is not None:  # a moved model (its hash is checked when the run is restored)
+                given[name] = os.path.abspath(v)
         from .rounds import check_resume_config  # the one rule for what a resumed run may change
-        check_resume_config(base, dataclasses.replace(base, **given))
-        return dataclasses.replace(base, **given)
+        from .task import check_evaluation
+        cfg = dataclasses.replace(base, **given)
+        check_resume_config(base, cfg)
+        check_evaluation(cfg)
+        return cfg
     cfg = dataclasses.replace(FedConfig(), **given)
     if "dataset" not in given:
         if cfg.data is None:
@@ -220,6 +249,8 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
         cfg.model = os.path.abspath(cfg.model)
     if cfg.data is not None:
         cfg.data = os.path.abspath(cfg.data)
+    from .task import check_evaluation
+    check_evaluation(cfg)
     if cfg.dataset == "ni" and "num_clients" not in given:
         from .datasets import load_natural_instructions
         cfg.num_clients = len(load_natural_instructions(cfg.data, seed=cfg.seed)[0])
@@ -265,9 +296,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
             a = _export_parser().parse_args(argv[1:])
             check_device(a.device)
             check_backend(a.backend)
-            base_model = a.model or checkpoint_config(a.out).model or EMBEDDED_DIR
-            check_export_target(a.to, base_model, a.overwrite)
-            info = export(a.out, a.to, model_path=a.model, device=a.device, backend=a.backend)
+            try:
+                recorded = checkpoint_config(a.out).model or EMBEDDED_DIR
+                check_export_target(a.to, [recorded] + ([a.model] if a.model else []), a.overwrite)
+                info = export(a.out, a.to, model_path=a.model, device=a.device, backend=a.backend)
+            except KeyboardInterrupt:  # export writes a temp directory and moves it in at the end
+                return _fail(f"export interrupted; nothing was written to {a.to}")
             print(f"kseed-fed: exported round {info['round']} of {a.out} to {a.to}")
             return 0
         args = _parser().parse_args(argv)
@@ -302,16 +336,32 @@ def _main(argv: Optional[List[str]] = None) -> int:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
         return _interrupted(out)
-    first, last = s["eval_loss_first"], s["eval_loss_last"]
-    msg = f"kseed-fed: {s['rounds']} rounds; held-out loss ({s['held_out']})"
-    if first is not None and last is not None:
-        msg += f" {first:.4f} -> {last:.4f} ({s['eval_loss_drop_pct']:+.1f}% drop)"
+    print(_final_line(s, args.out))
+    return 0
+
+
+def _loss(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _final_line(s: dict, out: str) -> str:
+    """The one line a finished run prints (every summary value may be null)."""
+    msg = f"kseed-fed: {s['rounds']} rounds; held-out loss ({s['held_out']}) "
+    msg += f"{_loss(s['eval_loss_first'])} -> "
+    if s.get("diverged"):
+        msg += "diverged (not finite)"
+        if s.get("eval_loss_last_finite_round") is not None:
+            msg += (f"; last finite {_loss(s['eval_loss_last_finite'])} at round "
+                    f"{s['eval_loss_last_finite_round']}")
+    else:
+        msg += _loss(s["eval_loss_last"])
+        if s.get("eval_loss_drop_pct") is not None:
+            msg += f" ({s['eval_loss_drop_pct']:+.1f}% drop)"
     if s["rouge_l"] is not None:
         msg += f"; Rouge-L {s['rouge_l']:.4f} on {s['rouge_examples']} examples"
     msg += (f"; bytes down {s['bytes_down_total']}, up {s['bytes_up_total']}; "
-            f"{s['seconds_this_process']:.1f}s; outputs in {args.out}")
-    print(msg)
-    return 0
+            f"{s['seconds_this_process']:.1f}s; outputs in {out}")
+    return msg
 
 
 if __name__ == "__main__":

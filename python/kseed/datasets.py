@@ -49,12 +49,13 @@ def format_prompt(ex: dict, style: str = "reference") -> str:
 
 # ------------------------------------------------------------------------------------ Dolly
 def load_dolly(path: str) -> List[dict]:
-    """Dolly-15K jsonl: one object per line with instruction, context, response, category."""
+    """Dolly-15K jsonl: one object per line with instruction, context, response, category (UTF-8; a
+    leading byte-order mark is allowed, as are the Natural Instructions files')."""
     if not os.path.isfile(path):
         raise DataError(f"Dolly data file not found: {path}")
     out = []
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:
             for ln, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -100,7 +101,7 @@ def _read_lines(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise DataError(f"Natural Instructions split file not found: {path}")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:
             return [ln.strip() for ln in f if ln.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
@@ -111,7 +112,7 @@ def _load_ni_task(root: str, task: str) -> List[dict]:
     if not os.path.isfile(path):
         raise DataError(f"Natural Instructions task file not found: {path}")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:
             obj = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read task {path}: {exc}") from None

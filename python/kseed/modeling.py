@@ -53,6 +53,37 @@ def quiet_transformers():
             tlog.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _noting_interrupts(seen: list):
+    """Appends to ``seen`` when SIGINT arrives inside the block; the signal still
+    raises KeyboardInterrupt as Python's handler does.  load_model uses it to tell a Ctrl-C that a
+    library caught and re-raised as another error from a real load failure.  Outside the main thread,
+    or under a handler that is not Python's default, ``seen`` stays empty and nothing is changed."""
+    import signal
+    import threading
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def note(signum, frame):
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pad_id(tok) -> int:
+    """The id that pads a batch: the tokenizer's pad token (load_model sets it to EOS, else unk, when
+    missing), else 0 for a tokenizer with none of the three.  Padded positions are masked out of the
+    attention and the loss, so any id in the vocabulary serves."""
+    return 0 if tok.pad_token_id is None else int(tok.pad_token_id)
+
+
 def _names(keys, at_most: int = 5) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - at_most} more" if len(keys) > at_most else ""
@@ -76,8 +107,9 @@ def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
     check_model_dir(path)
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    interrupts: list = []
     try:
-        with quiet_transformers():
+        with quiet_transformers(), _noting_interrupts(interrupts):
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             import transformers
             major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
@@ -85,6 +117,8 @@ def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
             model, info = AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, output_loading_info=True, **kw)
     except Exception as exc:  # transformers raises many kinds
+        if interrupts:  # a Ctrl-C that transformers turned into another error (e.g. an ImportError)
+            raise KeyboardInterrupt from None
         raise ModelError(f"cannot load the model in {path}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     for what, key in (("lack tensors the model needs", "missing_keys"),
@@ -98,7 +132,7 @@ def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
     bad = W.first_nonfinite(list(model.state_dict().items()))
     if bad is not None:
         raise ModelError(f"the weights in {path} hold NaN or infinite values (tensor {bad})")
-    if tok.pad_token_id is None:
+    if tok.pad_token_id is None and (tok.eos_token is not None or tok.unk_token is not None):
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     model.to(device)
     model.eval()
@@ -171,14 +205,15 @@ def collate(items: Sequence[tuple], pad_id: int, device):
 
 @torch.no_grad()
 def batch_loss(model, batch) -> float:
-    """Mean cross-entropy over the response tokens of a collated batch (float64 result)."""
+    """Mean cross-entropy over the response tokens of a collated batch (float64 result); NaN for a
+    batch without response tokens."""
     ids, att, labels = batch
     logits = model(input_ids=ids, attention_mask=att).logits.float()
     lg = logits[:, :-1].reshape(-1, logits.shape[-1])
     lb = labels[:, 1:].reshape(-1)
     n = int((lb != -100).sum())
-    if n == 0:
-        return 0.0
+    if n == 0:  # nothing to score (e.g. empty responses and no EOS): no loss, not a zero one;
+        return math.nan  # zo_step then skips the step, as for any non-finite loss
     return float(torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100, reduction="sum")) / n
 
 
@@ -191,7 +226,9 @@ def eval_loss(model, items: Sequence[tuple], pad_id: int, device, batch_size: in
     number of response tokens).  With ``both=True`` returns ``(token-weighted mean, example mean)``:
     the second is the FedKSeed reference code's metric, the mean over examples of each example's
     token-mean loss, so a short response weighs as much as a long one.  The per-token losses are
-    float32; the sums are math.fsum's (correctly rounded, whatever the order or thread count)."""
+    float32; the sums are math.fsum's (correctly rounded, whatever the order or thread count).
+    Items without response tokens (an empty response and no EOS) do not count; when no item has one
+    there is no loss: None (and ``(None, None)``), never 0.0."""
     sums: List[float] = []
     counts: List[int] = []
     for i in range(0, len(items), batch_size):
@@ -202,11 +239,11 @@ def eval_loss(model, items: Sequence[tuple], pad_id: int, device, batch_size: in
                                                 lb.reshape(-1), ignore_index=-100, reduction="none")
         sums.extend(math.fsum(row) for row in nll.view(lb.shape).tolist())
         counts.extend((lb != -100).sum(dim=1).tolist())
-    token_mean = math.fsum(sums) / max(sum(counts), 1)
+    token_mean = math.fsum(sums) / sum(counts) if sum(counts) else None
     if not both:
         return token_mean
     means = [s / n for s, n in zip(sums, counts) if n]
-    return token_mean, (math.fsum(means) / len(means) if means else 0.0)
+    return token_mean, (math.fsum(means) / len(means) if means else None)
 
 
 @torch.no_grad()
@@ -223,7 +260,7 @@ def rouge_l(model, tok, examples: Sequence[dict], max_length: int, device,
         p = p[-max(1, max_length - max_new_tokens):]
         ids = torch.tensor([p], device=device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad_id(tok),
                              eos_token_id=tok.eos_token_id)
         text = tok.decode(out[0, len(p):], skip_special_tokens=True).strip()
         scores.append(scorer.score(ex["output"], text)["rougeL"].fmeasure)
@@ -272,7 +309,7 @@ class Workspace:
 
     @property
     def pad_id(self) -> int:
-        return int(self.tok.pad_token_id)
+        return pad_id(self.tok)
 
     def rebuild(self, seeds: np.ndarray, coefs: np.ndarray) -> None:
         t0 = time.perf_counter()

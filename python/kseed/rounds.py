@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,8 +32,10 @@ from .rundir import CheckpointError, RunDir
 from .server import FedKSeedServer, NotEnoughReplies
 from .task import build_data, data_identity, global_evaluator, load_workspace
 
-# Fields a resumed run may change; anything else must match the checkpoint.
-RESUME_MAY_CHANGE = frozenset({"rounds", "eval_every", "rouge_every", "rouge_size", "max_new_tokens"})
+# Fields a resumed run may change; anything else must match the checkpoint.  "model": the base
+# model's directory may move; its weights' hash (checked on restore) is its identity.
+RESUME_MAY_CHANGE = frozenset({"rounds", "eval_every", "rouge_every", "rouge_size", "max_new_tokens",
+                               "model"})
 
 
 @dataclass
@@ -211,23 +214,47 @@ class Federation:
 
     # ------------------------------------------------------------------------------- summary
     def finish(self) -> dict:
-        """summary.json (returned) and the plots."""
+        """The plots, then summary.json (returned).  The final held-out loss is the final model's
+        (null when it is NaN or infinite: ``diverged`` is then true, and the last finite value and
+        its round are given), never an earlier round's.  If the end-of-run evaluation fails, the
+        summary is still written (with ``final_evaluation_error``) before the error is raised."""
         cfg, rows = self.cfg, self.rows
+        try:
+            self.rundir.write_plots()
+        except ImportError as exc:  # matplotlib missing: the numbers are in metrics.jsonl
+            self.log.warning("no plots: %s", exc)
         t0 = time.perf_counter()
-        rouge = self.evaluate(True).rouge_l if cfg.rouge_size > 0 else None
+        last, ev, error = rows[-1], None, None
+        # the last row is the final model's; a null there (not evaluated, or NaN) is evaluated again
+        if cfg.rouge_size > 0 or last.get("eval_loss") is None:
+            try:
+                ev = self.evaluate(cfg.rouge_size > 0)
+            except Exception as exc:  # the summary is written first, then this is raised again
+                error = exc
         rouge_seconds = round(time.perf_counter() - t0, 2)
-        evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
-        ex = [r["eval_loss_example_mean"] for r in rows if r.get("eval_loss_example_mean") is not None]
+        final = ev.loss if ev is not None else last.get("eval_loss")
+        final_ex = ev.loss_example_mean if ev is not None else last.get("eval_loss_example_mean")
+        # unknown (None) only when the evaluation failed and the last row holds no value
+        diverged = None if final is None and ev is None else (final is not None
+                                                               and not math.isfinite(final))
+        finite = [r for r in rows if r.get("eval_loss") is not None]
+        first = rows[0].get("eval_loss")
+        ex_first = rows[0].get("eval_loss_example_mean")
         summary = {
             "engine": self.engine, "rounds": self.server.round, "held_out": self.held,
             "eval_examples": len(self.eval_ex),
-            "eval_loss_first": evals[0] if evals else None,
-            "eval_loss_last": evals[-1] if evals else None,
-            "eval_loss_drop_pct": (100.0 * (evals[0] - evals[-1]) / evals[0]
-                                   if len(evals) > 1 and evals[0] else None),
-            "eval_loss_example_mean_first": ex[0] if ex else None,
-            "eval_loss_example_mean_last": ex[-1] if ex else None,
-            "rouge_l": rouge, "rouge_examples": min(cfg.rouge_size, len(self.eval_ex)),
+            "eval_loss_first": first,
+            "eval_loss_last": final,
+            "eval_loss_drop_pct": (100.0 * (first - final) / first
+                                   if first and final is not None and math.isfinite(final)
+                                   and self.server.round > 0 else None),
+            "diverged": diverged,
+            "eval_loss_last_finite": finite[-1]["eval_loss"] if finite else None,
+            "eval_loss_last_finite_round": finite[-1]["round"] if finite else None,
+            "eval_loss_example_mean_first": ex_first,
+            "eval_loss_example_mean_last": final_ex,
+            "rouge_l": ev.rouge_l if ev is not None else None,
+            "rouge_examples": min(cfg.rouge_size, len(self.eval_ex)),
             "rouge_seconds": rouge_seconds,
             "bytes_down_total": int(sum(r.get("bytes_down") or 0 for r in rows)),
             "bytes_up_total": int(sum(r.get("bytes_up") or 0 for r in rows)),
@@ -237,8 +264,8 @@ class Federation:
             "base_model": self.ws.identity, "parameters_trained": self.ws.ms.numel,
             "data": self.data, "backend": self.backend or "default", "device": str(self.ws.device),
         }
-        try:
-            self.rundir.write_plots()
-        except ImportError as exc:  # matplotlib missing: the numbers are in metrics.jsonl
-            self.log.warning("no plots: %s", exc)
+        if error is not None:
+            summary["final_evaluation_error"] = f"{type(error).__name__}: {error}"
+            self.rundir.write_summary(summary)
+            raise error
         return self.rundir.write_summary(summary)

@@ -131,6 +131,9 @@ def read_checkpoint(out: str) -> dict:
     """The checkpoint document of run directory ``out`` (checked: format, checksum, config)."""
     path = os.path.join(out, CHECKPOINT)
     if not os.path.isfile(path):
+        if os.path.lexists(path):
+            what = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise CheckpointError(f"{path} is {what}, not a checkpoint file")
         raise CheckpointError(f"no checkpoint in {out} ({CHECKPOINT} missing)")
     try:
         with open(path, "r", encoding="utf-8") as f:
@@ -155,17 +158,24 @@ def checkpoint_config(out: str) -> FedConfig:
 
 
 def read_metrics(out: str) -> List[dict]:
+    """The rows of ``out``'s metrics.jsonl, up to a torn line (a crash while appending: it and what
+    follows are dropped).  A line that is JSON but not an object (e.g. ``null``) is a CheckpointError
+    naming the file and line."""
     path = os.path.join(out, METRICS)
     if not os.path.isfile(path):
         return []
     rows = []
     with open(path, "r", encoding="utf-8") as f:
-        for line in f:
+        for ln, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a torn last line from a crash: dropped, the round is re-run
+                if not isinstance(row, dict):
+                    raise CheckpointError(f"{path}:{ln}: not a metrics row (a JSON object), got "
+                                          f"{line.strip()[:40]}")
+                rows.append(row)
     return rows
 
 

@@ -7,9 +7,14 @@ model and evaluation kseed.task's.  The names below are re-exported for the call
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Dict, Optional
+import secrets
+import shutil
+import signal
+import threading
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -17,8 +22,8 @@ from . import modeling as M
 from .client import FedKSeedClient
 from .config import FedConfig
 from .rounds import Delivery, Federation
-from .rundir import (CHECKPOINT, METRICS, CheckpointError, atomic_write,  # noqa: F401 (re-exported)
-                     checkpoint_config, read_checkpoint, read_metrics)
+from .rundir import (CHECKPOINT, METRICS, TMP_PREFIX, CheckpointError,  # noqa: F401 (re-exported)
+                     atomic_write, checkpoint_config, read_checkpoint, read_metrics)
 from .server import FedKSeedServer
 from .task import build_data, load_workspace, model_dir  # noqa: F401 (re-exported)
 
@@ -44,7 +49,13 @@ def run(cfg: FedConfig, out: str, *, resume: bool = False, device: str = "cpu",
 
 def export(out: str, to: str, *, model_path: Optional[str] = None, device: str = "cpu",
            backend: Optional[str] = None) -> dict:
-    """Rebuild the global model from DIR's checkpoint and save it as a Hugging Face directory."""
+    """Rebuild the global model from DIR's checkpoint and save it as a Hugging Face directory.
+
+    All or nothing: the files are written (and fsync'd) into a temp directory ``.tmp-export-*`` beside
+    ``to``, which then becomes ``to`` by one rename (a new directory) or whose files are moved into it
+    one by one with Ctrl-C held back until they are all in (an existing one).  An error or Ctrl-C
+    before that leaves ``to`` as it was, and removes the temp directory and any parent directories
+    this call made."""
     doc = read_checkpoint(out)
     cfg = FedConfig.from_dict(doc["server"]["config"])
     ws = load_workspace(cfg, device, backend, cache=False, model_path=model_path)
@@ -54,13 +65,57 @@ def export(out: str, to: str, *, model_path: Optional[str] = None, device: str =
     except ValueError as exc:
         raise CheckpointError(f"cannot export {out}: {exc}") from None
     ws.rebuild(server.seeds, server.global_coefs())
-    os.makedirs(to, exist_ok=True)
-    with M.quiet_transformers():  # no progress bars or notices: export prints one line
-        ws.model.save_pretrained(to, safe_serialization=True)
-        ws.tok.save_pretrained(to)
     info = {"from": os.path.abspath(out), "round": server.round, "base_model": ws.identity,
             "num_seeds": cfg.num_seeds, "nonzero_coefficients": int(np.count_nonzero(
                 server.global_coefs()))}
-    with open(os.path.join(to, "kseed_export.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
+    to = os.path.abspath(to)
+    made: List[str] = []  # parent directories this call creates, deepest first
+    p = os.path.dirname(to)
+    while not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
+    tmp = None
+    try:
+        for d in reversed(made):
+            os.mkdir(d)
+        tmp = os.path.join(os.path.dirname(to), f"{TMP_PREFIX}export-{os.path.basename(to)}-"
+                                                 f"{secrets.token_hex(6)}")
+        os.mkdir(tmp)
+        with M.quiet_transformers():  # no progress bars or notices: export prints one line
+            ws.model.save_pretrained(tmp, safe_serialization=True)
+            ws.tok.save_pretrained(tmp)
+        atomic_write(os.path.join(tmp, "kseed_export.json"), json.dumps(info, indent=1))
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        with _sigint_held():
+            if not os.path.exists(to):
+                os.rename(tmp, to)
+            else:
+                for name in sorted(os.listdir(tmp)):
+                    os.replace(os.path.join(tmp, name), os.path.join(to, name))
+                os.rmdir(tmp)
+            tmp = None
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise
     return info
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Ctrl-C inside the block is ignored (in the main thread): export's last moves complete."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

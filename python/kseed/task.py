@@ -85,15 +85,28 @@ def load_workspace(cfg: FedConfig, device: str = "cpu", backend: Optional[str] =
 
 # ------------------------------------------------------------------------------ evaluation
 class Evaluation(NamedTuple):
-    loss: float                 # held-out loss, token-weighted mean (metrics key eval_loss)
-    loss_example_mean: float    # held-out loss, mean of per-example means (eval_loss_example_mean)
+    loss: Optional[float]               # held-out loss, token-weighted mean (metrics key eval_loss);
+    loss_example_mean: Optional[float]  # mean of per-example means (eval_loss_example_mean); both
+    #                                     None when the held-out set has no response tokens
     rouge_l: Optional[float]    # Rouge-L F1 of greedy generations, when asked for
+
+
+def check_evaluation(cfg: FedConfig) -> None:
+    """ValueError for evaluation settings that would fail only when used (at the end of the run):
+    Rouge-L (--rouge-size > 0) generates, so it needs --max-new-tokens >= 1.  Kept out of
+    FedConfig.validate so that a checkpoint written with such settings can still be read and resumed
+    with better ones (both may change on --resume)."""
+    if cfg.rouge_size > 0 and cfg.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1 when Rouge-L is computed (--rouge-size "
+                         f"{cfg.rouge_size}), got {cfg.max_new_tokens}; pass --max-new-tokens N or "
+                         "--rouge-size 0 (a resumed run may change either)")
 
 
 def global_evaluator(cfg: FedConfig, ws: M.Workspace, server, eval_ex: List[dict]
                      ) -> Callable[[bool], Evaluation]:
     """A function ``evaluate(with_rouge) -> Evaluation`` of the server's current global model,
     rebuilt in ``ws`` from w0 and the server's coefficients in one fused pass."""
+    check_evaluation(cfg)
     eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length, cfg.prompt_template())
 
     def evaluate(with_rouge: bool) -> Evaluation:
