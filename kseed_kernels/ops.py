@@ -150,15 +150,18 @@ def normalize_coefs(coefs, k: int) -> torch.Tensor:
             raise TypeError(f"coefs must be a float tensor or a sequence of numbers, got "
                             f"{type(coefs).__name__}")
         fl = []
+        tiny = False  # a coefficient that rounds to a float32 subnormal
         for i, c in enumerate(coefs):
             if isinstance(c, (bool, np.bool_)) or not isinstance(c, numbers.Real):
                 raise TypeError(f"coefs[{i}] must be a real number, got {type(c).__name__} {c!r}")
             try:
-                fl.append(float(c))
+                f = float(c)
             except OverflowError:
                 raise ValueError(f"coefs must be finite (after rounding to float32); coefs[{i}] is "
                                  "an integer too large for a float") from None
-        if any(0.0 < abs(x) < _F32_TINY for x in fl):  # float32 subnormals: exact in any FTZ mode
+            tiny = tiny or 0.0 < abs(f) < _F32_TINY
+            fl.append(f)
+        if tiny:  # rounded with subnormals kept, whatever the flush-to-zero mode
             with ieee_subnormals():
                 c = torch.tensor(fl, dtype=torch.float32)
         else:
@@ -296,7 +299,7 @@ def _check_no_overlap(written, read=(), hint="a tensor an op writes must not sha
         for name, t in items:
             if t.numel():
                 ptr, lo, hi = _span(t)
-                by_storage.setdefault(ptr, []).append((lo, hi, is_written, name, t))
+                by_storage.setdefault((t.device, ptr), []).append((lo, hi, is_written, name, t))
     for spans in by_storage.values():
         spans.sort(key=lambda x: x[:2])
         for a in range(len(spans)):
