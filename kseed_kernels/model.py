@@ -207,7 +207,8 @@ class ModelSeeds:
                                  f"{self._names[i]!r} is {p.dtype} {tuple(p.shape)}")
         _check_no_overlap(list(zip(self._names, self._params)),
                           [(f"bases[{i}]", b) for i, b in enumerate(bases)],
-                          hint="a base must not share memory with any parameter")
+                          hint="a base that shares its storage with the parameters must not share "
+                          "any element with them")
         seeds = normalize_seeds(seeds)
         coefs = normalize_coefs(coefs, seeds.numel())
         self._pending = None
