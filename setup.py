@@ -35,7 +35,9 @@ def extension():
     if use_cuda:
         sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
         sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
-        nvcc = ["-O3", "-std=c++17", "--fmad=false", "-DKSEED_WITH_CUDA"]
+        # No fma contraction and no flush-to-zero (subnormals are kept, docs/SPEC.md): the same flags
+        # as csrc/cuda/CMakeLists.txt and tests/test_cuda_compile.py.
+        nvcc = ["-O3", "-std=c++17", "--fmad=false", "-ftz=false", "-DKSEED_WITH_CUDA"]
         # py_limited_api: no pybind11 and only Python's limited API (csrc/registration.cpp; torch
         # defines Py_LIMITED_API), so one wheel serves every CPython >= 3.10 (abi3; torch sets Py_LIMITED_API to 3.10), as
         # pytorch/extension-cpp does.

@@ -9,7 +9,12 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "kseed_plan.h"
 
@@ -83,6 +88,86 @@ TORCH_LIBRARY_IMPL(kseed, Meta, m) {
   m.impl("apply_seeds_multi_out", &apply_seeds_multi_out_meta);
   m.impl("_noise_floor", &noise_floor_meta);
 }
+
+// Autograd for the ops that write a tensor argument (Tensor(a!), lists too), as PyTorch's own in-place
+// ops behave.  The ADInplaceOrView kernel bumps the version counter of every written tensor, so a tensor
+// autograd saved and an op then changed makes backward() raise instead of silently using the new values.
+// The Autograd kernel: the ops are not differentiable, so with grad mode on a tensor argument that
+// requires grad is refused (a leaf in torch's words for in-place ops), never given a wrong history; under
+// torch.no_grad() (how kseed_kernels calls them) they run and only bump the versions.
+namespace {
+
+// The tensors a call writes: the ones its schema marks written (alias info with isWrite).
+std::vector<at::Tensor> written_tensors(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack.size() - args.size();
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::AliasInfo* alias = args[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& v = stack[first + i];
+    if (v.isTensor()) {
+      out.push_back(v.toTensor());
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorVector()) out.push_back(t);
+    }
+  }
+  return out;
+}
+
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                           torch::jit::Stack* stack) {
+  const std::vector<at::Tensor> written = written_tensors(op, *stack);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) {
+    if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+void refuse_requires_grad(const c10::OperatorHandle& op, c10::DispatchKeySet ks,
+                          torch::jit::Stack* stack) {
+  if (c10::GradMode::is_enabled()) {
+    for (const at::Tensor& t : written_tensors(op, *stack)) {
+      TORCH_CHECK(!(t.defined() && t.requires_grad() && t.is_leaf()),
+                  "a leaf Variable that requires grad is being used in an in-place operation (",
+                  op.schema().name(), "); call it under torch.no_grad()");
+    }
+    const size_t n = op.schema().arguments().size();
+    for (size_t i = stack->size() - n; i < stack->size(); ++i) {
+      const c10::IValue& v = (*stack)[i];
+      std::vector<at::Tensor> ts;
+      if (v.isTensor()) ts.push_back(v.toTensor());
+      else if (v.isTensorList()) ts = v.toTensorVector();
+      for (const at::Tensor& t : ts) {
+        TORCH_CHECK(!(t.defined() && t.requires_grad()), op.schema().name(),
+                    " is not differentiable and one of its tensors requires grad; call it under "
+                    "torch.no_grad()");
+      }
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+}  // namespace
+
+#define KSEED_WRITING_OPS(X) \
+  X("gaussian_") X("rademacher_") X("apply_seeds_") X("apply_seeds_multi_") X("apply_seeds_out") \
+  X("apply_seeds_multi_out")
+TORCH_LIBRARY_IMPL(kseed, ADInplaceOrView, m) {
+#define KSEED_IMPL(name) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  KSEED_WRITING_OPS(KSEED_IMPL)
+#undef KSEED_IMPL
+}
+TORCH_LIBRARY_IMPL(kseed, Autograd, m) {
+#define KSEED_IMPL(name) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_requires_grad>());
+  KSEED_WRITING_OPS(KSEED_IMPL)
+#undef KSEED_IMPL
+}
+#undef KSEED_WRITING_OPS
 
 // ------------------------------------------------------------------ Python module kseed_kernels._C
 // Importing the module loads this library, whose static initialisers register the ops above.

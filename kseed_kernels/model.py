@@ -28,8 +28,8 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from .ops import (_check_noise, _check_rounding, _check_seed, apply_seeds_multi, apply_seeds_multi_,
-                  normalize_coefs, normalize_seeds, stream_id)
+from .ops import (_check_noise, _check_no_overlap, _check_rounding, _check_seed, apply_seeds_multi,
+                  apply_seeds_multi_, normalize_coefs, normalize_seeds, stream_id)
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -64,11 +64,9 @@ def _positive_finite(name: str, x) -> float:
     return x
 
 
-def _storage_key(t: torch.Tensor):
-    try:
-        return (t.device, t.untyped_storage().data_ptr())
-    except Exception:  # pragma: no cover - exotic tensors
-        return (t.device, t.data_ptr())
+def _view_key(t: torch.Tensor):
+    """Two tensors with one key are the same weights (tied parameters listed under two names)."""
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
 
 class ModelSeeds:
@@ -107,7 +105,7 @@ class ModelSeeds:
             pairs = list(model_or_named_params)
         names: List[str] = []
         params: List[torch.Tensor] = []
-        seen = {}  # storage key -> index in params
+        seen = set()  # view keys of the listed tensors
         by_stream = {}
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
@@ -122,15 +120,9 @@ class ModelSeeds:
             if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise TypeError(f"parameter {name!r} must be float32, bfloat16 or float16, got "
                                 f"{t.dtype}")
-            key = _storage_key(t)
+            key = _view_key(t)
             if t.numel() and key in seen:
-                j = seen[key]
-                other = params[j]
-                if (t.data_ptr(), t.shape, t.stride(), t.dtype) == (
-                        other.data_ptr(), other.shape, other.stride(), other.dtype):
-                    continue  # tied: the same weights under a second name
-                raise ValueError(f"parameter {name!r} shares storage with {names[j]!r} but is a "
-                                 "different view of it; list overlapping tensors once")
+                continue  # tied: the same weights under a second name
             if any(n == name for n in names):
                 raise ValueError(f"parameter name {name!r} is listed twice")
             sid = stream_id(name)
@@ -138,11 +130,16 @@ class ModelSeeds:
                 raise ValueError(f"stream id collision: parameters {by_stream[sid]!r} and {name!r} "
                                  f"both map to stream {sid}; rename one of them")
             by_stream[sid] = name
-            seen[key] = len(params)
+            seen.add(key)
             names.append(name)
             params.append(t)
         if not params:
             raise ValueError("no trainable parameters (requires_grad=True) were found")
+        # Views of one storage are fine when no element is shared (a flat parameter buffer); views that
+        # overlap otherwise would be updated twice.
+        _check_no_overlap(list(zip(names, params)),
+                          hint="parameters that are different views of shared memory must not "
+                          "overlap; list overlapping tensors once")
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"all trainable parameters must be on one device, got "
@@ -208,8 +205,10 @@ class ModelSeeds:
             if b.dtype != p.dtype or b.shape != p.shape:
                 raise ValueError(f"bases[{i}] is {b.dtype} {tuple(b.shape)} but parameter "
                                  f"{self._names[i]!r} is {p.dtype} {tuple(p.shape)}")
-            if b.numel() and _storage_key(b) == _storage_key(p):
-                raise ValueError(f"bases[{i}] shares its storage with parameter {self._names[i]!r}")
+        _check_no_overlap(list(zip(self._names, self._params)),
+                          [(f"bases[{i}]", b) for i, b in enumerate(bases)],
+                          hint="a base that shares its storage with the parameters must not share "
+                          "any element with them")
         seeds = normalize_seeds(seeds)
         coefs = normalize_coefs(coefs, seeds.numel())
         self._pending = None

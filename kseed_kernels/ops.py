@@ -14,6 +14,7 @@ import torch
 
 from . import _spec as S
 from . import backends as _backends
+from ._ieee import ieee_subnormals
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("nearest", "stochastic")
@@ -22,6 +23,8 @@ _U64 = 1 << 64
 _U32 = 1 << 32
 # Element indices must fit a signed 64-bit integer in every kernel.
 MAX_INDEX = 1 << 62
+# The smallest normal float32: a coefficient below it rounds to a float32 subnormal (or zero).
+_F32_TINY = 2.0 ** -126
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -58,8 +61,34 @@ def _check_stream(stream) -> int:
     return _check_uint("stream", stream, _U32, "[0, 2^32)")
 
 
+def _seed_value(seed, name: str = "seed") -> int:
+    """One seed as its uint64 value (an int): the one rule for every seed kseed takes.
+
+    A Python int must be in [0, 2^64); a value read from an int64 tensor or array (a 1-element torch
+    tensor, a numpy int64 scalar) stands for its uint64 bits, as in an int64 seeds tensor; other integer
+    dtypes must hold a value >= 0."""
+    bits = False
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or \
+                seed.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer, got a {seed.dtype} tensor of shape "
+                            f"{tuple(seed.shape)}")
+        bits = seed.dtype == torch.int64
+        seed = seed.item()
+    elif isinstance(seed, np.integer):
+        bits = seed.dtype == np.int64
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__} {seed!r}")
+    seed = int(seed)
+    if bits and seed < 0:
+        seed += _U64
+    if not 0 <= seed < _U64:
+        raise ValueError(f"{name} = {seed} is outside [0, 2^64)")
+    return seed
+
+
 def _check_seed(seed) -> int:
-    return _check_uint("seed", seed, _U64, "[0, 2^64)")
+    return _seed_value(seed)
 
 
 def normalize_seeds(seeds) -> torch.Tensor:
@@ -67,6 +96,8 @@ def normalize_seeds(seeds) -> torch.Tensor:
     if isinstance(seeds, torch.Tensor):
         if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
             raise TypeError(f"seeds must be integers, got a {seeds.dtype} tensor")
+        if seeds.layout != torch.strided:
+            raise TypeError(f"seeds must be a dense (strided) tensor, got a {seeds.layout} tensor")
         if seeds.dim() != 1:
             raise ValueError(f"seeds must be 1-d [K], got shape {tuple(seeds.shape)}")
         seeds = seeds.detach().cpu()
@@ -81,9 +112,9 @@ def normalize_seeds(seeds) -> torch.Tensor:
     if isinstance(seeds, np.ndarray):
         if seeds.ndim != 1:
             raise ValueError(f"seeds must be 1-d [K], got shape {seeds.shape}")
-        if seeds.dtype == np.uint64:
+        if seeds.dtype in (np.uint64, np.int64):  # uint64 bits, as an int64 torch tensor's
             return torch.from_numpy(seeds.view(np.int64).copy())
-        seeds = seeds.tolist()
+        seeds = list(seeds)
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
         raise TypeError(f"seeds must be an integer tensor or a sequence of ints, got "
                         f"{type(seeds).__name__}")
@@ -91,11 +122,7 @@ def normalize_seeds(seeds) -> torch.Tensor:
     for i, s in enumerate(seeds):
         if isinstance(s, (list, tuple)):
             raise ValueError("seeds must be 1-d [K]; element %d is a sequence" % i)
-        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
-            raise TypeError(f"seeds[{i}] must be an int, got {type(s).__name__} {s!r}")
-        s = int(s)
-        if not 0 <= s < _U64:
-            raise ValueError(f"seeds[{i}] = {s} is outside [0, 2^64)")
+        s = _seed_value(s, f"seeds[{i}]")
         out.append(s - _U64 if s >= (1 << 63) else s)
     return torch.tensor(out, dtype=torch.int64)
 
@@ -105,9 +132,15 @@ def normalize_coefs(coefs, k: int) -> torch.Tensor:
     if isinstance(coefs, torch.Tensor):
         if not coefs.dtype.is_floating_point:
             raise TypeError(f"coefs must be a floating-point tensor, got {coefs.dtype}")
+        if coefs.layout != torch.strided:
+            raise TypeError(f"coefs must be a dense (strided) tensor, got a {coefs.layout} tensor")
         if coefs.dim() != 1:
             raise ValueError(f"coefs must be 1-d [K], got shape {tuple(coefs.shape)}")
-        c = coefs.detach().cpu().to(torch.float32).contiguous()
+        c = coefs.detach().cpu()
+        if c.dtype == torch.float64:  # a rounding to float32 that flush-to-zero would change
+            with ieee_subnormals():
+                c = c.to(torch.float32)
+        c = c.to(torch.float32).contiguous()
     else:
         if isinstance(coefs, np.ndarray):
             if coefs.ndim != 1:
@@ -116,10 +149,23 @@ def normalize_coefs(coefs, k: int) -> torch.Tensor:
         if isinstance(coefs, (str, bytes)) or not isinstance(coefs, Sequence):
             raise TypeError(f"coefs must be a float tensor or a sequence of numbers, got "
                             f"{type(coefs).__name__}")
+        fl = []
+        tiny = False  # a coefficient that rounds to a float32 subnormal
         for i, c in enumerate(coefs):
             if isinstance(c, (bool, np.bool_)) or not isinstance(c, numbers.Real):
                 raise TypeError(f"coefs[{i}] must be a real number, got {type(c).__name__} {c!r}")
-        c = torch.tensor([float(x) for x in coefs], dtype=torch.float32)
+            try:
+                f = float(c)
+            except OverflowError:
+                raise ValueError(f"coefs must be finite (after rounding to float32); coefs[{i}] is "
+                                 "an integer too large for a float") from None
+            tiny = tiny or 0.0 < abs(f) < _F32_TINY
+            fl.append(f)
+        if tiny:  # rounded with subnormals kept, whatever the flush-to-zero mode
+            with ieee_subnormals():
+                c = torch.tensor(fl, dtype=torch.float32)
+        else:
+            c = torch.tensor(fl, dtype=torch.float32)
     if c.numel() != k:
         raise ValueError(f"seeds and coefs must have the same length, got {k} seeds and "
                          f"{c.numel()} coefs")
@@ -141,12 +187,18 @@ def _check_tensor(t, what: str = "tensor") -> torch.Tensor:
         raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} must be a dense (strided) tensor, got a {t.layout} tensor")
     return t
 
 
 def _check_writable(t: torch.Tensor, what: str) -> None:
-    """A tensor the op writes.  kseed follows torch's rule for in-place ops: an inference tensor (made
-    under torch.inference_mode) is written only inside inference mode, on every backend."""
+    """A tensor the op writes.  kseed follows torch's rules for in-place ops: an inference tensor (made
+    under torch.inference_mode) is written only inside inference mode, on every backend, and no two of
+    its elements may share memory (an expanded tensor)."""
+    if _overlaps_itself(t):
+        raise ValueError(f"{what} has elements that share memory (an expanded or stride-0 view); it "
+                         "cannot be written in place: clone it first")
     if t.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{what} is an inference tensor (made under torch.inference_mode); it can be "
                          "written only inside torch.inference_mode(), as torch's in-place ops require; "
@@ -165,22 +217,96 @@ def _span(t: torch.Tensor):
     return t.untyped_storage().data_ptr(), lo * es, (hi + 1) * es
 
 
+# Overlap checks enumerate at most this many elements (both tensors together) before giving up and
+# refusing (only views that interleave in ways no modulus separates get there).
+_ENUMERATE_MAX = 1 << 22
+
+
+def _byte_dims(t: torch.Tensor) -> list:
+    """[(size, byte stride)] of the dims of t that have more than one element, largest stride first."""
+    es = t.element_size()
+    return sorted(((n, st * es) for n, st in zip(t.shape, t.stride()) if n > 1),
+                  key=lambda d: -d[1])
+
+
+def _byte_starts(t: torch.Tensor) -> torch.Tensor:
+    """int64 tensor of the first byte (in its storage) of every element of t."""
+    es = t.element_size()
+    offs = torch.tensor([t.storage_offset() * es], dtype=torch.int64)
+    for n, st in _byte_dims(t):
+        offs = (offs.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st).reshape(-1)
+    return offs
+
+
+def _residues_disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if some modulus m (one of the two tensors' byte strides) proves that a and b share no byte:
+    modulo m, the dims whose stride m divides add nothing, so every byte of a lies in the cyclic
+    interval [off_a, off_a + E_a] (E_a: the reach of the other dims plus the element's bytes), and the
+    two intervals do not meet.  Column blocks (m = the row stride) and interleaved views such as
+    w[:, 0::2] and w[:, 1::2] (m = 2 elements) are separated this way in O(dims^2)."""
+    da, db = _byte_dims(a), _byte_dims(b)
+    oa, ob = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
+    for m in {st for _, st in da + db if st > 1}:
+        ea = sum((n - 1) * st for n, st in da if st % m) + a.element_size() - 1
+        eb = sum((n - 1) * st for n, st in db if st % m) + b.element_size() - 1
+        d = (ob - oa) % m
+        if d > ea and m - d > eb:
+            return True
+    return False
+
+
+def _share_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one storage whose byte spans meet share a byte.  Exact: a modulus test
+    first, then (up to _ENUMERATE_MAX elements) the elements themselves; past that, True (refused)."""
+    if _residues_disjoint(a, b):
+        return False
+    if a.numel() + b.numel() > _ENUMERATE_MAX:
+        return True
+    sa, _ = torch.sort(_byte_starts(a))
+    sb = _byte_starts(b)
+    # the last element of a that starts before each element of b ends, and whether it reaches b
+    i = torch.searchsorted(sa, sb + b.element_size()) - 1
+    ok = i >= 0
+    return bool((sa[i.clamp(min=0)][ok] + a.element_size() > sb[ok]).any())
+
+
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of t share memory (an expanded tensor, stride 0, or an as_strided view)."""
+    if t.is_contiguous() or t.numel() < 2:
+        return False
+    dims = _byte_dims(t)
+    reach = t.element_size()  # bytes spanned by the dims of smaller strides
+    for n, st in reversed(dims):
+        if st < reach:
+            break
+        reach += (n - 1) * st
+    else:
+        return False  # each stride clears everything below it: separable, no two elements meet
+    if any(st == 0 for _, st in dims):
+        return True
+    if t.numel() > _ENUMERATE_MAX:
+        return True
+    starts, _ = torch.sort(_byte_starts(t))
+    return bool((starts[1:] - starts[:-1] < t.element_size()).any())
+
+
 def _check_no_overlap(written, read=(), hint="a tensor an op writes must not share memory with any "
                       "other tensor of the call") -> None:
-    """ValueError if a written (name, tensor) overlaps another written one or a read one in memory."""
+    """ValueError if a written (name, tensor) shares memory with another written one or a read one.
+    Exact for strided views: byte spans first, then the elements of views whose spans meet."""
     by_storage: dict = {}
     for is_written, items in ((True, written), (False, read)):
         for name, t in items:
             if t.numel():
                 ptr, lo, hi = _span(t)
-                by_storage.setdefault(ptr, []).append((lo, hi, is_written, name))
+                by_storage.setdefault((t.device, ptr), []).append((lo, hi, is_written, name, t))
     for spans in by_storage.values():
         spans.sort(key=lambda x: x[:2])
         for a in range(len(spans)):
             for b in range(a + 1, len(spans)):
                 if spans[b][0] >= spans[a][1]:
                     break
-                if spans[a][2] or spans[b][2]:
+                if (spans[a][2] or spans[b][2]) and _share_bytes(spans[a][4], spans[b][4]):
                     raise ValueError(f"{spans[a][3]} and {spans[b][3]} overlap in memory; {hint}")
 
 

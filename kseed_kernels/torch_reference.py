@@ -3,7 +3,8 @@
 Everything here is vectorised over elements (the only Python loops run over seeds, tensors or the ten
 Philox rounds).  Integers are uint32 values held in int64 tensors; no product ever exceeds 2^63.  Floats
 are float32 and every operation is a single IEEE add, sub, mul or sqrt, so the result is bitwise the
-same as the C++, CUDA and Triton backends.
+same as the C++, CUDA and Triton backends.  The float work runs with IEEE subnormals whatever the
+process's flush-to-zero mode (kseed_kernels._ieee).
 
 This module knows nothing of input validation: ``kseed_kernels.ops`` validates and normalises the
 arguments, then calls into a backend.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _spec as S
+from ._ieee import ieee
 
 _M32 = S.MASK32
 # Rows per chunk when the reference generates noise for a large tensor (bounds its memory).
@@ -185,6 +187,7 @@ def random_bits(key: int, numel: int, stream: int = 0, offset: int = 0, device=N
 
 
 # ----------------------------------------------------------------------------------- rounding
+@ieee
 def round_stochastic(v: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Stochastically round float32 ``v`` to ``dtype`` with uint32 random words ``bits`` (spec)."""
     if dtype == torch.bfloat16:
@@ -210,6 +213,7 @@ def round_stochastic(v: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) ->
 
 
 # -------------------------------------------------------------------------------------- apply
+@ieee
 def noise_sum(seeds, coefs: torch.Tensor, numel: int, stream: int, offset: int, device,
               noise: str = "gaussian") -> torch.Tensor:
     """acc = sum_k c_k n_k in float32, ascending k, starting from +0.0: for the Gaussian one mul then
@@ -225,6 +229,7 @@ def noise_sum(seeds, coefs: torch.Tensor, numel: int, stream: int, offset: int, 
     return acc
 
 
+@ieee
 def apply_flat_(flat: torch.Tensor, seeds, coefs: torch.Tensor, stream: int, rounding: str,
                 sr_key: int, base: torch.Tensor | None = None,
                 noise: str = "gaussian") -> torch.Tensor:

@@ -63,12 +63,34 @@ def test_cuda_kernels_build_with_cmake(tmp_path):
     assert "OK" in out, out
 
 
+# The project's floating-point flags for nvcc (setup.py and csrc/cuda/CMakeLists.txt use the same).
+NVCC_FP_FLAGS = ["--fmad=false", "-ftz=false"]
+
+
+def test_builds_keep_subnormals_explicitly():
+    """-ftz=false is spelled out in every build of the .cu files (a default can change)."""
+    cmake = open(os.path.join(CUDA_DIR, "CMakeLists.txt")).read()
+    assert cmake.count("--fmad=false -ftz=false") == 2, "the CUDA targets of CMakeLists.txt"
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    assert '"--fmad=false", "-ftz=false"' in setup, "setup.py's nvcc flags"
+
+
+def _ptx(tmp_path, *extra) -> str:
+    ptx = str(tmp_path / "k.ptx")
+    _run([NVCC, "-std=c++17", "-O3", *NVCC_FP_FLAGS, "-DKSEED_WITH_CUDA", "-arch=sm_90", "-ptx",
+          *extra, os.path.join(CUDA_DIR, "kseed_cuda_kernels.cu"), "-o", ptx])
+    return open(ptx).read()
+
+
+@needs_nvcc
+def test_ftz_is_detected(tmp_path):
+    """The .ftz check below can fail: a build with -ftz=true (the last flag wins) has .ftz ops."""
+    assert ".ftz" in _ptx(tmp_path, "-ftz=true")
+
+
 @needs_nvcc
 def test_ptx_has_no_fma_and_no_ftz(tmp_path):
-    ptx = str(tmp_path / "k.ptx")
-    _run([NVCC, "-std=c++17", "-O3", "--fmad=false", "-DKSEED_WITH_CUDA", "-arch=sm_90", "-ptx",
-          os.path.join(CUDA_DIR, "kseed_cuda_kernels.cu"), "-o", ptx])
-    text = open(ptx).read()
+    text = _ptx(tmp_path)
     assert ".entry" in text
     assert not re.search(r"\bfma\.rn\.f32\b", text), "an fma.rn.f32 slipped into the kernels"
     assert ".ftz" not in text, "flush-to-zero arithmetic in the kernels"
@@ -91,10 +113,7 @@ def test_ptx_rademacher_variants(tmp_path):
     """Every apply variant exists for both noise families (template argument NOISE, the last one), plus
     the rademacher generator and both floors; the Rademacher variants compute no normal (no sqrt, no
     float multiply outside the float16 stochastic rounding) and keep the spec's adds."""
-    ptx = str(tmp_path / "k.ptx")
-    _run([NVCC, "-std=c++17", "-O3", "--fmad=false", "-DKSEED_WITH_CUDA", "-arch=sm_90", "-ptx",
-          os.path.join(CUDA_DIR, "kseed_cuda_kernels.cu"), "-o", ptx])
-    entries = _ptx_entries(open(ptx).read())
+    entries = _ptx_entries(_ptx(tmp_path))
     apply = {n: b for n, b in entries.items() if "apply_kernel" in n}
     # 5 (dtype, rounding) pairs x aligned or not x 2 families
     assert len(apply) == 20, sorted(apply)

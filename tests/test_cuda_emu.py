@@ -228,6 +228,7 @@ def test_gaussian_matches_cpu(emu, tmp_path, seed, stream, offset, numel):
     (2**64 - 1, 2**32 - 1, 1, 1),
     (0x0123456789ABCDEF, 123456, 127, 32 * THREADS + 70),
     (0xDEADBEEF, 77, (1 << 40) + 31, 1001),  # the block index's high word is nonzero
+    (5, 3, 3 * 128 + 5, 2 * 32 * THREADS + 300),  # three CTAs (32 * THREADS elements each), mid-block
 ])
 def test_rademacher_matches_cpu(emu, tmp_path, seed, stream, offset, numel):
     job = struct.pack("<iQIQq", 4, seed, stream, offset, numel)

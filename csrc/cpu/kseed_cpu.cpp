@@ -9,8 +9,48 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <xmmintrin.h>
+#define KSEED_FP_X86 1
+#elif defined(__aarch64__)
+#define KSEED_FP_ARM64 1
+#endif
+
 namespace kseed {
 namespace cpu {
+
+// ------------------------------------------------------------------------- floating-point mode
+namespace {
+#if defined(KSEED_FP_X86)
+constexpr uint64_t kFlushBits = 0x8040u;  // MXCSR.FTZ (bit 15) | MXCSR.DAZ (bit 6)
+inline uint64_t read_fp_control() { return _mm_getcsr(); }
+inline void write_fp_control(uint64_t v) { _mm_setcsr(unsigned(v)); }
+#elif defined(KSEED_FP_ARM64)
+constexpr uint64_t kFlushBits = (1u << 24) | (1u << 19) | 1u;  // FPCR.FZ | FPCR.FZ16 | FPCR.FIZ
+inline uint64_t read_fp_control() {
+  uint64_t v;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(v));
+  return v;
+}
+inline void write_fp_control(uint64_t v) { __asm__ __volatile__("msr fpcr, %0" : : "r"(v)); }
+#else
+constexpr uint64_t kFlushBits = 0;  // no flush mode known on this target
+inline uint64_t read_fp_control() { return 0; }
+inline void write_fp_control(uint64_t) {}
+#endif
+}  // namespace
+
+IeeeSubnormals::IeeeSubnormals() : saved_(read_fp_control()), changed_((saved_ & kFlushBits) != 0) {
+  if (changed_) write_fp_control(saved_ & ~kFlushBits);
+}
+IeeeSubnormals::~IeeeSubnormals() {
+  if (changed_) write_fp_control(saved_);
+}
+uint64_t flush_mode_bits() { return read_fp_control() & kFlushBits; }
+void set_flush_mode(bool on) {
+  const uint64_t v = read_fp_control();
+  write_fp_control(on ? (v | kFlushBits) : (v & ~kFlushBits));
+}
 
 // ------------------------------------------------------------------------------------ ISA choice
 namespace {
@@ -142,6 +182,7 @@ void apply_tile(Isa isa, DType dtype, Noise noise, const void* src, void* dst, u
                 const uint64_t* seeds, const float* coefs, int64_t K, uint32_t stream, int rounding,
                 uint64_t sr_key) {
   if (n <= 0 || K <= 0) return;
+  const IeeeSubnormals ieee;
   const Kernels& kn = kernels(isa);
   alignas(64) float acc[kBuf];
   // The accumulator starts at element 4 (e0 >> 2) (Gaussian: whole Philox-4 blocks, padded to SIMD
@@ -167,6 +208,7 @@ void apply_tile(Isa isa, DType dtype, Noise noise, const void* src, void* dst, u
 
 void gaussian_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n) {
   if (n <= 0) return;
+  const IeeeSubnormals ieee;
   alignas(64) float buf[kBuf];
   const int64_t nbp = padded_blocks(e0, n);
   normals(isa, key_of(seed), stream, e0 >> 2, nbp, buf);
@@ -175,6 +217,7 @@ void gaussian_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t
 
 void rademacher_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n) {
   if (n <= 0) return;
+  const IeeeSubnormals ieee;
   alignas(64) float buf[kBuf];
   const int64_t skip = int64_t(e0 & 31u);
   const float one = 1.0f;

@@ -51,6 +51,27 @@ int isa_override();
 int64_t tile_elems();
 void set_tile_elems(int64_t n);
 
+// Subnormals are IEEE on every path whatever the calling thread's floating-point mode (docs/SPEC.md):
+// the tile functions below (apply_tile, gaussian_tile, rademacher_tile) run under an IeeeSubnormals
+// guard, which clears flush-to-zero and denormals-are-zero (x86: MXCSR.FTZ and .DAZ; aarch64: FPCR.FZ,
+// .FZ16 and .FIZ) for its lifetime and restores the thread's mode after.  Each thread that computes
+// (every OpenMP worker of the op layer) enters it itself: the mode is per thread.
+class IeeeSubnormals {
+ public:
+  IeeeSubnormals();
+  ~IeeeSubnormals();
+  IeeeSubnormals(const IeeeSubnormals&) = delete;
+  IeeeSubnormals& operator=(const IeeeSubnormals&) = delete;
+
+ private:
+  uint64_t saved_;   // the thread's control register on entry
+  bool changed_;     // whether the guard changed it (then the destructor restores it)
+};
+// The flush bits of the calling thread's control register (0: IEEE subnormals); for the tests.
+uint64_t flush_mode_bits();
+// Set (true) or clear (false) every flush bit of the calling thread; for the tests.
+void set_flush_mode(bool on);
+
 // dst[j] for j in [0, n), element index e0 + j of a tensor with stream `stream`:
 //   acc = +0.0f; acc = acc + coefs[k] * n(seeds[k], stream, e0 + j) for k = 0..K-1, n the `noise`
 //   family's z (Gaussian) or r (Rademacher: the term is an exact sign flip of coefs[k]);

@@ -285,18 +285,34 @@ __global__ void __launch_bounds__(kThreads) gaussian_kernel(float* __restrict__ 
   }
 }
 
+// Rademacher blocks (128 elements, spec section 8) per CTA of rademacher_kernel: 32 * kThreads elements.
+constexpr int kRadGenBlocks = kThreads / 4;
+
+// One CTA per kRadGenBlocks consecutive Rademacher blocks of the output range, from block
+// (offset >> 7) + blockIdx.x * kRadGenBlocks.  The first kRadGenBlocks threads each run one Philox call
+// and leave its four words in shared memory; then the CTA writes its elements interleaved, element p of
+// the CTA (bit p & 31 of word p >> 5) by thread p % kThreads, so that each warp store is 32 consecutive
+// floats (one 128-byte line) and the 32 lanes read one shared word (a broadcast).
 __global__ void __launch_bounds__(kThreads) rademacher_kernel(float* __restrict__ out,
                                                               int64_t numel, uint64_t seed,
                                                               uint32_t stream, uint64_t offset) {
-  // One thread per 32-element word g of the output range: word g & 3 of Rademacher block g >> 2.
-  const uint64_t g = (offset >> 5) + uint64_t(blockIdx.x) * kThreads + threadIdx.x;
+  __shared__ uint32_t words[4 * kRadGenBlocks];
+  const uint64_t b0 = (offset >> 7) + uint64_t(blockIdx.x) * kRadGenBlocks;
+  const uint64_t e0 = 128 * b0;  // the CTA's first element
   const uint64_t end = offset + uint64_t(numel);
-  if (32 * g >= end) return;
-  const Block x = philox_block(key_of(seed), g >> 2, stream, spec::COUNTER_RADEMACHER);
-  const uint32_t w = block_word(x, uint32_t(g & 3u));
-  for (int b = 0; b < 32; ++b) {
-    const uint64_t i = 32 * g + uint64_t(b);
-    if (i >= offset && i < end) out[i - offset] = signed_coef(0x3F800000u, (w >> b) & 1u);  // +-1.0f
+  if (threadIdx.x < kRadGenBlocks && e0 + 128 * uint64_t(threadIdx.x) < end) {
+    const Block x = philox_block(key_of(seed), b0 + threadIdx.x, stream, spec::COUNTER_RADEMACHER);
+#pragma unroll
+    for (uint32_t w = 0; w < 4; ++w) words[4 * threadIdx.x + w] = block_word(x, w);
+  }
+  __syncthreads();
+#pragma unroll 4
+  for (int j = 0; j < 32; ++j) {
+    const uint32_t p = uint32_t(j) * kThreads + threadIdx.x;
+    const uint64_t i = e0 + p;
+    if (i >= offset && i < end) {
+      out[i - offset] = signed_coef(0x3F800000u, (words[p >> 5] >> (p & 31u)) & 1u);  // +-1.0f
+    }
   }
 }
 
@@ -372,16 +388,16 @@ cudaError_t launch_noise(DType dtype, const PlanRow* rows, int num_rows, int64_t
 }
 
 
-// One launch of a noise generator whose threads each own 2^kShift consecutive elements (from a
-// multiple of 2^kShift): the grid covers the groups of [offset, offset + numel).
-template <int kShift>
+// One launch of a noise generator whose CTAs each own kGroupsPerCta groups of 2^kShift consecutive
+// elements (from a multiple of 2^kShift): the grid covers the groups of [offset, offset + numel).
+template <int kShift, int kGroupsPerCta>
 cudaError_t launch_noise(void (*kernel)(float*, int64_t, uint64_t, uint32_t, uint64_t), float* out,
                          int64_t numel, uint64_t seed, uint32_t stream, uint64_t offset,
                          cudaStream_t cu_stream) {
   if (numel <= 0) return cudaSuccess;
   const uint64_t first = offset >> kShift;
   const uint64_t last = (offset + uint64_t(numel) + (1u << kShift) - 1) >> kShift;
-  const uint64_t grid = (last - first + kThreads - 1) / kThreads;
+  const uint64_t grid = (last - first + kGroupsPerCta - 1) / kGroupsPerCta;
   if (grid > 0x7FFFFFFFull) return cudaErrorInvalidValue;
   KSEED_LAUNCH(dim3(unsigned(grid)), kThreads, cu_stream, kernel)
   (out, numel, seed, stream, offset);
@@ -391,12 +407,14 @@ cudaError_t launch_noise(void (*kernel)(float*, int64_t, uint64_t, uint32_t, uin
 
 cudaError_t launch_gaussian(float* out, int64_t numel, uint64_t seed, uint32_t stream,
                             uint64_t offset, cudaStream_t cu_stream) {
-  return launch_noise<2>(gaussian_kernel, out, numel, seed, stream, offset, cu_stream);  // 4 a thread
+  return launch_noise<2, kThreads>(gaussian_kernel, out, numel, seed, stream, offset,
+                                  cu_stream);  // a Philox block (4 elements) a thread
 }
 
 cudaError_t launch_rademacher(float* out, int64_t numel, uint64_t seed, uint32_t stream,
                               uint64_t offset, cudaStream_t cu_stream) {
-  return launch_noise<5>(rademacher_kernel, out, numel, seed, stream, offset, cu_stream);  // 32
+  return launch_noise<7, kRadGenBlocks>(rademacher_kernel, out, numel, seed, stream, offset,
+                                        cu_stream);  // kRadGenBlocks Rademacher blocks a CTA
 }
 
 cudaError_t launch_apply(DType dtype, const PlanRow* rows, int num_rows, int64_t total_tiles,

@@ -9,7 +9,9 @@
 //     scalar path and a per-element oracle (odd word offsets, 2^32-block carries, K across the seed
 //     groups); whole tiles of every dtype and rounding, in and out of place, at starts and lengths
 //     crossing 32- and 128-element boundaries;
-//   - the scalar float16 / bfloat16 conversions against the hardware conversions where present.
+//   - the scalar float16 / bfloat16 conversions against the hardware conversions where present;
+//   - subnormals IEEE whatever the thread's flush mode: tiles under flush-to-zero / denormals-are-zero
+//     bitwise the tiles without it (subnormal results and inputs), and the mode restored after.
 // Usage: kseed_cpp_tests [path/to/spec_vectors.txt [path/to/spec_vectors_rademacher.txt]]
 #include <cinttypes>
 #include <cmath>
@@ -505,6 +507,51 @@ static void test_conversions() {
   CHECK(round_bf16_nearest(bits_to_float(0x7FA00000u)) == 0x7FC0, "bf16 NaN");
 }
 
+// Tiles computed with the thread in flush-to-zero / denormals-are-zero mode equal the IEEE ones bit for
+// bit (the sums are subnormal, the weights subnormal too), on every path, both families, every dtype; the
+// thread's mode is unchanged by the call.
+static void test_flush_mode() {
+  set_flush_mode(true);
+  const bool can_flush = flush_mode_bits() != 0;
+  set_flush_mode(false);
+  CHECK(flush_mode_bits() == 0, "flush mode not cleared");
+  if (!can_flush) {
+    std::printf("flush mode: not available on this target, skipped\n");
+    return;
+  }
+  std::mt19937_64 rng(7);
+  const int64_t n = 1000, K = 3;
+  const uint64_t seeds[K] = {rng(), rng(), rng()};
+  const float coefs[K] = {1e-40f, -3e-39f, 2.5e-41f};  // subnormal coefficients: subnormal sums
+  for (Noise noise : {kNoiseGaussian, kNoiseRademacher}) {
+    for (DType dt : {DType::F32, DType::BF16}) {
+      for (Isa isa : paths()) {
+        std::vector<float> w0(static_cast<size_t>(n));
+        for (auto& x : w0) x = float(int64_t(rng() % 2001) - 1000) * 1e-42f;  // subnormal weights
+        std::vector<uint16_t> h0(static_cast<size_t>(n));
+        for (int64_t j = 0; j < n; ++j) h0[size_t(j)] = round_bf16_nearest(w0[size_t(j)]);
+        std::vector<float> a = w0, b = w0;
+        std::vector<uint16_t> a16 = h0, b16 = h0;
+        void* pa = dt == DType::F32 ? static_cast<void*>(a.data()) : static_cast<void*>(a16.data());
+        void* pb = dt == DType::F32 ? static_cast<void*>(b.data()) : static_cast<void*>(b16.data());
+        apply_tile(isa, dt, noise, pa, pa, 5, n, seeds, coefs, K, 9, 1, 77);
+        set_flush_mode(true);
+        apply_tile(isa, dt, noise, pb, pb, 5, n, seeds, coefs, K, 9, 1, 77);
+        CHECK(flush_mode_bits() != 0, "%s apply_tile did not restore the flush mode", isa_name(isa));
+        set_flush_mode(false);
+        int subnormal = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const float x = dt == DType::F32 ? a[size_t(j)] : bf16_bits_to_float(a16[size_t(j)]);
+          subnormal += x != 0.0f && std::fabs(x) < 1.17549435e-38f;
+        }
+        CHECK(subnormal > n / 2, "%s: only %d subnormal results", isa_name(isa), subnormal);
+        CHECK(a == b && a16 == b16, "%s %d noise %d: tile under flush-to-zero differs from IEEE",
+              isa_name(isa), int(dt), int(noise));
+      }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   const char* vectors = argc > 1 ? argv[1] : "tests/data/spec_vectors.txt";
   const char* rad_vectors = argc > 2 ? argv[2] : "tests/data/spec_vectors_rademacher.txt";
@@ -521,6 +568,7 @@ int main(int argc, char** argv) {
   test_signs_paths();
   test_tiles(kNoiseRademacher, 48, 19);
   test_conversions();
+  test_flush_mode();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

@@ -22,6 +22,7 @@ except ImportError:  # the backend is then simply unavailable
     triton = None
 
 from ... import _spec as S
+from ..._ieee import ieee_subnormals
 
 NAME = "triton"
 
@@ -195,7 +196,19 @@ def plan_table(items, per_prog: int) -> tuple:
 
 def apply(outs, streams, upd, bases=None):
     """One launch per dtype over all tensors (device-side plan table), or chunked per tensor for K past
-    K_CHUNK.  bases None: in place."""
+    K_CHUNK.  bases None: in place.  The outs' autograd version counters are bumped afterwards, as
+    torch's in-place ops do (the compiled ops do it in their ADInplaceOrView kernel).  Under the
+    interpreter (CPU tensors) the kernels compute with numpy on this thread: with IEEE subnormals
+    whatever the process's flush-to-zero mode, as on the GPU (compiled without flush-to-zero)."""
+    if outs[0].device.type == "cpu":
+        with ieee_subnormals():
+            _apply(outs, streams, upd, bases)
+    else:
+        _apply(outs, streams, upd, bases)
+    torch.autograd.graph.increment_version(outs)
+
+
+def _apply(outs, streams, upd, bases):
     tk = _kernels()
     device = outs[0].device
     K = upd.K
