@@ -169,8 +169,9 @@ at::Tensor noise_floor_cpu(const at::Tensor& like, const at::Tensor& seeds, cons
 }
 
 // project_seeds (docs/SPEC.md section 9): the call's blocks in list order, cut into chunks that bound
-// the scratch of block sums (K floats a block); each chunk's blocks run in parallel (one task a block:
-// widen it once, then every seed), then its block sums are added in block order in float64.
+// the scratch of block sums (K floats a block; and at most tile_elems() blocks, the split setting the
+// tests vary); each chunk's blocks run in parallel (one task a block: widen it once, then every seed),
+// then its block sums are added in block order in float64.
 at::Tensor project_seeds_cpu(at::TensorList tensors, at::IntArrayRef streams, const at::Tensor& seeds,
                              int64_t noise) {
   const kseed::checks::ProjectCall call = kseed::checks::read_project(
@@ -182,7 +183,7 @@ at::Tensor project_seeds_cpu(at::TensorList tensors, at::IntArrayRef streams, co
   const PlanRow* rows = call.rows.data();
   const int nrows = int(call.rows.size());
   constexpr int64_t kScratchFloats = int64_t(1) << 22;  // 16 MiB of block sums at most
-  const int64_t chunk = std::max<int64_t>(1, kScratchFloats / K);
+  const int64_t chunk = std::max<int64_t>(1, std::min(kScratchFloats / K, kseed::cpu::tile_elems()));
   std::vector<float> sums(size_t(std::min(chunk, call.blocks) * K));
   std::vector<double> total(size_t(K), 0.0);
   for (int64_t c0 = 0; c0 < call.blocks; c0 += chunk) {
@@ -195,10 +196,9 @@ at::Tensor project_seeds_cpu(at::TensorList tensors, at::IntArrayRef streams, co
         const DType dt = DType(x.reserved);
         const int64_t e0 = (b - x.first_tile) * kseed::spec::PROJECT_BLOCK;
         const int64_t len = std::min(kseed::spec::PROJECT_BLOCK, x.numel - e0);
-        kseed::cpu::project_block(isa, dt, call.noise,
-                                  static_cast<const char*>(x.src) + size_t(kseed::dtype_size(dt)) * size_t(e0),
-                                  len, uint64_t(b - x.first_tile), call.sc.s(), K, x.stream,
-                                  sums.data() + size_t((b - c0) * K));
+        const char* src = static_cast<const char*>(x.src) + size_t(kseed::dtype_size(dt)) * size_t(e0);
+        kseed::cpu::project_block(isa, dt, call.noise, src, len, uint64_t(b - x.first_tile), call.sc.s(), K,
+                                  x.stream, sums.data() + size_t((b - c0) * K));
       }
     });
     for (int64_t b = c0; b < c1; ++b) {  // spec 9.1 step 4, block order

@@ -152,18 +152,25 @@ def test_cpu_non_contiguous_and_special_values(gen, noise):
 
 @needs_cpu
 @pytest.mark.parametrize("noise", NOISES)
-def test_cpu_threads_do_not_matter(gen, noise):
+def test_cpu_threads_and_chunks_do_not_matter(gen, noise):
+    """1, 2 or 3 threads, and chunks of 1, 3 or all blocks between the float64 additions (the chunk is
+    bounded by the CPU tile setting): the same bits."""
+    ops = torch.ops.kseed
     ts = [torch.randn(7 * B + 11, generator=gen), torch.randn(3 * B, generator=gen).to(torch.bfloat16)]
     seeds = random_seeds(gen, 11)
-    prev = torch.get_num_threads()
+    prev, tile = torch.get_num_threads(), ops.cpu_tile_elems()
     try:
         out = []
-        for n in (1, 2, 3):
+        for n, t in ((1, tile), (2, tile), (3, tile), (2, 1), (2, 3)):
             torch.set_num_threads(n)
+            ops.set_cpu_tile_elems(t)
             out.append(kk.project_seeds_multi(ts, [8, 9], seeds, noise=noise, backend="cpu"))
     finally:
         torch.set_num_threads(prev)
+        ops.set_cpu_tile_elems(tile)
     assert all(torch.equal(bits(o), bits(out[0])) for o in out)
+    want = kk.project_seeds_multi(ts, [8, 9], seeds, noise=noise, backend="reference")
+    assert torch.equal(bits(out[0]), bits(want))
 
 
 @needs_cpu
@@ -270,3 +277,16 @@ def test_op_errors_are_python_errors():
         op([torch.randn(3)], [2**32], s)
     with pytest.raises(ValueError, match="noise must be"):
         op([torch.randn(3)], [0], s, 2)
+
+
+@pytest.mark.skipif("cuda" not in kk.backends(), reason="no CUDA GPU, or kseed_kernels._C has no CUDA kernels")
+@pytest.mark.parametrize("noise", NOISES)
+def test_cuda_matches_cpu(gen, noise):
+    """On a GPU: the CUDA kernels bitwise against the CPU backend, the result on the tensors' device."""
+    ts = [(torch.randn(n, generator=gen) * 0.05).to(DTYPES[i % 3]) for i, n in enumerate(SIZES)]
+    streams = [int(x) for x in torch.randint(0, 2**32, (len(ts),), generator=gen)]
+    for k in (1, 65, 300):
+        seeds = random_seeds(gen, k)
+        want = kk.project_seeds_multi(ts, streams, seeds, noise=noise, backend="cpu")
+        got = kk.project_seeds_multi([t.cuda() for t in ts], streams, seeds, noise=noise, backend="cuda")
+        assert got.device.type == "cuda" and torch.equal(bits(got), bits(want)), k

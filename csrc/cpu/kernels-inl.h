@@ -395,8 +395,12 @@ float project_normals(Key key, uint32_t stream, uint64_t first_block, int64_t nb
   constexpr int64_t step = int64_t(kProjStep) * kLanes;
   constexpr int64_t min_step = int64_t(kProjMinStep) * kLanes;
   int64_t b = 0;
-  for (; b + step <= nblocks; b += step) project_step<kProjStep>(rk, first_block + uint64_t(b), stream, x + 4 * b, acc);
-  for (; b < nblocks; b += min_step) project_step<kProjMinStep>(rk, first_block + uint64_t(b), stream, x + 4 * b, acc);
+  for (; b + step <= nblocks; b += step) {
+    project_step<kProjStep>(rk, first_block + uint64_t(b), stream, x + 4 * b, acc);
+  }
+  for (; b < nblocks; b += min_step) {
+    project_step<kProjMinStep>(rk, first_block + uint64_t(b), stream, x + 4 * b, acc);
+  }
   return fold_lanes(acc);
 }
 
