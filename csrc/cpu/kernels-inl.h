@@ -23,6 +23,8 @@
 //
 // A noise family is one accumulate function here and one member of the Kernels table, filled at the end
 // of this file: accumulate_normals (Gaussian, sections 2-4) and sum_signs (Rademacher, section 8).
+// The transpose of the apply (project_seeds, section 9) is project_normals and project_signs, over a
+// block widened to float32 by widen.
 
 // Philox round keys (the key bumped once per round), computed once per seed.
 struct RoundKeys {
