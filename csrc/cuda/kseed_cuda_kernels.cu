@@ -421,7 +421,9 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t q = threadIdx.x & 3u;
   const Key key = key_of(seeds[k < K ? k : 0]);
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (NOISE == kNoiseRademacher) {
+  if (k >= K) {
+    // past the last seed (K not a multiple of kProjSeeds): no work, only the shuffles below
+  } else if (NOISE == kNoiseRademacher) {
 #pragma unroll 1
     for (int rb = 0; rb < int(B / 128); ++rb) {  // one Philox call serves 8 rows of 16 elements
       const Block x = philox_block(key, uint64_t(b) * (B / 128) + uint64_t(rb), w.stream,
