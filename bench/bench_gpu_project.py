@@ -12,7 +12,6 @@ timed one after the other for each K.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,35 +22,14 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import kseed_kernels as kk  # noqa: E402
-from _llama_shapes import LLAMA_TINY, llama_shapes, numel_of  # noqa: E402
-from bench_gpu_apply import DT, layer_first, prefix_for, timed  # noqa: E402
+from _llama_shapes import numel_of  # noqa: E402
+from bench_gpu_apply import DT, common_args, prefix_for, timed, workload  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (syntax check)")
-    ap.add_argument("--ks", default=None, help="comma-separated K values")
-    ap.add_argument("--dtypes", default="fp32")
-    ap.add_argument("--backends", default=None, help="comma-separated (default: all usable)")
-    ap.add_argument("--work", type=float, default=None, help="element-seeds per timed call")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--noises", default="gaussian,rademacher")
-    args = ap.parse_args()
-    if args.smoke:
-        device = torch.device("cpu")
-        shapes = layer_first(llama_shapes(**LLAMA_TINY))
-        ks = [int(k) for k in (args.ks or "1,16").split(",")]
-        work, reps = args.work or 1e5, args.reps or 1
-        default_backends = [b for b in ("cpu",) if b in kk.backends()]
-    else:
-        if not torch.cuda.is_available():
-            sys.exit("no CUDA GPU: run with --smoke for a CPU syntax check")
-        device = torch.device("cuda")
-        shapes = layer_first(llama_shapes())
-        ks = [int(k) for k in (args.ks or "1,16,256,1024").split(",")]
-        work, reps = args.work or 1e11, args.reps or 3
-        default_backends = [b for b in ("cuda", "triton") if b in kk.backends()]
-    backends = args.backends.split(",") if args.backends else default_backends
+    args = common_args(__doc__, "fp32").parse_args()
+    device, shapes, ks, work, reps, backends = workload(
+        args, "1,16", ("cpu",), "1,16,256,1024", 1e11, ("cuda", "triton"))
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
           f"backends: {backends}", flush=True)
     rows = []
