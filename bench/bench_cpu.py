@@ -14,6 +14,10 @@
    and 1024, float32), and at K = 1 a plain add_ pass (p.add_(q) over every parameter, same dtype) timed
    in the same alternation, as the memory reference.
    bench/bench_cpu_tiles.cpp measures the same on the tile kernels without torch.
+4. project_seeds (issue 19), the transpose of apply: on the whole 10.4M-element set, float32, K = 256,
+   both noise families, one project_seeds_multi call alternating with the fused apply
+   (apply_seeds_multi_) of the same seeds on the same tensors, medians; the ratio project rate / apply
+   rate (target >= 0.8).  --project-only runs just this table.
 The tables are printed last.
 """
 from __future__ import annotations
@@ -103,6 +107,27 @@ def noise_rows(big, streams, reps, quick):
     return rows
 
 
+def project_rows(big, streams, reps, quick):
+    """(noise, K, elements, apply rate, project rate) rows: float32, K = 256, the whole set (--quick: the
+    embed rows 0..255), the two ops alternating on the same tensors, medians of min(reps, 3)."""
+    rows = []
+    k = 256
+    ps, st = ([big[0][:256]], streams[:1]) if quick else (big, streams)
+    n = sum(p.numel() for p in ps)
+    sd, cf = list(range(7, 7 + k)), [1e-4] * k
+    for nz in ("gaussian", "rademacher"):
+        run = {"apply": lambda nz=nz: kk.apply_seeds_multi_(ps, st, sd, cf, backend="cpu", noise=nz),
+               "project": lambda nz=nz: kk.project_seeds_multi(ps, st, sd, noise=nz, backend="cpu")}
+        for f in run.values():
+            f()  # warm-up
+        t = {name: [] for name in run}
+        for _ in range(min(reps, 3)):
+            for name, f in run.items():
+                t[name].append(timed(f))
+        rows.append((nz, k, n, n * k / statistics.median(t["apply"]), n * k / statistics.median(t["project"])))
+    return rows
+
+
 def timed(fn):
     t0 = time.perf_counter()
     fn()
@@ -122,6 +147,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller K=1024 set")
     ap.add_argument("--ratio-only", action="store_true", help="only the comparison with the baseline")
+    ap.add_argument("--project-only", action="store_true", help="only the project_seeds table (4.)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     reps = 3 if args.quick else args.repeats
@@ -137,6 +163,11 @@ def main():
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     print(f"model: {len(shapes)} tensors, {numel / 1e6:.2f}M parameters; SIMD paths {CPU.supported_isas()}, "
           f"auto = {CPU.isa()}; load average at start {load():.2f}")
+
+    if args.project_only:
+        prows = project_rows(make_params(torch.float32, shapes), streams, reps, args.quick)
+        print_project(prows, reps)
+        return
 
     # --- 1. ratio against the baseline (fp32, K = 32), alternating runs
     p_base = make_params(torch.float32, shapes)
@@ -178,6 +209,8 @@ def main():
     nrows = []
     if not args.ratio_only and has_noise():
         nrows = noise_rows(big, streams, reps, args.quick)
+    # --- 4. project_seeds against the fused apply, same tensors, alternating
+    prows = [] if args.ratio_only else project_rows(big, streams, reps, args.quick)
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -194,6 +227,7 @@ def main():
           f"(baseline {numel * k / mb / 1e6:.0f} M, kseed {numel * k / mo / 1e6:.0f} M element-seed updates/s)")
     if not rows:
         return
+    print_project(prows, reps)
     print()
     print(f"{'path':8} {'dtype':9} {'K':>5} {'elements':>10} {'median s':>9} {'M elem-seed/s':>14}")
     for isa, dt, kk_, n, t, rate in rows:
@@ -210,6 +244,16 @@ def main():
     for dt, kk_, n, g, r, a in nrows:
         vs_add = f"{a / 1e6:11.1f} {r / a:8.2f}" if a else ""
         print(f"{dt:9} {kk_:5d} {n:10d} {g / 1e6:14.1f} {r / 1e6:12.1f} {r / g:9.2f} {vs_add}")
+
+
+def print_project(prows, reps):
+    print(f"project_seeds_multi vs the fused apply_seeds_multi_ (cpu, {CPU.isa()}, float32, medians of "
+          f"{min(reps, 3)}, alternating; load average now {load():.2f})")
+    print(f"{'noise':10} {'K':>5} {'elements':>10} {'apply M e-s/s':>14} {'project M e-s/s':>16} "
+          f"{'project/apply':>13}")
+    for nz, k, n, a, p in prows:
+        print(f"{nz:10} {k:5d} {n:10d} {a / 1e6:14.1f} {p / 1e6:16.1f} {p / a:13.2f}")
+    print()
 
 
 if __name__ == "__main__":

@@ -85,36 +85,42 @@ def floor_fn(backend: str):
     return m.noise_floor if hasattr(m, "noise_floor") else None
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def common_args(doc: str, dtypes: str) -> argparse.ArgumentParser:
+    """The options every GPU throughput bench takes (this one and bench_gpu_project.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (syntax check)")
     ap.add_argument("--ks", default=None, help="comma-separated K values")
-    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--dtypes", default=dtypes)
     ap.add_argument("--backends", default=None, help="comma-separated (default: all usable)")
     ap.add_argument("--work", type=float, default=None, help="element-seed updates per timed call")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--baseline-seeds", type=int, default=3)
     ap.add_argument("--noises", default="gaussian,rademacher",
                     help="comma-separated noise families (gaussian, rademacher)")
-    args = ap.parse_args()
+    return ap
 
+
+def workload(args, smoke_ks: str, smoke_backends, gpu_ks: str, gpu_work: float, gpu_backends):
+    """(device, shapes, ks, work, reps, backends) of a run: --smoke tiny shapes on the CPU, else the 1.1B
+    shapes on the GPU (exits without one); the options override the defaults."""
     if args.smoke:
-        device = torch.device("cpu")
-        shapes = layer_first(llama_shapes(**LLAMA_TINY))
-        ks = [int(k) for k in (args.ks or "1,2,16").split(",")]
-        work = args.work or 1e5
-        reps = args.reps or 1
-        default_backends = [b for b in ("cpu", "triton", "reference") if b in kk.backends()]
+        device, shapes = torch.device("cpu"), layer_first(llama_shapes(**LLAMA_TINY))
+        ks, work, reps, usable = smoke_ks, args.work or 1e5, args.reps or 1, smoke_backends
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA GPU: run with --smoke for a CPU syntax check")
-        device = torch.device("cuda")
-        shapes = layer_first(llama_shapes())
-        ks = [int(k) for k in (args.ks or "1,2,16,256,1024,4096").split(",")]
-        work = args.work or 2e11
-        reps = args.reps or 3
-        default_backends = [b for b in ("triton", "cuda") if b in kk.backends()]
+        device, shapes = torch.device("cuda"), layer_first(llama_shapes())
+        ks, work, reps, usable = gpu_ks, args.work or gpu_work, args.reps or 3, gpu_backends
+    default_backends = [b for b in usable if b in kk.backends()]
     backends = args.backends.split(",") if args.backends else default_backends
+    return device, shapes, [int(k) for k in (args.ks or ks).split(",")], work, reps, backends
+
+
+def main():
+    ap = common_args(__doc__, "fp32,bf16")
+    ap.add_argument("--baseline-seeds", type=int, default=3)
+    args = ap.parse_args()
+    device, shapes, ks, work, reps, backends = workload(
+        args, "1,2,16", ("cpu", "triton", "reference"), "1,2,16,256,1024,4096", 2e11, ("triton", "cuda"))
     noises = args.noises.split(",")
     for nz in noises:
         if nz not in kk.ops.NOISES:

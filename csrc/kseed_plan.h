@@ -25,7 +25,7 @@ struct PlanRow {
   void* dst;           // elements written, numel contiguous elements of the group's dtype
   int64_t numel;
   uint32_t stream;     // the tensor's stream id
-  uint32_t reserved;
+  uint32_t reserved;   // project_seeds (a read-only call, rows in list order): the tensor's DType
   int64_t first_tile;  // index of the tensor's first tile within its group
 };
 static_assert(sizeof(PlanRow) == 40, "PlanRow must be 40 bytes");

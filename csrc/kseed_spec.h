@@ -16,6 +16,10 @@ constexpr uint32_t COUNTER_GAUSSIAN = 0;
 constexpr uint32_t COUNTER_STOCHASTIC_ROUNDING = 1;
 constexpr uint32_t COUNTER_RADEMACHER = 2;  // spec section 8: 128 sign bits a block
 
+// project_seeds (spec section 9): blocks of PROJECT_BLOCK elements, PROJECT_LANES float32 lanes each.
+constexpr int64_t PROJECT_BLOCK = 2048;
+constexpr int PROJECT_LANES = 16;
+
 // Scalars rather than arrays, so that CUDA device code can use them directly.
 constexpr uint32_t LOG_C0 = 0x3F800000u, LOG_C1 = 0xBEFFFFFCu, LOG_C2 = 0x3EAAAAA8u,
                    LOG_C3 = 0xBE800214u, LOG_C4 = 0x3E4CD23Bu, LOG_C5 = 0xBE2A13D4u,

@@ -281,5 +281,43 @@ void impl_apply_ops(torch::Library& m) {
   m.impl("apply_seeds_multi_out", &ApplyOps<Run>::multi_out);
 }
 
+// ------------------------------------------------------------------------------ project_seeds
+// The checked arguments of a project_seeds call (docs/SPEC.md section 9): the non-empty tensors in list
+// order as plan rows (src, numel, stream; reserved = the DType; first_tile = the index of the tensor's
+// first block of PROJECT_BLOCK elements among all the call's blocks, which is the order of the float64
+// sum), the seeds, the noise family and the tensors' device.  The tensors are only read: they may share
+// memory and may be inference tensors.
+struct ProjectCall {
+  std::vector<PlanRow> rows;
+  int64_t blocks = 0;
+  SeedsCoefs sc;  // the seeds (coefs unused, zeros)
+  Noise noise = kNoiseGaussian;
+  c10::optional<at::Device> device;
+  bool empty() const { return sc.K == 0 || rows.empty(); }
+};
+
+inline ProjectCall read_project(at::TensorList tensors, at::IntArrayRef streams, const at::Tensor& seeds,
+                                int64_t noise, c10::DeviceType device_type, int64_t block_elems) {
+  ProjectCall call;
+  call.noise = check_noise(noise);
+  call.sc = read_seeds_coefs(seeds, at::zeros({seeds.dim() == 1 ? seeds.numel() : 0}, at::kFloat));
+  TORCH_CHECK_VALUE(tensors.size() == streams.size(),
+                    "kseed: tensors and streams must have the same length, got ", tensors.size(), " and ",
+                    streams.size());
+  for (const auto i : c10::irange(tensors.size())) {
+    const std::string what = "tensors[" + std::to_string(i) + "]";
+    const at::Tensor& t = tensors[i];
+    check_weight(t, what, device_type);
+    const uint32_t st = check_stream(streams[i], "streams[" + std::to_string(i) + "]");
+    if (!call.device.has_value()) call.device = t.device();
+    TORCH_CHECK_VALUE(t.device() == *call.device, "kseed: all tensors must be on one device, got ",
+                      *call.device, " and ", t.device());
+    if (t.numel() == 0) continue;
+    call.rows.push_back({t.data_ptr(), nullptr, t.numel(), st, uint32_t(dtype_of(t, what)), call.blocks});
+    call.blocks += tiles_of(t.numel(), block_elems);
+  }
+  return call;
+}
+
 }  // namespace checks
 }  // namespace kseed

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -167,6 +168,50 @@ at::Tensor noise_floor_cpu(const at::Tensor& like, const at::Tensor& seeds, cons
   return out;
 }
 
+// project_seeds (docs/SPEC.md section 9): the call's blocks in list order, cut into chunks that bound
+// the scratch of block sums (K floats a block; and at most tile_elems() blocks, the split setting the
+// tests vary); each chunk's blocks run in parallel (one task a block: widen it once, then every seed),
+// then its block sums are added in block order in float64.
+at::Tensor project_seeds_cpu(at::TensorList tensors, at::IntArrayRef streams, const at::Tensor& seeds,
+                             int64_t noise) {
+  const kseed::checks::ProjectCall call = kseed::checks::read_project(
+      tensors, streams, seeds, noise, kCPU, kseed::spec::PROJECT_BLOCK);
+  const int64_t K = call.sc.K;
+  at::Tensor out = at::zeros({K}, at::TensorOptions().dtype(at::kFloat));
+  if (call.empty()) return out;
+  const Isa isa = current_isa();
+  const PlanRow* rows = call.rows.data();
+  const int nrows = int(call.rows.size());
+  const kseed::cpu::IeeeSubnormals ieee;  // this thread's float64 sums and the final float32 rounding
+  constexpr int64_t kScratchFloats = int64_t(1) << 22;  // 16 MiB of block sums at most
+  const int64_t chunk = std::max<int64_t>(1, std::min(kScratchFloats / K, kseed::cpu::tile_elems()));
+  std::vector<float> sums(size_t(std::min(chunk, call.blocks) * K));
+  std::vector<double> total(size_t(K), 0.0);
+  for (int64_t c0 = 0; c0 < call.blocks; c0 += chunk) {
+    const int64_t c1 = std::min(call.blocks, c0 + chunk);
+    at::parallel_for(c0, c1, 1, [&](int64_t begin, int64_t end) {
+      int r = kseed::find_row(rows, nrows, begin);
+      for (int64_t b = begin; b < end; ++b) {
+        while (r + 1 < nrows && rows[r + 1].first_tile <= b) ++r;
+        const PlanRow& x = rows[r];
+        const DType dt = DType(x.reserved);
+        const int64_t e0 = (b - x.first_tile) * kseed::spec::PROJECT_BLOCK;
+        const int64_t len = std::min(kseed::spec::PROJECT_BLOCK, x.numel - e0);
+        const char* src = static_cast<const char*>(x.src) + size_t(kseed::dtype_size(dt)) * size_t(e0);
+        kseed::cpu::project_block(isa, dt, call.noise, src, len, uint64_t(b - x.first_tile), call.sc.s(), K,
+                                  x.stream, sums.data() + size_t((b - c0) * K));
+      }
+    });
+    for (int64_t b = c0; b < c1; ++b) {  // spec 9.1 step 4, block order
+      const float* sb = sums.data() + size_t((b - c0) * K);
+      for (int64_t k = 0; k < K; ++k) total[size_t(k)] += double(sb[k]);
+    }
+  }
+  float* op = out.data_ptr<float>();
+  for (int64_t k = 0; k < K; ++k) op[k] = float(total[size_t(k)]);
+  return out;
+}
+
 // ------------------------------------------------------------------------------- settings ops
 std::string cpu_isa() { return kseed::cpu::isa_name(current_isa()); }
 
@@ -212,6 +257,7 @@ TORCH_LIBRARY_IMPL(kseed, CPU, m) {
   m.impl("rademacher_", &rademacher_cpu);
   kseed::checks::impl_apply_ops<run_apply>(m);
   m.impl("_noise_floor", &noise_floor_cpu);
+  m.impl("project_seeds", &project_seeds_cpu);
 }
 
 // The settings take no tensor, so no device selects them: they are registered for every dispatch key.

@@ -44,6 +44,12 @@ at::Tensor noise_floor_meta(const at::Tensor& like, const at::Tensor&, const at:
   return at::empty({kseed::tiles_of(numel, kseed::kFloorTileElems)}, like.options().dtype(at::kFloat));
 }
 
+at::Tensor project_seeds_meta(at::TensorList tensors, at::IntArrayRef, const at::Tensor& seeds, int64_t) {
+  TORCH_CHECK_VALUE(seeds.dim() == 1, "kseed: seeds must be 1-d [K], got ", seeds.dim(), " dims");
+  const at::TensorOptions like = tensors.empty() ? seeds.options() : tensors[0].options();
+  return at::empty({seeds.size(0)}, like.dtype(at::kFloat));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kseed, m) {
@@ -69,6 +75,10 @@ TORCH_LIBRARY(kseed, m) {
   // of one stream, no weight read or written; one float per kFloorTileElems elements, on like's device.
   m.def("_noise_floor(Tensor like, Tensor seeds, Tensor coefs, int numel, int stream, int noise=0) "
         "-> Tensor");
+  // The transpose of apply (docs/SPEC.md section 9): float32 [K], c_k = sum over the tensors (list order)
+  // and their elements of x_i * n(seeds[k], streams[t], i) in the spec's fixed order; the tensors are
+  // only read.  On the tensors' device (the CPU for an empty list).
+  m.def("project_seeds(Tensor[] tensors, int[] streams, Tensor seeds, int noise=0) -> Tensor");
   // Settings of the CPU kernels (implemented in csrc/ops_cpu.cpp).
   m.def("cpu_isa() -> str");               // the SIMD path the next call uses
   m.def("cpu_best_isa() -> str");          // the fastest path this CPU runs
@@ -87,6 +97,7 @@ TORCH_LIBRARY_IMPL(kseed, Meta, m) {
   m.impl("apply_seeds_out", &apply_seeds_out_meta);
   m.impl("apply_seeds_multi_out", &apply_seeds_multi_out_meta);
   m.impl("_noise_floor", &noise_floor_meta);
+  m.impl("project_seeds", &project_seeds_meta);
 }
 
 // Autograd for the ops that write a tensor argument (Tensor(a!), lists too), as PyTorch's own in-place

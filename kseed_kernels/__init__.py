@@ -8,6 +8,8 @@ from .ops import (
     backends,
     gaussian,
     philox4x32_10,
+    project_seeds,
+    project_seeds_multi,
     rademacher,
     stream_id,
 )
@@ -22,6 +24,8 @@ __all__ = [
     "backends",
     "gaussian",
     "philox4x32_10",
+    "project_seeds",
+    "project_seeds_multi",
     "rademacher",
     "stream_id",
 ]

@@ -28,6 +28,10 @@ COUNTER_RADEMACHER = 2
 # family one bit (128 a block).
 GAUSSIAN_BLOCK = 4
 RADEMACHER_BLOCK = 128
+# project_seeds (docs/SPEC.md section 9): elements per block of the fixed summation order, and lanes per
+# block (element i goes to lane i mod PROJECT_LANES).
+PROJECT_BLOCK = 2048
+PROJECT_LANES = 16
 # The noise families of the public API, and their codes in the compiled ops (csrc/kseed_types.h: enum
 # Noise).
 NOISES = ("gaussian", "rademacher")

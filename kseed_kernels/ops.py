@@ -535,3 +535,48 @@ def apply_seeds_multi(bases, streams, seeds, coefs, *, outs=None, backend=None, 
         return os_
     _run(_backends.pick(bs[0].device, backend), os_, st, s, c, rounding, bases=bs, noise=noise)
     return os_
+
+
+def _project(ts, streams, seeds, noise, backend, device) -> torch.Tensor:
+    """project_seeds_multi on checked inputs: the non-empty tensors go to the backend (through
+    contiguous copies where not contiguous: element i is the row-major index); K = 0 or no elements
+    give an empty result or +0.0 for every seed, without a backend call."""
+    mod = _backends.pick(device, backend)
+    keep = [(t, st) for t, st in zip(ts, streams) if t.numel()]
+    if seeds.numel() == 0 or not keep:
+        return torch.zeros(seeds.numel(), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        work = [t.detach() if t.is_contiguous() else t.detach().contiguous() for t, _ in keep]
+        return mod.project(work, [st for _, st in keep], seeds, noise)
+
+
+def project_seeds(tensor, seeds, *, stream=0, noise="gaussian", backend=None) -> torch.Tensor:
+    """The transpose of apply: float32 [K] with c_k = sum_i x_i * n(seeds[k], stream, i), n the
+    ``noise`` family, x the tensor read as float32 (float32, bf16 or fp16, any strides; i the row-major
+    index), on the tensor's device.
+
+    The sum runs in the fixed order of docs/SPEC.md section 9 (float32 lanes within blocks of 2048
+    elements, the block sums in float64), so every backend, on any number of threads, returns the same
+    bits.  ``seeds`` as for apply_seeds_ (ints in [0, 2^64) or an int64 tensor read as uint64 bits).
+    The tensor is only read; it may be an inference tensor.  K = 0 gives an empty tensor."""
+    _check_tensor(tensor)
+    stream = _check_stream(stream)
+    s = normalize_seeds(seeds)
+    noise = _check_noise(noise)
+    return _project([tensor], [stream], s, noise, backend, tensor.device)
+
+
+def project_seeds_multi(tensors, streams, seeds, *, noise="gaussian", backend=None) -> torch.Tensor:
+    """project_seeds over a list of tensors, each with its own stream id: float32 [K], the float64 sum
+    of every tensor's block sums in list order (docs/SPEC.md section 9.2), rounded once to float32.
+
+    ``tensors``: a sequence of float32 / bf16 / fp16 tensors on one device (they may share memory: they
+    are only read); ``streams``: one stream id per tensor.  An empty list gives +0.0 for every seed (on
+    the CPU)."""
+    ts, _ = _check_tensors(tensors, "tensors")
+    st = _check_streams(streams, len(ts), "tensors")
+    s = normalize_seeds(seeds)
+    noise = _check_noise(noise)
+    if ts:
+        _one_device(ts)
+    return _project(ts, st, s, noise, backend, ts[0].device if ts else torch.device("cpu"))

@@ -277,3 +277,52 @@ def apply_seeds_(tensor: torch.Tensor, seeds, coefs: torch.Tensor, stream: int =
         tensor.copy_(flat.view(tensor.shape))
     return tensor
 
+
+
+# ------------------------------------------------------------------------------------ project
+def project_block_sums(flat: torch.Tensor, seeds, stream: int, noise: str = "gaussian") -> torch.Tensor:
+    """float32 [K, nb]: the block sums S_b of docs/SPEC.md section 9.1 of a 1-d tensor (any float
+    dtype, read as float32) for each seed, nb = ceil(numel / PROJECT_BLOCK).
+
+    The last block is padded with +0.0 (spec 9.1: the same as skipping the missing elements).  Per seed
+    the products x_i * n_i are one float32 multiply each (for the Rademacher family an exact sign flip);
+    each of the 16 lanes sums its 128 products in ascending index, a sequential float32 loop (vectorised
+    over blocks and lanes); the lanes are then folded, upper half onto lower half."""
+    B, L = S.PROJECT_BLOCK, S.PROJECT_LANES
+    n = flat.numel()
+    nb = -(-n // B)
+    x = torch.zeros(nb * B, dtype=torch.float32, device=flat.device)
+    x[:n] = flat.to(torch.float32)
+    x = x.view(nb, B // L, L)
+    out = torch.empty(len(seeds), nb, dtype=torch.float32, device=flat.device)
+    for k, s in enumerate(seeds):
+        if noise == "rademacher":
+            neg = rademacher_signbits(int(s), nb * B, stream, 0, flat.device).bool().view(nb, B // L, L)
+            p = torch.where(neg, -x, x)
+        else:
+            p = x * gaussian(int(s), nb * B, stream, 0, flat.device).view(nb, B // L, L)
+        lanes = torch.zeros(nb, L, dtype=torch.float32, device=flat.device)
+        for j in range(B // L):
+            lanes = lanes + p[:, j, :]
+        h = L // 2
+        while h >= 1:
+            lanes = lanes[:, :h] + lanes[:, h:2 * h]
+            h //= 2
+        out[k] = lanes[:, 0]
+    return out
+
+
+@ieee
+def project_seeds_multi(tensors, streams, seeds, noise: str = "gaussian") -> torch.Tensor:
+    """Reference project_seeds_multi on normalised inputs (seeds a list of uint64 ints): float32 [K],
+    c_k = float32 of the float64 sum of every tensor's block sums, tensor by tensor in list order and
+    block by block (docs/SPEC.md section 9.2), a sequential loop over the blocks."""
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    total = torch.zeros(len(seeds), dtype=torch.float64, device=device)
+    for t, st in zip(tensors, streams):
+        if t.numel() == 0 or len(seeds) == 0:
+            continue
+        sums = project_block_sums(t.reshape(-1), seeds, st, noise).double()
+        for b in range(sums.shape[1]):
+            total = total + sums[:, b]
+    return total.to(torch.float32)

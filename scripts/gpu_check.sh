@@ -4,13 +4,13 @@
 #      installed, the installed torch untouched), then check that the "cuda" and "triton" backends work;
 #   2. the GPU tests: tests/test_cuda.py, the GPU half of tests/test_triton.py, tests/test_opcheck.py (its
 #      CUDA cases); a skipped one counts as a failure (the GPU-free tests are scripts/test.sh's);
-#   3. the three GPU benchmarks, bench/bench_gpu_{apply,rebuild,zo_step}.py, at their default sizes;
+#   3. the GPU benchmarks, bench/bench_gpu_{apply,rebuild,zo_step,project}.py, at their default sizes;
 #   3b. memory: bench/bench_gpu_memory.py, torch.cuda.max_memory_allocated beyond the model's bytes around a
 #      rebuild (w0 stays in host memory), a snapshot restore and ZO steps of a 0.17B bf16 LLaMA (issue #11);
 #   4. with --ncu, an Nsight Compute profile of the apply kernels (cuda, triton) at K = 1024.
-# Everything goes to one folder, at most 9 files: summary.txt (machine, versions, commit, the step table),
-# build.log, tests.log, bench_apply.log, bench_rebuild.log, bench_zo_step.log, bench_memory.log, ncu.log,
-# ncu_apply.ncu-rep.
+# Everything goes to one folder, at most 10 files: summary.txt (machine, versions, commit, the step table),
+# build.log, tests.log, bench_apply.log, bench_rebuild.log, bench_zo_step.log, bench_project.log,
+# bench_memory.log, ncu.log, ncu_apply.ncu-rep.
 # A failing step does not stop the others.  Exit status: 0 if every step passed, 1 if one failed or ran
 # out of time, 2 if there is no GPU or an option is wrong.  The default run is meant to fit in under 10
 # minutes on an H100 (not yet timed on one); each step has a time limit and the whole run ends within
@@ -22,7 +22,8 @@
 #   bash scripts/gpu_check.sh --only build,check,ncu   # the ncu profile alone
 #   bash scripts/gpu_check.sh --smoke          # no GPU needed: the plumbing, the benchmarks' --smoke modes
 #
-# Options: --out DIR; --only STEPS (comma-separated, of: build,check,tests,apply,rebuild,zo_step,memory,ncu);
+# Options: --out DIR; --only STEPS (comma-separated, of: build,check,tests,apply,rebuild,zo_step,project,
+#   memory,ncu);
 #   --ncu (add the ncu step); --no-build (use the kseed_kernels._C already built); --quick (shorter
 #   benchmarks: K = 1, 16, 1024 for apply, K = 1024 for rebuild, 5 ZO steps); --budget SECONDS (default
 #   560); --tree-hash (print the hash of the source files, to match a run's summary to a checkout; exit).
@@ -54,7 +55,7 @@ while (($#)); do
     --only) ONLY=${2:?--only needs a list of steps}; shift ;;
     --only=*) ONLY=${1#*=} ;;
     --tests-only) ONLY=build,check,tests ;;
-    --bench-only) ONLY=build,check,apply,rebuild,zo_step,memory ;;
+    --bench-only) ONLY=build,check,apply,rebuild,zo_step,project,memory ;;
     --ncu) NCU=1 ;;
     --smoke) SMOKE=1 ;;
     --quick) QUICK=1 ;;
@@ -70,7 +71,7 @@ while (($#)); do
 done
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "gpu_check: --budget takes whole seconds, got $BUDGET" >&2; exit 2; }
 # Which steps run.
-STEPS=(build check tests apply rebuild zo_step memory ncu)
+STEPS=(build check tests apply rebuild zo_step project memory ncu)
 declare -A WANT=()
 if [[ -n $ONLY ]]; then
   IFS=, read -r -a picked <<<"$ONLY"
@@ -79,7 +80,7 @@ if [[ -n $ONLY ]]; then
     WANT[$s]=1
   done
 else
-  for s in build check tests apply rebuild zo_step memory; do WANT[$s]=1; done
+  for s in build check tests apply rebuild zo_step project memory; do WANT[$s]=1; done
 fi
 ((NCU)) && WANT[ncu]=1
 ((SMOKE && !BUILD_SET)) && BUILD=0  # --smoke leaves the built extension alone unless --build is given
@@ -95,7 +96,9 @@ cd "$ROOT" || exit 2
 SUMMARY=$OUTDIR/summary.txt BUILD_LOG=$OUTDIR/build.log TESTS_LOG=$OUTDIR/tests.log
 APPLY_LOG=$OUTDIR/bench_apply.log REBUILD_LOG=$OUTDIR/bench_rebuild.log ZO_LOG=$OUTDIR/bench_zo_step.log
 NCU_LOG=$OUTDIR/ncu.log NCU_REP=$OUTDIR/ncu_apply.ncu-rep MEM_LOG=$OUTDIR/bench_memory.log
-rm -f "$SUMMARY" "$BUILD_LOG" "$TESTS_LOG" "$APPLY_LOG" "$REBUILD_LOG" "$ZO_LOG" "$NCU_LOG" "$NCU_REP" "$MEM_LOG"
+PROJECT_LOG=$OUTDIR/bench_project.log
+rm -f "$SUMMARY" "$BUILD_LOG" "$TESTS_LOG" "$APPLY_LOG" "$REBUILD_LOG" "$ZO_LOG" "$NCU_LOG" "$NCU_REP" "$MEM_LOG" \
+  "$PROJECT_LOG"
 
 export PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"  # the in-tree package, built in place
 export PYTHONUNBUFFERED=1
@@ -386,13 +389,14 @@ if [[ -n ${WANT[tests]:-} ]]; then
   if ((SMOKE)); then
     TESTS=(tests/test_cuda.py tests/test_opcheck.py)  # without a GPU the CUDA cases skip
   else
-    TESTS=(tests/test_cuda.py tests/test_triton.py::test_gpu tests/test_opcheck.py)
+    TESTS=(tests/test_cuda.py tests/test_triton.py::test_gpu tests/test_opcheck.py
+           tests/test_project.py::test_cuda_matches_cpu)
   fi
   # shellcheck disable=SC2086  # KSEED_PYTEST_ARGS is word-split on purpose
   run_step tests "$TESTS_LOG" 300 "$PY" -m pytest -q -ra -p no:cacheprovider "${TESTS[@]}" ${KSEED_PYTEST_ARGS:-}
   counts=$(grep -E '^=* *[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran' "$TESTS_LOG" \
            | tail -1 | sed -E 's/^=+ //; s/ =+$//')
-  skipped_gpu=$(grep -E '^SKIPPED .*tests/test_(cuda|triton|opcheck)\.py' "$TESTS_LOG" | head -1 | cut -c1-100)
+  skipped_gpu=$(grep -E '^SKIPPED .*tests/test_(cuda|triton|opcheck|project)\.py' "$TESTS_LOG" | head -1 | cut -c1-100)
   if ((STEP_RC == 0 && !SMOKE)) && [[ -n $skipped_gpu ]]; then
     record tests FAIL "$STEP_SECS" "GPU tests were skipped, e.g. '$skipped_gpu' [$counts]"
   elif ((STEP_RC > 0 && STEP_RC != 124 && STEP_RC != 137)); then
@@ -444,6 +448,13 @@ fi
 if [[ -n ${WANT[zo_step]:-} ]]; then
   run_step zo_step "$ZO_LOG" 240 "$PY" bench/bench_gpu_zo_step.py "${SMOKE_ARG[@]}" "${ZO_ARGS[@]}"
   verdict zo_step "$(zo_note "$ZO_LOG")"
+fi
+
+if [[ -n ${WANT[project]:-} ]]; then  # project_seeds vs the fused apply: the K = 256 rows' ratios
+  PROJECT_ARGS=()
+  ((QUICK && !SMOKE)) && PROJECT_ARGS=(--ks "16,256" --reps 2)
+  run_step project "$PROJECT_LOG" 180 "$PY" bench/bench_gpu_project.py "${SMOKE_ARG[@]}" "${PROJECT_ARGS[@]}"
+  verdict project "$(awk '$2 == "256" && NF == 8 { printf "%s%s %s %s project/apply %s", sep, $1, $3, $4, $8; sep = "; " }' "$PROJECT_LOG")"
 fi
 
 if [[ -n ${WANT[memory]:-} ]]; then

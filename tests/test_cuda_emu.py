@@ -270,3 +270,39 @@ def test_noise_floor_matches_reference_order(emu, tmp_path, gen, k, noise):
     kk.apply_seeds_(acc, seeds, coefs, stream=stream, backend="cpu", noise=noise)
     want = _floor_reference(acc.numpy(), numel)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+PROJ_SEEDS = THREADS // 4  # kProjSeeds: seeds per CTA of the project kernel
+
+
+def _project_job(tensors, streams, seeds, noise, chunk_blocks, shifts):
+    job = struct.pack("<iqiqi", 5, seeds.numel(), S.NOISE_CODES[noise], chunk_blocks, len(tensors))
+    job += seeds.numpy().tobytes()
+    for t, st, sh in zip(tensors, streams, shifts):
+        job += struct.pack("<iIqq", DT_CODE[t.dtype], st, t.numel(), sh)
+        job += t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return job
+
+
+# K: one seed, a CTA's seeds plus one (two seed tiles).  chunk_blocks: one block at a time (the float64
+# totals carried across sum launches), or the whole call.
+@pytest.mark.parametrize("k", [1, PROJ_SEEDS + 1])
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("chunk", [1, 1000])
+def test_project_matches_cpu(emu, tmp_path, gen, k, noise, chunk):
+    """project_seeds (docs/SPEC.md section 9) through the CUDA kernels: the block's elements staged in
+    shared memory, four lanes a thread, the fold by shuffles, the float64 block-order sum in chunks;
+    tensors of every dtype in list order (an empty one skipped), whole and partial blocks."""
+    sizes = (2 * S.PROJECT_BLOCK + 37, 0, 100, S.PROJECT_BLOCK)
+    dtypes = (torch.float32, torch.float32, torch.bfloat16, torch.float16)
+    ws = [torch.randn(n, generator=gen).to(dt) for n, dt in zip(sizes, dtypes)]
+    streams = _streams(gen, len(ws))
+    seeds = random_seeds(gen, k)
+    raw = emu(_project_job(ws, streams, seeds, noise, chunk, [0, 0, 1, 3]), tmp_path)
+    got = torch.frombuffer(bytearray(raw), dtype=torch.float32)
+    want = kk.project_seeds_multi(ws, streams, seeds, noise=noise, backend="cpu")
+    assert torch.equal(bits(got), bits(want)), f"{int((bits(got) != bits(want)).sum())} of {k} differ"
+    other = seeds.clone()
+    other[0] ^= 1
+    other = kk.project_seeds_multi(ws, streams, other, noise=noise, backend="cpu")
+    assert bits(got)[0] != bits(other)[0]  # the comparison sees a one-bit change of a seed

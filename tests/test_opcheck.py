@@ -133,3 +133,19 @@ def test_settings_ops():
         assert ops.cpu_isa() == "scalar"
     finally:
         ops.set_cpu_isa(None)
+
+
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_project_seeds(gen, noise, device):
+    ts = [torch.randn(3, 700, generator=gen).to(device),
+          torch.randn(2, 5, generator=gen).to(device=device, dtype=torch.bfloat16),
+          torch.randn(33, generator=gen).to(device=device, dtype=torch.float16)]
+    seeds, _ = _args(gen)
+    torch.library.opcheck(torch.ops.kseed.project_seeds.default, (ts, [1, 2**32 - 1, 5], seeds, noise))
+
+
+def test_project_seeds_meta_shape():
+    ts = [torch.empty(4097, device="meta"), torch.empty(3, 3, device="meta", dtype=torch.float16)]
+    out = torch.ops.kseed.project_seeds(ts, [0, 1], torch.zeros(7, dtype=torch.int64), 1)
+    assert out.shape == (7,) and out.dtype == torch.float32 and out.device.type == "meta"

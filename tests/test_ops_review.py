@@ -442,3 +442,19 @@ def test_triton_interpreter(triton_results, name):
 
 if __name__ == "__main__" and sys.argv[1:] == ["--triton-child"]:
     print(json.dumps(_triton_child()))
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_project_subnormals_whatever_the_flush_mode(backend, noise, gen):
+    """project_seeds reads subnormal inputs and makes subnormal sums (products of subnormal x with z,
+    and the final float32 rounding): the spec's bits whatever the process's flush-to-zero mode."""
+    seeds = [3, 2**64 - 9, 12345]
+    x = torch.randn(5000, generator=gen) * 1e-41  # subnormal float32, and so are the sums
+    y = torch.randn(70, generator=gen) * 1e-41
+    want = kk.project_seeds_multi([x, y], [5, 6], seeds, noise=noise, backend="reference")
+    assert bool((want != 0).all()) and bool((want.abs() < 2.0 ** -126).all())  # subnormal results
+    with _FlushDenormal():
+        got = kk.project_seeds_multi([x, y], [5, 6], seeds, noise=noise, backend=backend)
+        ref = kk.project_seeds_multi([x, y], [5, 6], seeds, noise=noise, backend="reference")
+    assert same_bits(got, want) and same_bits(ref, want)

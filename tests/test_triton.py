@@ -3,7 +3,8 @@
 Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1), which must be set
 before triton is imported.  Pytest may already have imported triton through another test module, so
 every check runs in one child process started with the variable set (``python tests/test_triton.py``);
-each test below reports one of its cases.  Sizes are small: the interpreter is slow.  With a GPU the same
+each test below reports one of its cases (KSEED_TRITON_CASES=a,b: only those run; the others then
+fail as "case did not run", so select them with -k too).  Sizes are small: the interpreter is slow.  With a GPU the same
 cases also run on CUDA tensors in the child (TRITON_INTERPRET unset), the CPU results as the oracle.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 CASES = ("registry", "philox_kat", "spec_vectors", "gaussian", "apply", "special_values", "multi",
-         "chunking", "out_of_place", "public_api", "rademacher_signs", "rademacher_apply")
+         "chunking", "out_of_place", "public_api", "rademacher_signs", "rademacher_apply", "project")
 
 
 # ----------------------------------------------------------------------------------- the child
@@ -62,8 +63,12 @@ def _child_main(device_name: str) -> dict:
         bref.apply([out], [stream], Update(seeds, coefs, rounding, sk, noise))
         return out
 
+    only = [c for c in os.environ.get("KSEED_TRITON_CASES", "").split(",") if c]
+
     def case(name):
         def deco(fn):
+            if only and name not in only:  # KSEED_TRITON_CASES=a,b runs only those cases
+                return fn
             try:
                 fn()
                 results[name] = "ok"
@@ -354,6 +359,35 @@ def _child_main(device_name: str) -> dict:
         acc = torch.zeros(3072)
         kk.apply_seeds_(acc, seeds, coefs, stream=5, backend="reference", noise="rademacher")
         assert torch.allclose(f, acc.view(3, 1024).sum(1), rtol=1e-4, atol=1e-5)
+
+    @case("project")
+    def _():
+        # project_seeds (docs/SPEC.md section 9): several tensors of every dtype (whole and partial
+        # blocks), K across two programs of seeds, both families; the chunked float64 sum (a chunk of
+        # two blocks cuts the first tensor); a non-contiguous view through the public API.
+        xs = [torch.randn(2 * S.PROJECT_BLOCK + 37, generator=gen),
+              torch.randn(100, generator=gen).to(torch.bfloat16),
+              torch.randn(5, 7, generator=gen).to(torch.float16)]
+        streams = [int(s) for s in torch.randint(0, 2**32, (3,), generator=gen)]
+        oracle = "cpu" if has_cpu else "reference"
+        for noise in S.NOISES:
+            seeds = seeds_of(bt.PROJECT_SEEDS + 1)
+            got = bt.project([x.to(dev) for x in xs], streams, seeds, noise)
+            want = kk.project_seeds_multi(xs, streams, seeds, noise=noise, backend=oracle)
+            assert torch.equal(bits(got), bits(want)), ("multi", noise)
+            old = bt.PROJECT_SCRATCH
+            bt.PROJECT_SCRATCH = 2 * 3
+            try:
+                got = bt.project([x.to(dev) for x in xs], streams, seeds[:3], noise)
+            finally:
+                bt.PROJECT_SCRATCH = old
+            want = kk.project_seeds_multi(xs, streams, seeds[:3], noise=noise, backend=oracle)
+            assert torch.equal(bits(got), bits(want)), ("chunked", noise)
+            nc = torch.randn(9, 40, generator=gen).to(dev).t()[3:]
+            got = kk.project_seeds(nc, [5, 2**64 - 1], stream=8, noise=noise, backend="triton")
+            want = kk.project_seeds(nc.cpu(), [5, 2**64 - 1], stream=8, noise=noise, backend=oracle)
+            assert torch.equal(bits(got), bits(want)), ("non-contiguous", noise)
+            assert got.device == nc.device
 
     return results
 

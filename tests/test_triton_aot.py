@@ -11,9 +11,9 @@ out-of-line slow path), and the only MUFU is MUFU.RSQ.
 
 The variants are not listed here: the backend's own entry points run with recorders in place of the
 kernels (every dtype, rounding, noise family, short and chunked K, aligned and unaligned tensors,
-single and multi-tensor, gaussian, rademacher, noise floor, philox) and each recorded launch is specialised exactly as
-``JITFunction.run`` would on a GPU (Triton's binder and ``_pack_args``), then compiled with
-``triton.compile`` for a ``GPUTarget`` given by hand.
+single and multi-tensor, gaussian, rademacher, noise floor, philox, project) and each recorded launch
+is specialised exactly as ``JITFunction.run`` would on a GPU (Triton's binder and ``_pack_args``), then
+compiled with ``triton.compile`` for a ``GPUTarget`` given by hand.
 ``test_fusion_is_detected`` compiles with ``enable_fp_fusion=True`` to show that the checks can fail.
 """
 from __future__ import annotations
@@ -47,9 +47,10 @@ from kseed_kernels.backends import triton as bt  # noqa: E402
 ARCHS = (90, 80)
 # Entry points of backends/triton/kernels.py (the @triton.jit functions the host launches).
 ENTRY_POINTS = ("gaussian_kernel", "rademacher_kernel", "apply_kernel", "apply_multi_kernel",
-                "noise_floor_kernel", "philox_kernel")
+                "noise_floor_kernel", "philox_kernel", "project_kernel", "project_sum_kernel")
 # Kernels that compute normals, hence square roots (their Gaussian variants, NOISE=0).
-NORMAL_KERNELS = ("gaussian_kernel", "apply_kernel", "apply_multi_kernel", "noise_floor_kernel")
+NORMAL_KERNELS = ("gaussian_kernel", "apply_kernel", "apply_multi_kernel", "noise_floor_kernel",
+                  "project_kernel")
 # The constexpr of a Rademacher variant in a launch label.
 RADEMACHER_VARIANT = f"NOISE={S.NOISE_RADEMACHER}"
 
@@ -101,6 +102,14 @@ def _record_launches():
                         bt.apply(ts, list(range(n_tensors)), upd)
                         bt.apply(ts, list(range(n_tensors)), upd, [t + 1 for t in ts])
             bt.noise_floor(4096, seeds[:3], coefs[:3], 1, "cpu", noise=noise)
+            # project_seeds: every dtype, and a scratch of one block so that the float64 sum runs in
+            # chunks (FINAL False, then True)
+            old = bt.PROJECT_SCRATCH
+            bt.PROJECT_SCRATCH = 3
+            try:
+                bt.project([torch.zeros(3000, dtype=d) for d in bt._DTYPE_CODE], [1, 2, 3], seeds[:3], noise)
+            finally:
+                bt.PROJECT_SCRATCH = old
         bt.philox4x32_10(torch.zeros(8, 4, dtype=torch.int64), torch.zeros(8, 2, dtype=torch.int64))
     finally:
         bt._tk = saved
@@ -207,7 +216,8 @@ _PTX_OP = re.compile(r"^\s*(?:@!?%p\w*\s+)?([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)", 
 _FLOAT_TYPE = re.compile(r"\.(f16|bf16|f32|f64|f16x2|bf16x2)$")
 _FLOAT_ARITH = {"add", "sub", "mul", "fma", "mad", "div", "sqrt", "rcp", "rsqrt", "ex2", "lg2", "sin",
                 "cos", "tanh"}
-_ALLOWED_ARITH = {"add.rn.f32", "sub.rn.f32", "mul.rn.f32", "sqrt.rn.f32"}
+# add.rn.f64: project_seeds adds its block sums in float64 (docs/SPEC.md section 9.1, step 4).
+_ALLOWED_ARITH = {"add.rn.f32", "sub.rn.f32", "mul.rn.f32", "sqrt.rn.f32", "add.rn.f64"}
 
 
 def ptx_ops(ptx: str) -> collections.Counter:
@@ -275,6 +285,9 @@ def test_launch_coverage(launches):
              for d in map(dict, seen["apply_multi_kernel"])}
     assert multi == {(d, r, s, n) for d in (0, 1, 2) for r in (0, 1) for s in (1, 2) for n in noises}
     assert {dict(d)["NOISE"] for d in seen["noise_floor_kernel"]} == set(noises)
+    project = {(d["DTYPE"], d["NOISE"]) for d in map(dict, seen["project_kernel"])}
+    assert project == {(d, n) for d in (0, 1, 2) for n in noises}
+    assert {dict(d)["FINAL"] for d in seen["project_sum_kernel"]} == {False, True}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -29,6 +29,12 @@ struct Kernels {
                        uint32_t* out);
   void (*finish)(DType dtype, const void* src, void* dst, const float* acc, const uint32_t* r,
                  int64_t n, int rounding);
+  // project_seeds (spec section 9): the block sum of one Gaussian seed, of a group of Rademacher seeds,
+  // and the float32 widening of a block's elements.
+  float (*project_normals)(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, const float* x);
+  void (*project_signs)(const uint64_t* seeds, int64_t K, uint32_t stream, uint64_t first_word, int64_t nwords,
+                        const float* x, float* out);
+  void (*widen)(DType dtype, const void* src, float* dst, int64_t n);
 };
 
 // One per ISA translation unit; nullptr where this build (compiler, architecture) lacks the path.

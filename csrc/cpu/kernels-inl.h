@@ -23,6 +23,8 @@
 //
 // A noise family is one accumulate function here and one member of the Kernels table, filled at the end
 // of this file: accumulate_normals (Gaussian, sections 2-4) and sum_signs (Rademacher, section 8).
+// The transpose of the apply (project_seeds, section 9) is project_normals and project_signs, over a
+// block widened to float32 by widen.
 
 // Philox round keys (the key bumped once per round), computed once per seed.
 struct RoundKeys {
@@ -348,7 +350,139 @@ void finish(DType dtype, const void* src, void* dst, const float* acc, const uin
   }
 }
 
+// ------------------------------------------------------------------------------ project (spec 9)
+// The transpose of the apply: per seed, the block sum of spec section 9.1 over one block of x (float32,
+// zero-padded; element j of x is lane j mod 16).  The 16 lanes are kProjAccs vectors of kLanes lanes:
+// vector a holds lanes a * kLanes .. a * kLanes + kLanes - 1, and a vector of kLanes consecutive
+// elements starting at local index e adds into vector (e / kLanes) mod kProjAccs, so each lane adds its
+// products in ascending index.  The fold of the 16 lane sums is the same 15 scalar adds on every path.
+static_assert(spec::PROJECT_LANES % kLanes == 0, "the 16 lanes are whole vectors");
+constexpr int kProjAccs = spec::PROJECT_LANES / kLanes;
+// Philox groups (of kLanes blocks, 4 * kLanes elements) per step of the Gaussian loop: kUnroll, and at
+// least 16 elements (the scalar path takes four one-block groups per step).
+constexpr int kProjMinStep = 4 * kLanes >= spec::PROJECT_LANES ? 1 : spec::PROJECT_LANES / (4 * kLanes);
+constexpr int kProjStep = kUnroll > kProjMinStep ? kUnroll : kProjMinStep;
+static_assert(kGroupBlocks % (kLanes * kProjMinStep) == 0, "a SIMD group is whole project steps");
+
+// Spec 9.1 step 3: the fold of the lanes (upper half onto lower half), float32.
+KSEED_INLINE float fold_lanes(const VF* acc) {
+  alignas(64) float s[spec::PROJECT_LANES];
+  for (int a = 0; a < kProjAccs; ++a) store_f(s + a * kLanes, acc[a]);
+  for (int h = spec::PROJECT_LANES / 2; h >= 1; h >>= 1) {
+    for (int l = 0; l < h; ++l) s[l] = fadd(s[l], s[l + h]);
+  }
+  return s[0];
+}
+
+// acc[(4u + g) mod kProjAccs] += x * z over U groups of blocks from first_block (local block b).
+template <int U>
+KSEED_INLINE void project_step(const RoundKeys& rk, uint64_t first_block, uint32_t stream,
+                               const float* x, VF* acc) {
+  VF z[4 * U];
+  KSEED_UNROLL
+  for (int u = 0; u < U; ++u) normals_group(rk, first_block + uint64_t(u * kLanes), stream, z + 4 * u);
+  KSEED_UNROLL
+  for (int g = 0; g < 4 * U; ++g) {
+    VF& a = acc[g % kProjAccs];
+    a = add(a, mul(load_f(x + kLanes * g), z[g]));
+  }
+}
+
+// The block sum of the Gaussian seed `key` over x[0 .. 4 nblocks) (Philox blocks first_block ..;
+// 4 first_block a multiple of 16, nblocks a multiple of kGroupBlocks, x zero past the tensor).
+float project_normals(Key key, uint32_t stream, uint64_t first_block, int64_t nblocks, const float* x) {
+  const RoundKeys rk = round_keys(key);
+  VF acc[kProjAccs];
+  for (int a = 0; a < kProjAccs; ++a) acc[a] = set_f(0.0f);
+  constexpr int64_t step = int64_t(kProjStep) * kLanes;
+  constexpr int64_t min_step = int64_t(kProjMinStep) * kLanes;
+  int64_t b = 0;
+  for (; b + step <= nblocks; b += step) {
+    project_step<kProjStep>(rk, first_block + uint64_t(b), stream, x + 4 * b, acc);
+  }
+  for (; b < nblocks; b += min_step) {
+    project_step<kProjMinStep>(rk, first_block + uint64_t(b), stream, x + 4 * b, acc);
+  }
+  return fold_lanes(acc);
+}
+
+// G seeds' Rademacher block sums over the sign words words[g * kSignBufWords + w], w < nwords, of x
+// (32 elements a word): piece q of a word (kLanes elements) adds +-x into lane vector q mod kProjAccs.
+template <int G>
+KSEED_NOINLINE void project_signs_pass(const uint32_t* words, const float* x, int64_t nwords, float* out) {
+  VF acc[G][kProjAccs];
+  for (int g = 0; g < G; ++g)
+    for (int a = 0; a < kProjAccs; ++a) acc[g][a] = set_f(0.0f);
+  for (int64_t w = 0; w < nwords; ++w) {
+    VF xv[kSignPieces], nx[kSignPieces];
+    KSEED_UNROLL
+    for (int q = 0; q < kSignPieces; ++q) {
+      xv[q] = load_f(x + 32 * w + kLanes * q);
+      nx[q] = as_f(xor_u(as_u(xv[q]), set_u(0x80000000u)));  // -x, exact
+    }
+    KSEED_UNROLL
+    for (int g = 0; g < G; ++g) {
+      const SW s = sign_word(words + g * kSignBufWords + w);
+      KSEED_UNROLL
+      for (int q = 0; q < kSignPieces; ++q) {
+        VF& a = acc[g][q % kProjAccs];
+        a = add(a, select_sign(xv[q], nx[q], s, q));
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) out[g] = fold_lanes(acc[g]);
+}
+
+// out[k] = the Rademacher block sum of seeds[k] over x[0 .. 32 nwords) (sign words first_word ..,
+// first_word a multiple of 4: whole Philox blocks; nwords <= kMaxSignWords - 1).
+void project_signs(const uint64_t* seeds, int64_t K, uint32_t stream, uint64_t first_word, int64_t nwords,
+                   const float* x, float* out) {
+  if (nwords <= 0) {
+    for (int64_t k = 0; k < K; ++k) out[k] = 0.0f;
+    return;
+  }
+  const uint64_t fb = first_word >> 2;
+  const int64_t nbv = ((nwords + 3) / 4 + kLanes - 1) / kLanes * kLanes;
+  alignas(64) uint32_t buf[kSignGroup * kSignBufWords];
+  for (int64_t k0 = 0; k0 < K; k0 += kSignGroup) {
+    const int G = int(K - k0 < kSignGroup ? K - k0 : kSignGroup);
+    for (int g = 0; g < G; ++g) {
+      philox_words(key_of(seeds[k0 + g]), stream, spec::COUNTER_RADEMACHER, fb, nbv, buf + g * kSignBufWords);
+    }
+    switch (G) {  // 1 <= G <= kSignGroup <= 8
+      case 8: if constexpr (kSignGroup >= 8) project_signs_pass<8>(buf, x, nwords, out + k0); break;
+      case 7: if constexpr (kSignGroup >= 7) project_signs_pass<7>(buf, x, nwords, out + k0); break;
+      case 6: if constexpr (kSignGroup >= 6) project_signs_pass<6>(buf, x, nwords, out + k0); break;
+      case 5: if constexpr (kSignGroup >= 5) project_signs_pass<5>(buf, x, nwords, out + k0); break;
+      case 4: if constexpr (kSignGroup >= 4) project_signs_pass<4>(buf, x, nwords, out + k0); break;
+      case 3: if constexpr (kSignGroup >= 3) project_signs_pass<3>(buf, x, nwords, out + k0); break;
+      case 2: if constexpr (kSignGroup >= 2) project_signs_pass<2>(buf, x, nwords, out + k0); break;
+      default: project_signs_pass<1>(buf, x, nwords, out + k0); break;
+    }
+  }
+}
+
+// dst[j] = float32(src[j]) for j < n (exact), src of `dtype`.
+void widen(DType dtype, const void* src, float* dst, int64_t n) {
+  const int64_t nv = n - n % kLanes;
+  int64_t j = 0;
+  switch (dtype) {
+    case DType::F32:
+      std::memcpy(dst, src, sizeof(float) * size_t(n));
+      return;
+    case DType::BF16:
+      for (; j < nv; j += kLanes) store_f(dst + j, load_bf16(static_cast<const uint16_t*>(src) + j));
+      for (; j < n; ++j) dst[j] = bf16_bits_to_float(static_cast<const uint16_t*>(src)[j]);
+      return;
+    case DType::F16:
+      for (; j < nv; j += kLanes) store_f(dst + j, load_f16(static_cast<const uint16_t*>(src) + j));
+      for (; j < n; ++j) dst[j] = fp16_bits_to_float(static_cast<const uint16_t*>(src)[j]);
+      return;
+  }
+}
+
 // This ISA's row of the dispatch table.
 constexpr Kernels make_kernels(bool (*supported)()) {
-  return Kernels{supported, &accumulate_normals, &sum_signs, &normals, &philox_words, &finish};
+  return Kernels{supported, &accumulate_normals, &sum_signs, &normals, &philox_words, &finish,
+                 &project_normals, &project_signs, &widen};
 }

@@ -225,5 +225,31 @@ void rademacher_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64
   std::memcpy(out, buf + skip, sizeof(float) * size_t(n));
 }
 
+void project_block(Isa isa, DType dtype, Noise noise, const void* src, int64_t n, uint64_t block,
+                   const uint64_t* seeds, int64_t K, uint32_t stream, float* out) {
+  if (K <= 0) return;
+  if (n <= 0) {
+    for (int64_t k = 0; k < K; ++k) out[k] = 0.0f;
+    return;
+  }
+  const IeeeSubnormals ieee;  // products and sums of subnormals as IEEE, whatever the thread's mode
+  const Kernels& kn = kernels(isa);
+  static_assert(spec::PROJECT_BLOCK % (4 * kGroupBlocks) == 0 && spec::PROJECT_BLOCK % 128 == 0,
+                "a project block is whole SIMD groups and whole Rademacher blocks");
+  alignas(64) float x[spec::PROJECT_BLOCK];
+  kn.widen(dtype, src, x, n);
+  if (noise == kNoiseRademacher) {  // whole 32-element sign words, zero-padded (spec 9.1: same sum)
+    const int64_t nwords = (n + 31) >> 5;
+    std::memset(x + n, 0, sizeof(float) * size_t(32 * nwords - n));
+    kn.project_signs(seeds, K, stream, block * uint64_t(spec::PROJECT_BLOCK / 32), nwords, x, out);
+  } else {  // whole SIMD groups of Philox blocks, zero-padded
+    const int64_t nbp = padded_blocks(0, n);
+    std::memset(x + n, 0, sizeof(float) * size_t(4 * nbp - n));
+    for (int64_t k = 0; k < K; ++k) {
+      out[k] = kn.project_normals(key_of(seeds[k]), stream, block * uint64_t(spec::PROJECT_BLOCK / 4), nbp, x);
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace kseed

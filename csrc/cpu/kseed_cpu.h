@@ -52,7 +52,7 @@ int64_t tile_elems();
 void set_tile_elems(int64_t n);
 
 // Subnormals are IEEE on every path whatever the calling thread's floating-point mode (docs/SPEC.md):
-// the tile functions below (apply_tile, gaussian_tile, rademacher_tile) run under an IeeeSubnormals
+// the tile functions below (apply_tile, gaussian_tile, rademacher_tile, project_block) run under an IeeeSubnormals
 // guard, which clears flush-to-zero and denormals-are-zero (x86: MXCSR.FTZ and .DAZ; aarch64: FPCR.FZ,
 // .FZ16 and .FIZ) for its lifetime and restores the thread's mode after.  Each thread that computes
 // (every OpenMP worker of the op layer) enters it itself: the mode is per thread.
@@ -86,6 +86,12 @@ void apply_tile(Isa isa, DType dtype, Noise noise, const void* src, void* dst, u
 void gaussian_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n);
 // out[j] = r(seed, stream, e0 + j) (+1.0f or -1.0f, spec section 8) for j in [0, n), n <= kMaxTile.
 void rademacher_tile(Isa isa, float* out, uint64_t seed, uint32_t stream, uint64_t e0, int64_t n);
+
+// project_seeds (docs/SPEC.md section 9): out[k] = the block sum S_b of seeds[k] (steps 1-3 of 9.1) over
+// the n elements of src (`dtype`), which are block `block` (elements PROJECT_BLOCK * block + j) of a
+// tensor with stream `stream`; n <= spec::PROJECT_BLOCK (less only for a tensor's last block); K >= 0.
+void project_block(Isa isa, DType dtype, Noise noise, const void* src, int64_t n, uint64_t block,
+                   const uint64_t* seeds, int64_t K, uint32_t stream, float* out);
 
 // Building blocks (exposed for the C++ tests).  nblocks must be a multiple of kGroupBlocks.
 // acc[4 b + l] = acc[4 b + l] + c * z(lane l of block first_block + b).

@@ -64,5 +64,18 @@ cudaError_t launch_apply(DType dtype, const PlanRow* rows, int num_rows, int64_t
 cudaError_t launch_noise_floor(float* out, int64_t numel, const uint64_t* seeds, const float* coefs,
                                int64_t K, uint32_t stream, Noise noise, cudaStream_t cu_stream);
 
+// project_seeds (docs/SPEC.md section 9): rows are the call's tensors in list order (PlanRow: src, numel,
+// stream, reserved = the DType, first_tile = the index of the tensor's first block of PROJECT_BLOCK
+// elements among all num_blocks blocks of the call).  A CTA takes one block and kProjSeeds seeds; its
+// thread 4 s + q owns lanes 4 q .. 4 q + 3 of seed s, adds its products in ascending index from the
+// block's elements staged in shared memory, and the fold is two shuffles and two adds.  The block sums
+// (sums[(block - first) * K + k], float32) of at most chunk_blocks blocks at a time are then added in
+// block order into the float64 totals acc[K] (device, zeroed by the caller) by a second kernel, and the
+// last chunk writes out[k] = float32(acc[k]).  sums holds min(chunk_blocks, num_blocks) * K floats.
+constexpr int kProjSeeds = kThreads / 4;
+cudaError_t launch_project(const PlanRow* rows, int num_rows, int64_t num_blocks, const uint64_t* seeds,
+                           int64_t K, Noise noise, int64_t chunk_blocks, float* sums, double* acc,
+                           float* out, cudaStream_t cu_stream);
+
 }  // namespace cuda
 }  // namespace kseed

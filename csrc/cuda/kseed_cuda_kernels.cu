@@ -403,7 +403,114 @@ cudaError_t launch_noise(void (*kernel)(float*, int64_t, uint64_t, uint32_t, uin
   (out, numel, seed, stream, offset);
   return cudaGetLastError();
 }
+// ------------------------------------------------------------------------------ project (spec 9)
+// The block sums of blocks first + blockIdx.x / seed_tiles, seeds (blockIdx.x % seed_tiles) * kProjSeeds
+// + threadIdx.x / 4 (spec 9.1 steps 1-3); see launch_project.
+template <int NOISE>
+__global__ void __launch_bounds__(kThreads)
+    project_kernel(const PlanRow* __restrict__ rows, int num_rows, int64_t first, int seed_tiles,
+                   const uint64_t* __restrict__ seeds, int64_t K, float* __restrict__ sums) {
+  constexpr int64_t B = spec::PROJECT_BLOCK;
+  __shared__ float xs[B];
+  __shared__ PlanRow w_sh;
+  const int64_t local = int64_t(blockIdx.x) / seed_tiles;
+  const int64_t g = first + local;  // the block among the call's blocks
+  if (threadIdx.x == 0) w_sh = rows[find_row(rows, num_rows, g)];
+  __syncthreads();
+  const PlanRow w = w_sh;
+  const int64_t b = g - w.first_tile;  // the block within its tensor
+  const int64_t e0 = b * B;
+  for (int j = threadIdx.x; j < B; j += kThreads) {  // stage the block as float32, zero past the end
+    const int64_t i = e0 + j;
+    float v = 0.0f;
+    if (i < w.numel) {
+      switch (DType(w.reserved)) {
+        case DType::F32: v = static_cast<const float*>(w.src)[i]; break;
+        case DType::BF16: v = Elem<DType::BF16>::to_f32(static_cast<const uint16_t*>(w.src)[i]); break;
+        case DType::F16: v = Elem<DType::F16>::to_f32(static_cast<const uint16_t*>(w.src)[i]); break;
+      }
+    }
+    xs[j] = v;
+  }
+  __syncthreads();
+  const int64_t k = int64_t(blockIdx.x % seed_tiles) * kProjSeeds + threadIdx.x / 4;
+  const uint32_t q = threadIdx.x & 3u;
+  const Key key = key_of(seeds[k < K ? k : 0]);
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (k >= K) {
+    // past the last seed (K not a multiple of kProjSeeds): no work, only the shuffles below
+  } else if (NOISE == kNoiseRademacher) {
+#pragma unroll 1
+    for (int rb = 0; rb < int(B / 128); ++rb) {  // one Philox call serves 8 rows of 16 elements
+      const Block x = philox_block(key, uint64_t(b) * (B / 128) + uint64_t(rb), w.stream,
+                                   spec::COUNTER_RADEMACHER);
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const uint32_t word = block_word(x, uint32_t(jj >> 1)) >> (16 * (jj & 1) + 4 * q);
+        const float* xr = xs + 128 * rb + 16 * jj + 4 * q;
+#pragma unroll
+        for (int l = 0; l < 4; ++l) acc[l] = fadd(acc[l], signed_coef(float_to_bits(xr[l]), (word >> l) & 1u));
+      }
+    }
+  } else {
+#pragma unroll 1
+    for (int j = 0; j < int(B / 16); ++j) {  // row j: Philox block 4 j + q gives lanes 4 q .. 4 q + 3
+      float z[4];
+      normals4(philox_block(key, uint64_t(b) * (B / 4) + uint64_t(4 * j) + q, w.stream, spec::COUNTER_GAUSSIAN), z);
+      const float* xr = xs + 16 * j + 4 * q;
+#pragma unroll
+      for (int l = 0; l < 4; ++l) acc[l] = fadd(acc[l], fmul(xr[l], z[l]));
+    }
+  }
+  // The fold (spec 9.1 step 3): h = 8 pairs quad q with q ^ 2, h = 4 with q ^ 1 (every thread of the
+  // block takes part in the shuffles), then h = 2, 1 in the thread.
+  float t[4];
+#pragma unroll
+  for (int l = 0; l < 4; ++l) t[l] = fadd(acc[l], __shfl_xor_sync(0xFFFFFFFFu, acc[l], 2));
+#pragma unroll
+  for (int l = 0; l < 4; ++l) t[l] = fadd(t[l], __shfl_xor_sync(0xFFFFFFFFu, t[l], 1));
+  const float s = fadd(fadd(t[0], t[2]), fadd(t[1], t[3]));
+  if (q == 0 && k < K) sums[local * K + k] = s;
+}
+
+// Spec 9.1 step 4 for seed k = blockIdx.x * kThreads + threadIdx.x: acc[k] plus the block sums of nblocks
+// blocks in order, in float64; out (if not null) gets float32(acc[k]).
+__global__ void __launch_bounds__(kThreads)
+    project_sum_kernel(const float* __restrict__ sums, int64_t nblocks, int64_t K, double* __restrict__ acc,
+                       float* __restrict__ out) {
+  const int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (k >= K) return;
+  double a = acc[k];
+  for (int64_t b = 0; b < nblocks; ++b) a = a + double(sums[b * K + k]);  // one rounded add (no fma)
+  acc[k] = a;
+  if (out != nullptr) out[k] = float(a);  // round to nearest even
+}
 }  // namespace
+
+cudaError_t launch_project(const PlanRow* rows, int num_rows, int64_t num_blocks, const uint64_t* seeds,
+                           int64_t K, Noise noise, int64_t chunk_blocks, float* sums, double* acc,
+                           float* out, cudaStream_t cu_stream) {
+  if (num_blocks <= 0 || K <= 0 || num_rows <= 0) return cudaSuccess;
+  const int64_t seed_tiles = (K + kProjSeeds - 1) / kProjSeeds;
+  const int64_t sum_grid = (K + kThreads - 1) / kThreads;
+  if (chunk_blocks < 1 || seed_tiles > 0x7FFFFFFFll || sum_grid > 0x7FFFFFFFll) return cudaErrorInvalidValue;
+  for (int64_t c0 = 0; c0 < num_blocks; c0 += chunk_blocks) {
+    const int64_t nb = num_blocks - c0 < chunk_blocks ? num_blocks - c0 : chunk_blocks;
+    if (nb * seed_tiles > 0x7FFFFFFFll) return cudaErrorInvalidValue;
+    if (noise == kNoiseRademacher) {
+      KSEED_LAUNCH(dim3(unsigned(nb * seed_tiles)), kThreads, cu_stream, project_kernel<kNoiseRademacher>)
+      (rows, num_rows, c0, int(seed_tiles), seeds, K, sums);
+    } else {
+      KSEED_LAUNCH(dim3(unsigned(nb * seed_tiles)), kThreads, cu_stream, project_kernel<kNoiseGaussian>)
+      (rows, num_rows, c0, int(seed_tiles), seeds, K, sums);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    KSEED_LAUNCH(dim3(unsigned(sum_grid)), kThreads, cu_stream, project_sum_kernel)
+    (sums, nb, K, acc, c0 + nb >= num_blocks ? out : nullptr);
+  }
+  return cudaGetLastError();
+}
 
 cudaError_t launch_gaussian(float* out, int64_t numel, uint64_t seed, uint32_t stream,
                             uint64_t offset, cudaStream_t cu_stream) {

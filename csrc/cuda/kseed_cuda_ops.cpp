@@ -11,6 +11,7 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -121,6 +122,39 @@ at::Tensor noise_floor_cuda(const at::Tensor& like, const at::Tensor& seeds, con
   return out;
 }
 
+// project_seeds (docs/SPEC.md section 9): the rows (list order) and seeds in one pinned buffer, one
+// asynchronous copy, then launch_project over chunks of at most 2^24 / K blocks of block sums.
+at::Tensor project_seeds_cuda(at::TensorList tensors, at::IntArrayRef streams, const at::Tensor& seeds,
+                              int64_t noise) {
+  const kseed::checks::ProjectCall call = kseed::checks::read_project(
+      tensors, streams, seeds, noise, kCUDA, kseed::spec::PROJECT_BLOCK);
+  const int64_t K = call.sc.K;
+  if (call.empty()) {
+    const at::Device dev = call.device.value_or(at::Device(at::kCPU));
+    return at::zeros({K}, at::TensorOptions().dtype(at::kFloat).device(dev));
+  }
+  const at::Device& device = *call.device;
+  const c10::cuda::CUDAGuard guard(device);
+  const size_t rows_bytes = call.rows.size() * sizeof(PlanRow);  // a multiple of 8
+  at::Tensor host = at::empty({int64_t(rows_bytes + size_t(K) * 8)},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr<uint8_t>(), call.rows.data(), rows_bytes);
+  std::memcpy(host.data_ptr<uint8_t>() + rows_bytes, call.sc.s(), size_t(K) * 8);
+  const at::Tensor dev = host.to(device, /*non_blocking=*/true);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / K);
+  const at::TensorOptions on = at::TensorOptions().device(device);
+  at::Tensor sums = at::empty({std::min(chunk, call.blocks) * K}, on.dtype(at::kFloat));
+  at::Tensor acc = at::zeros({K}, on.dtype(at::kDouble));
+  at::Tensor out = at::empty({K}, on.dtype(at::kFloat));
+  const uint8_t* d = dev.data_ptr<uint8_t>();
+  check_cuda(kseed::cuda::launch_project(reinterpret_cast<const PlanRow*>(d), int(call.rows.size()),
+                                         call.blocks, reinterpret_cast<const uint64_t*>(d + rows_bytes), K,
+                                         call.noise, chunk, sums.data_ptr<float>(), acc.data_ptr<double>(),
+                                         out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
+             "project_seeds launch");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kseed, CUDA, m) {
@@ -128,4 +162,5 @@ TORCH_LIBRARY_IMPL(kseed, CUDA, m) {
   m.impl("rademacher_", &rademacher_cuda);
   kseed::checks::impl_apply_ops<run_apply>(m);
   m.impl("_noise_floor", &noise_floor_cuda);
+  m.impl("project_seeds", &project_seeds_cuda);
 }

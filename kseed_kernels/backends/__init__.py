@@ -9,6 +9,10 @@ Each backend is a package here (reference/, cpu/, triton/, cuda/) whose module h
   apply(outs, streams, upd, bases=None) -> None
       outs[i] = round(bases[i] + sum_k upd.coefs[k] n(upd.seeds[k], streams[i], e)) for every tensor,
       in place on outs when bases is None; n is z or r by upd.noise.
+  project(tensors, streams, seeds, noise) -> float32 tensor [K] on the tensors' device
+      c_k = the float64 sum, in docs/SPEC.md section 9's order, of the block sums of every tensor for
+      seed seeds[k] (an int64 CPU tensor of uint64 bit patterns, K >= 1), rounded to float32; noise is
+      "gaussian" or "rademacher".  The tensors are contiguous, non-empty, on one device, only read.
 Inputs reaching a backend are already validated by kseed_kernels.ops: tensors contiguous, float32 / bf16
 / fp16, all on one device the backend serves, non-empty, writable; each base the shape and dtype of its
 out and no out overlapping a base or another out; streams uint32 ints; ``upd`` an Update with K >= 1.

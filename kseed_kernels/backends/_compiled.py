@@ -53,6 +53,11 @@ def apply(outs, streams, upd, bases=None):
         k.apply_seeds_multi_out(list(bases), list(outs), list(streams), *tail, *flags)
 
 
+def project(tensors, streams, seeds, noise):
+    """One op call for the whole list (docs/SPEC.md section 9): float32 [K] on the tensors' device."""
+    return ops().project_seeds(list(tensors), list(streams), seeds, NOISE_CODES[noise])
+
+
 def noise_floor(n, seeds, coefs, stream, device, noise="gaussian"):
     """Benchmark helper: the generate-and-sum work of an apply of the ``noise`` family over n elements,
     one float per 2048."""

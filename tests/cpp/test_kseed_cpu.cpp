@@ -12,6 +12,7 @@
 //   - the scalar float16 / bfloat16 conversions against the hardware conversions where present;
 //   - subnormals IEEE whatever the thread's flush mode: tiles under flush-to-zero / denormals-are-zero
 //     bitwise the tiles without it (subnormal results and inputs), and the mode restored after.
+//   - project_block (spec section 9) of every path against the spec's order through the core.
 // Usage: kseed_cpp_tests [path/to/spec_vectors.txt [path/to/spec_vectors_rademacher.txt]]
 #include <cinttypes>
 #include <cmath>
@@ -552,6 +553,58 @@ static void test_flush_mode() {
   }
 }
 
+// project_block (spec section 9.1, steps 1-3) of every path against the spec read literally, element by
+// element through the core: products in float32, 16 lanes in ascending index, the fold.  Every dtype and
+// family, block indices whose Philox counters carry into the high word, lengths of whole and partial
+// blocks, K across the Rademacher seed groups (and 0).
+static void test_project() {
+  std::mt19937_64 rng(1919);
+  const auto all = paths();
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int trial = 0; trial < 36; ++trial) {
+    const Noise noise = trial % 2 ? kNoiseRademacher : kNoiseGaussian;
+    const DType dt = DType((trial / 2) % 3);
+    const int64_t K = trial == 0 ? 0 : 1 + int64_t(rng() % 19);
+    std::vector<uint64_t> seeds(static_cast<size_t>(K) + 1);
+    for (auto& x : seeds) x = rng();
+    const uint32_t stream = uint32_t(rng());
+    const uint64_t block = trial % 3 == 0 ? (uint64_t(1) << 23) - 1 + rng() % 3 : rng() >> 24;
+    const int64_t B = spec::PROJECT_BLOCK;
+    const int64_t n = trial % 4 == 0 ? B : trial % 4 == 1 ? 1 + int64_t(rng() % 40) : 1 + int64_t(rng() % B);
+    std::vector<float> x(static_cast<size_t>(n));
+    std::vector<uint16_t> h(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = nd(rng) * (trial % 5 == 0 && dt != DType::F16 ? 1e30f : 1.0f);  // huge, still finite
+      h[size_t(j)] = dt == DType::BF16 ? round_bf16_nearest(v) : round_fp16_nearest(v);
+      x[size_t(j)] = dt == DType::F32 ? v : dt == DType::BF16 ? bf16_bits_to_float(h[size_t(j)])
+                                                               : fp16_bits_to_float(h[size_t(j)]);
+    }
+    const void* src = dt == DType::F32 ? static_cast<const void*>(x.data()) : static_cast<const void*>(h.data());
+    std::vector<float> want(static_cast<size_t>(K));
+    for (int64_t k = 0; k < K; ++k) {
+      float lanes[spec::PROJECT_LANES] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        const uint64_t i = block * uint64_t(B) + uint64_t(j);
+        const float p = noise == kNoiseRademacher
+                            ? bits_to_float(float_to_bits(x[size_t(j)]) ^ (rademacher_signbit(seeds[size_t(k)], stream, i) << 31))
+                            : fmul(x[size_t(j)], gaussian_at(seeds[size_t(k)], stream, i));
+        lanes[j % spec::PROJECT_LANES] = fadd(lanes[j % spec::PROJECT_LANES], p);
+      }
+      for (int hh = spec::PROJECT_LANES / 2; hh >= 1; hh >>= 1)
+        for (int l = 0; l < hh; ++l) lanes[l] = fadd(lanes[l], lanes[l + hh]);
+      want[size_t(k)] = lanes[0];
+    }
+    for (Isa isa : all) {
+      std::vector<float> got(static_cast<size_t>(K) + 1, -7.0f);
+      project_block(isa, dt, noise, src, n, block, seeds.data(), K, stream, got.data());
+      CHECK(std::memcmp(got.data(), want.data(), size_t(K) * 4) == 0 && float_to_bits(got[size_t(K)]) == float_to_bits(-7.0f),
+            "%s project_block differs (%s, dtype %d, K %lld, n %lld, block %llu)", isa_name(isa),
+            noise == kNoiseRademacher ? "rademacher" : "gaussian", int(dt), (long long)K, (long long)n,
+            (unsigned long long)block);
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   const char* vectors = argc > 1 ? argv[1] : "tests/data/spec_vectors.txt";
   const char* rad_vectors = argc > 2 ? argv[2] : "tests/data/spec_vectors_rademacher.txt";
@@ -569,6 +622,7 @@ int main(int argc, char** argv) {
   test_tiles(kNoiseRademacher, 48, 19);
   test_conversions();
   test_flush_mode();
+  test_project();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

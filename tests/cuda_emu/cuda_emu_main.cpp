@@ -17,9 +17,12 @@
 //   op 1 (gaussian): uint64 seed, uint32 stream, uint64 offset, int64 numel
 //   op 2 (floor):    int64 K, uint32 stream, int64 numel, int32 noise; uint64 seeds[K]; float coefs[K]
 //   op 4 (rademacher): as op 1
+//   op 5 (project_seeds): int64 K, int32 noise, int64 chunk_blocks, int32 n; uint64 seeds[K];
+//                    n x { int32 dtype, uint32 stream, int64 numel, int64 shift, numel elements }
+//                    (the tensors in list order; the call's block sums chunk_blocks blocks at a time)
 // noise: 0 gaussian, 1 rademacher (csrc/kseed_types.h: enum Noise).
 // OUT: op 0 the n tensors' elements after the update, in order (op 3: the n outs); ops 1 and 4
-// float[numel]; op 2 one float per tile.  Prints the number of launches and emulated threads.
+// float[numel]; op 2 one float per tile; op 5 float[K].  Prints the number of launches and emulated threads.
 #include "cuda_emu.h"
 
 #include <cstring>
@@ -205,6 +208,40 @@ int main(int argc, char** argv) {
     }
     mem.check("noise output");
     out.assign(reinterpret_cast<char*>(res), reinterpret_cast<char*>(res) + size_t(numel) * 4);
+  } else if (op == 5) {
+    const int64_t K = r.get<int64_t>();
+    const int noise = r.get<int32_t>();
+    const int64_t chunk = r.get<int64_t>();
+    const int n = r.get<int32_t>();
+    std::vector<uint64_t> seeds(static_cast<size_t>(K));
+    r.bytes(seeds.data(), size_t(K) * 8);
+    std::vector<Guarded> mems(static_cast<size_t>(n));
+    std::vector<kseed::PlanRow> rows;
+    int64_t blocks = 0;
+    for (Guarded& m : mems) {  // as kseed::checks::read_project: list order, empty tensors skipped
+      const int dtype = r.get<int32_t>();
+      const uint32_t st = r.get<uint32_t>();
+      const int64_t numel = r.get<int64_t>();
+      const int64_t shift = r.get<int64_t>();
+      const size_t es = elem_size(dtype);
+      char* data = m.alloc(size_t(numel) * es, size_t(shift) * es);
+      r.bytes(data, size_t(numel) * es);
+      if (numel == 0) continue;
+      rows.push_back({data, nullptr, numel, st, uint32_t(dtype), blocks});
+      blocks += kseed::tiles_of(numel, kseed::spec::PROJECT_BLOCK);
+    }
+    const int64_t cb = chunk < blocks ? chunk : blocks;
+    Guarded sums_mem, out_mem;
+    float* sums = reinterpret_cast<float*>(sums_mem.alloc(size_t(cb * K) * 4, 0));
+    std::vector<double> acc(static_cast<size_t>(K), 0.0);
+    float* res = reinterpret_cast<float*>(out_mem.alloc(size_t(K) * 4, 0));
+    std::memset(res, 0, size_t(K) * 4);  // as the binding: no block gives +0.0
+    fail(kseed::cuda::launch_project(rows.data(), int(rows.size()), blocks, seeds.data(), K, kseed::Noise(noise),
+                                     chunk, sums, acc.data(), res, nullptr),
+         "launch_project");
+    sums_mem.check("block sums");
+    out_mem.check("project output");
+    out.assign(reinterpret_cast<char*>(res), reinterpret_cast<char*>(res) + size_t(K) * 4);
   } else {
     std::fprintf(stderr, "cuda_emu: unknown op %d\n", op);
     return 2;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 NAME = "cpu"
-from .._compiled import apply, gaussian, noise_floor, rademacher  # noqa: F401  (the interface)
+from .._compiled import apply, gaussian, noise_floor, project, rademacher  # noqa: F401  (the interface)
 from .._compiled import ops as _ops
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 NAME = "cuda"
-from .._compiled import apply, gaussian, noise_floor, rademacher  # noqa: F401  (the interface)
+from .._compiled import apply, gaussian, noise_floor, project, rademacher  # noqa: F401  (the interface)
 from .._compiled import ops as _ops
 
 

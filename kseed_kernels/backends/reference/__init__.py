@@ -30,3 +30,7 @@ def apply(outs, streams, upd, bases=None):
     for i, (out, st) in enumerate(zip(outs, streams)):
         _ref.apply_seeds_(out, seeds, upd.coefs, st, upd.rounding, upd.sr_key,
                           base=None if bases is None else bases[i], noise=upd.noise)
+
+
+def project(tensors, streams, seeds, noise):
+    return _ref.project_seeds_multi(tensors, streams, [s & MASK64 for s in seeds.tolist()], noise)

@@ -236,6 +236,56 @@ def _apply(outs, streams, upd, bases):
             # to work queued later on the same stream, after this kernel.
 
 
+# project_seeds: seeds per program, seeds per program of the float64 sum, and the most block sums
+# (float32) held at once before they are added into the float64 totals.
+PROJECT_SEEDS = 32
+PROJECT_SUM_SEEDS = 128
+PROJECT_SCRATCH = 1 << 24
+
+
+def project(tensors, streams, seeds, noise):
+    """docs/SPEC.md section 9 (under the interpreter, with IEEE subnormals: see apply)."""
+    if tensors[0].device.type == "cpu":
+        with ieee_subnormals():
+            return _project(tensors, streams, seeds, noise)
+    return _project(tensors, streams, seeds, noise)
+
+
+def _project(tensors, streams, seeds, noise):
+    """docs/SPEC.md section 9: the block sums of the tensors' blocks in list order, in chunks of at most
+    PROJECT_SCRATCH / K blocks (a chunk may cut a tensor), each chunk's sums then added in block order
+    into float64 totals by project_sum_kernel; the last chunk rounds them to float32."""
+    tk = _kernels()
+    device = tensors[0].device
+    K = seeds.numel()
+    s32, _ = _device_args(seeds, seeds.new_zeros(K, dtype=torch.float32), device)
+    cap = max(1, PROJECT_SCRATCH // K)
+    pieces = []  # (tensor view, stream, first block, blocks) in list order, each within one chunk
+    for t, st in zip(tensors, streams):
+        nb = -(-t.numel() // S.PROJECT_BLOCK)
+        for b0 in range(0, nb, cap):
+            pieces.append((t, st, b0, min(cap, nb - b0)))
+    sums = torch.empty(min(cap, sum(p[3] for p in pieces)) * K, dtype=torch.float32, device=device)
+    acc = torch.zeros(K, dtype=torch.float64, device=device)
+    out = torch.empty(K, dtype=torch.float32, device=device)
+    ncode = S.NOISE_CODES[noise]
+    with _on(device):
+        i = 0
+        while i < len(pieces):
+            rows = 0
+            while i < len(pieces) and rows + pieces[i][3] <= cap:
+                t, st, b0, nb = pieces[i]
+                x = _kernel_view(t.view(-1))
+                tk.project_kernel[(nb, triton.cdiv(K, PROJECT_SEEDS))](
+                    x, *_w(t.numel()), *_w(b0), sums, *_w(rows), s32, K, _i32(st),
+                    DTYPE=_DTYPE_CODE[t.dtype], NOISE=ncode, NS=PROJECT_SEEDS, **_opts())
+                rows += nb
+                i += 1
+            tk.project_sum_kernel[(triton.cdiv(K, PROJECT_SUM_SEEDS),)](
+                sums, rows, K, acc, out, FINAL=i == len(pieces), BK=PROJECT_SUM_SEEDS, **_opts())
+    return out
+
+
 def noise_floor(n, seeds, coefs, stream, device, noise="gaussian"):
     """Benchmark helper: the generate-and-sum work of an apply of the ``noise`` family over n elements,
     one float per program."""

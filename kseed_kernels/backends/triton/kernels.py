@@ -482,3 +482,99 @@ def philox_kernel(ctr_ptr, key_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + 4 * i + 1, x1.to(tl.int32, bitcast=True), mask=m)
     tl.store(out_ptr + 4 * i + 2, x2.to(tl.int32, bitcast=True), mask=m)
     tl.store(out_ptr + 4 * i + 3, x3.to(tl.int32, bitcast=True), mask=m)
+
+
+# ------------------------------------------------------------------------------ project (spec 9)
+_PROJ_B = tl.constexpr(S.PROJECT_BLOCK)
+_PROJ_L = tl.constexpr(S.PROJECT_LANES)
+
+
+@triton.jit
+def _fold_half(acc, NS: tl.constexpr, H: tl.constexpr):
+    """[NS, 2 H] -> [NS, H]: lane l + lane l + H (spec 9.1 step 3, one level)."""
+    a, b = tl.split(tl.permute(tl.reshape(acc, [NS, 2, H]), (0, 2, 1)))
+    return a + b
+
+
+@triton.jit
+def _fold16(acc, NS: tl.constexpr):
+    """The fold of 16 float32 lane sums [NS, 16] (upper half onto lower, h = 8, 4, 2, 1) -> [NS]."""
+    acc = _fold_half(acc, NS, 8)
+    acc = _fold_half(acc, NS, 4)
+    acc = _fold_half(acc, NS, 2)
+    acc = _fold_half(acc, NS, 1)
+    return tl.reshape(acc, [NS])
+
+
+@triton.jit(do_not_specialize=["n_lo", "n_hi", "b_lo", "b_hi", "o_lo", "o_hi", "K", "stream"])
+def project_kernel(x_ptr, n_lo, n_hi, b_lo, b_hi, sums_ptr, o_lo, o_hi, seeds_ptr, K, stream,
+                   DTYPE: tl.constexpr, NOISE: tl.constexpr, NS: tl.constexpr):
+    """Block sums (docs/SPEC.md section 9.1) of one tensor of n elements: program (p, q) takes block
+    b = first + p (elements 2048 b + [0, 2048)) and seeds q * NS + [0, NS), and writes
+    sums[(o + p) * K + k].  A seed's 16 lanes are a row of the [NS, 16] accumulator (the Gaussian keeps
+    them as four [NS, 4] columns, lane 4 q + w in column w), each adding its products in ascending index
+    (a sequential loop over the block's 128 rows of 16 elements)."""
+    p = tl.program_id(0).to(tl.int64)
+    n = _i64(n_lo, n_hi)
+    b = _i64(b_lo, b_hi) + p
+    row = _i64(o_lo, o_hi) + p
+    st = _u32(stream)
+    ks = tl.program_id(1) * NS + tl.arange(0, NS)
+    kmask = ks < K
+    k0 = tl.load(seeds_ptr + 2 * ks, mask=kmask, other=0).to(tl.uint32, bitcast=True)[:, None]
+    k1 = tl.load(seeds_ptr + 2 * ks + 1, mask=kmask, other=0).to(tl.uint32, bitcast=True)[:, None]
+    e_blk = b * _PROJ_B
+    if NOISE == _NZ_RAD:
+        lanes = tl.arange(0, 16)
+        acc = tl.zeros([NS, 16], tl.float32)
+        for rb in range(_PROJ_B // _RAD_BLOCK):  # the block's 16 Rademacher Philox blocks
+            gb = tl.zeros([1, 1], tl.int64) + (b * (_PROJ_B // _RAD_BLOCK) + rb)
+            c0, c1, c2, c3 = _counter(gb, st, _CTR_RAD)
+            x0, x1, x2, x3 = _philox(c0, c1, c2, c3, k0, k1)
+            for jj in tl.static_range(8):  # rows of 16 elements: word jj // 2, bits 16 (jj % 2) + l
+                if jj // 2 == 0:
+                    w = x0
+                elif jj // 2 == 1:
+                    w = x1
+                elif jj // 2 == 2:
+                    w = x2
+                else:
+                    w = x3
+                offs = e_blk + rb * _RAD_BLOCK + jj * 16 + lanes
+                xv = _load_f32(x_ptr, offs, offs < n, DTYPE)[None, :]
+                bit = (w >> (16 * (jj % 2) + lanes.to(tl.uint32))[None, :]) & 1
+                acc = acc + (xv.to(tl.uint32, bitcast=True) ^ (bit << 31)).to(tl.float32, bitcast=True)
+        tot = _fold16(acc, NS)
+    else:
+        q = tl.arange(0, 4)
+        a0 = tl.zeros([NS, 4], tl.float32)
+        a1 = tl.zeros([NS, 4], tl.float32)
+        a2 = tl.zeros([NS, 4], tl.float32)
+        a3 = tl.zeros([NS, 4], tl.float32)
+        for j in range(_PROJ_B // 16):  # row j: elements 16 j + 4 q + w, Philox block 4 j + q
+            gb = (b * (_PROJ_B // 4) + 4 * j + q).to(tl.int64)[None, :]
+            c0, c1, c2, c3 = _counter(gb, st, _CTR_GAUSS)
+            z0, z1, z2, z3 = _normals4(c0, c1, c2, c3, k0, k1)
+            offs = e_blk + 16 * j + 4 * q
+            a0 = a0 + _load_f32(x_ptr, offs, offs < n, DTYPE)[None, :] * z0
+            a1 = a1 + _load_f32(x_ptr, offs + 1, offs + 1 < n, DTYPE)[None, :] * z1
+            a2 = a2 + _load_f32(x_ptr, offs + 2, offs + 2 < n, DTYPE)[None, :] * z2
+            a3 = a3 + _load_f32(x_ptr, offs + 3, offs + 3 < n, DTYPE)[None, :] * z3
+        tot = _fold16(tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [NS, 16]), NS)
+    tl.store(sums_ptr + row * K + ks, tot, mask=kmask)
+
+
+@triton.jit(do_not_specialize=["nblocks", "K"])
+def project_sum_kernel(sums_ptr, nblocks, K, acc_ptr, out_ptr, FINAL: tl.constexpr, BK: tl.constexpr):
+    """Spec 9.1 step 4 for seeds pid * BK + [0, BK): acc (float64 [K], read and written) plus the block
+    sums sums[b * K + k] of blocks b = 0 .. nblocks - 1 in order, in float64; FINAL: out = float32(acc)."""
+    ks = tl.program_id(0) * BK + tl.arange(0, BK)
+    m = ks < K
+    acc = tl.load(acc_ptr + ks, mask=m, other=0.0)
+    ptrs = sums_ptr + ks
+    for _ in range(nblocks):  # block b's sums at sums_ptr + b * K (pointer arithmetic: 64-bit)
+        acc = acc + tl.load(ptrs, mask=m, other=0.0).to(tl.float64)
+        ptrs += K
+    tl.store(acc_ptr + ks, acc, mask=m)
+    if FINAL:
+        tl.store(out_ptr + ks, acc.to(tl.float32), mask=m)
