@@ -92,12 +92,12 @@ class Evaluation(NamedTuple):
 
 def global_evaluator(cfg: FedConfig, ws: M.Workspace, server, eval_ex: List[dict]
                      ) -> Callable[[bool], Evaluation]:
-    """A function ``evaluate(with_rouge) -> Evaluation`` of the server's current global model,
-    rebuilt in ``ws`` from w0 and the server's coefficients in one fused pass."""
+    """A function ``evaluate(with_rouge) -> Evaluation`` of the server's current global model, which
+    the server (any method's: kseed.methods) loads into ``ws`` (server.load_global)."""
     eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length, cfg.prompt_template())
 
     def evaluate(with_rouge: bool) -> Evaluation:
-        ws.rebuild(server.seeds, server.global_coefs())
+        server.load_global(ws)
         loss, per_example = M.eval_loss(ws.model, eval_items, ws.pad_id, ws.device, both=True)
         rl = None
         if with_rouge:
