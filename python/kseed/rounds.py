@@ -242,6 +242,11 @@ class Federation:
             "payload_bytes_down_total": int(sum(r.get("payload_bytes_down") or 0 for r in rows)),
             "payload_bytes_up_total": int(sum(r.get("payload_bytes_up") or 0 for r in rows)),
             "seconds_this_process": round(time.perf_counter() - self.t_start, 2),
+            "method": cfg.method,
+            # the server workspace's rebuilds of the global model in this process (evaluation and,
+            # in-process, the clients'): how many were computed and their seconds
+            "rebuilds_this_process": int(self.ws.rebuilds),
+            "rebuild_seconds_this_process": round(self.ws.rebuild_seconds, 3),
             "base_model": self.ws.identity, "parameters_trained": self.ws.ms.numel,
             "data": self.data, "backend": self.backend or "default", "device": str(self.ws.device),
         }
