@@ -161,7 +161,11 @@ def report(out: str, methods: List[str], seeds: List[int]) -> str:
         cfg = runs[0]["config"]
         keys = ("rounds", "num_clients", "clients_per_round", "local_steps", "lr", "eps",
                 "batch_size", "num_seeds", "sampling", "noise", "dataset", "eval_size")
-        settings[m] = ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+        from kseed.methods import get
+        from kseed.methods.base import METHOD_FIELDS
+        unused = (METHOD_FIELDS - get(m).options) | get(m).ignores  # not this method's settings
+        settings[m] = ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg and
+                                (k not in unused or k in get(m).fixed))
     lines += ["", "Settings (the first run's checkpoint; the seed varies):", ""]
     lines += [f"- {m}: {s}" for m, s in settings.items()]
     text = "\n".join(lines) + "\n"
