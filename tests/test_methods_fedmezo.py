@@ -6,7 +6,6 @@ rebuild, the history in the run directory (resume bitwise, a torn record named),
 client."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
