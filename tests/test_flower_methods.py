@@ -122,3 +122,17 @@ def test_flower_simulation_engine_mezo_matches_simulation(tmp_path):
     S.run(fed_config(rc), str(tmp_path / "sim"), progress=False)
     _same_run(out, tmp_path / "sim", rounds=2)
     assert [json.loads(line) for line in res.stdout.splitlines()] == S.read_metrics(str(out))
+
+
+def test_flower_run_config_method():
+    """The app's run config holds every key at its default: method=mezo takes MeZO's fixed fields
+    there, and refuses one set to another value by name."""
+    from kseed.flower.runconfig import default_run_config
+
+    cfg = fed_config(dict(default_run_config(), method="mezo"))
+    assert (cfg.method, cfg.num_clients, cfg.clients_per_round, cfg.g_clip) == ("mezo", 1, 1, 0.0)
+    assert fed_config(dict(default_run_config(), method="fedmezo")).num_clients == 8
+    with pytest.raises(ValueError, match="--method mezo needs --num-clients 1, got 3"):
+        fed_config(dict(default_run_config(), method="mezo", **{"num-clients": 3}))
+    with pytest.raises(ValueError, match="--method must be fedkseed | fedmezo | mezo"):
+        fed_config({"method": "ferret"})
