@@ -6,6 +6,7 @@ rebuild, the history in the run directory (resume bitwise, a torn record named),
 client."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -325,6 +326,11 @@ def test_mezo_is_one_client_with_all_the_data(tmp_path, one_thread):
     assert math.isfinite(summary["eval_loss_last"])
     with pytest.raises(ValueError, match="--method mezo needs --num-clients 1"):
         FedConfig(method="mezo").validate()
+    ni = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "ni")
+    tasks, _, _ = build_data(FedConfig(dataset="ni", data=ni, num_clients=3, clients_per_round=2,
+                                       seed=SMALL["seed"]))
+    one, _, _ = build_data(_cfg("mezo", dataset="ni", data=ni))
+    assert len(one) == 1 and one[0] == [e for t in tasks for e in t]
 
 
 def test_kseed_fed_method_options(tmp_path, capsys):

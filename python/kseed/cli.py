@@ -268,7 +268,8 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
         cfg.model = os.path.abspath(cfg.model)
     if cfg.data is not None:
         cfg.data = os.path.abspath(cfg.data)
-    if cfg.dataset == "ni" and "num_clients" not in given:
+    fixed = get(cfg.method).fixed  # e.g. MeZO's one client, which holds every task's examples
+    if cfg.dataset == "ni" and "num_clients" not in given and "num_clients" not in fixed:
         from .datasets import load_natural_instructions
         cfg.num_clients = len(load_natural_instructions(cfg.data, seed=cfg.seed)[0])
         if "clients_per_round" not in given:

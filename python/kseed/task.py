@@ -40,6 +40,8 @@ def build_data(cfg: FedConfig) -> Tuple[List[List[dict]], List[dict], str]:
             idx = D.partition_dirichlet([e["category"] for e in train], cfg.num_clients, cfg.alpha,
                                         cfg.seed, cfg.min_per_client)
         parts = [[train[i] for i in p] for p in idx]
+    if cfg.num_clients == 1 and len(parts) > 1:  # one client (MeZO) holds all the training data
+        parts = [[e for p in parts for e in p]]
     if len(parts) != cfg.num_clients:
         raise D.DataError(f"the data gives {len(parts)} clients (one per training task) but "
                           f"--num-clients is {cfg.num_clients}")
