@@ -16,7 +16,8 @@ For each noise family, in one process with --threads threads:
             then one in-place apply per round
   catch-up  one more round of --pairs pairs applied to the rebuilt model (a client that missed it)
   cache     ModelCache.save and .load of the rebuilt model (SHA-256 of the file on both sides)
-Reported: seconds and G element-seed/s (parameters x pairs / seconds), and extrapolated (clearly
+Reported: seconds, the process's CPU seconds (on a shared machine, wall / CPU shows the share it got)
+and G element-seed/s (parameters x pairs / seconds), and extrapolated (clearly
 labelled: linear in the pairs at the measured rate) to --total-pairs pairs and to a 2,000-pair round.
 On a 2-core CPU the full 80,000-pair rebuild takes about 18 min with Rademacher noise and hours with
 Gaussian noise, so the defaults measure less: Rademacher 2 rounds of 2,000 pairs, Gaussian 1 round of
@@ -69,12 +70,12 @@ def run_noise(model, w0, where, noise, pairs, rounds, total_pairs, tmp, smoke, s
         hist.append(r, rng.integers(0, 2**64 - 1, pairs, dtype=np.uint64, endpoint=True),
                     (rng.standard_normal(pairs) * 1e-4).astype(np.float32))
     n = ms.numel
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     done = apply_history(ms, hist.read(1, rounds), bases=w0)
-    rebuild_s = time.perf_counter() - t
-    t = time.perf_counter()
+    rebuild_s, rebuild_cpu = time.perf_counter() - t, time.process_time() - c
+    t, c = time.perf_counter(), time.process_time()
     apply_history(ms, hist.read(rounds + 1, rounds + 1))
-    catch_s = time.perf_counter() - t
+    catch_s, catch_cpu = time.perf_counter() - t, time.process_time() - c
     cache = ModelCache(os.path.join(tmp, f"cache-{noise}"))
     ident = {"bench": "bench_history", "noise": noise}
     t = time.perf_counter()
@@ -86,7 +87,8 @@ def run_noise(model, w0, where, noise, pairs, rounds, total_pairs, tmp, smoke, s
     assert loaded == (rounds + 1, hist.digest()), loaded
     res = {"noise": noise, "parameters": n, "w0": where, "pairs_per_round": pairs, "rounds": rounds,
            "rebuild_pairs": done, "rebuild_s": rebuild_s, "rebuild_rate": n * done / rebuild_s,
-           "catch_up_pairs": pairs, "catch_up_s": catch_s, "catch_up_rate": n * pairs / catch_s,
+           "rebuild_cpu_s": rebuild_cpu, "catch_up_pairs": pairs, "catch_up_s": catch_s,
+           "catch_up_rate": n * pairs / catch_s, "catch_up_cpu_s": catch_cpu,
            "cache_save_s": save_s, "cache_load_s": load_s, "history_bytes": os.path.getsize(hist.path)}
     res["extrapolated_rebuild_s"] = n * total_pairs / res["rebuild_rate"]
     res["extrapolated_round_s"] = n * DOLLY_ROUND / res["catch_up_rate"]
@@ -148,23 +150,23 @@ def main(argv=None) -> int:
     n = results[0]["parameters"] if results else 0
     print(f"\nseed-history rebuild, {n:,} parameters (fp32), {a.threads} threads, commit "
           f"{meta['commit']}, load average {meta['load_avg']:.1f} at the end")
-    print("| noise | what | pairs | seconds | G element-seed/s |")
-    print("|---|---|---|---|---|")
+    print("| noise | what | pairs | seconds | G element-seed/s | process CPU s |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         gr = r["rebuild_rate"] / 1e9
         gc = r["catch_up_rate"] / 1e9
         print(f"| {r['noise']} | rebuild from w0, measured ({r['rounds']} x {r['pairs_per_round']}) | "
-              f"{r['rebuild_pairs']:,} | {r['rebuild_s']:.1f} | {gr:.2f} |")
+              f"{r['rebuild_pairs']:,} | {r['rebuild_s']:.1f} | {gr:.2f} | {r['rebuild_cpu_s']:.1f} |")
         print(f"| {r['noise']} | catch-up on one missed round, measured | {r['catch_up_pairs']:,} | "
-              f"{r['catch_up_s']:.1f} | {gc:.2f} |")
+              f"{r['catch_up_s']:.1f} | {gc:.2f} | {r['catch_up_cpu_s']:.1f} |")
         print(f"| {r['noise']} | rebuild from w0, **extrapolated** | {a.total_pairs:,} | "
               f"{r['extrapolated_rebuild_s']:.0f} ({r['extrapolated_rebuild_s'] / 60:.1f} min) | "
-              f"{gr:.2f} |")
+              f"{gr:.2f} | - |")
         if r["catch_up_pairs"] != DOLLY_ROUND:
             print(f"| {r['noise']} | catch-up on one {DOLLY_ROUND:,}-pair round, **extrapolated** | "
-                  f"{DOLLY_ROUND:,} | {r['extrapolated_round_s']:.1f} | {gc:.2f} |")
+                  f"{DOLLY_ROUND:,} | {r['extrapolated_round_s']:.1f} | {gc:.2f} | - |")
         print(f"| {r['noise']} | ModelCache save / load (SHA-256 both sides) | - | "
-              f"{r['cache_save_s']:.1f} / {r['cache_load_s']:.1f} | - |")
+              f"{r['cache_save_s']:.1f} / {r['cache_load_s']:.1f} | - | - |")
     out = {"meta": meta, "results": results}
     print(json.dumps(out))
     if a.json:

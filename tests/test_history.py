@@ -158,6 +158,27 @@ def test_changes_after_open_are_caught_when_read(tmp_path, gen):
     assert os.path.getsize(path) == 50 and h.rounds == 2
 
 
+def test_failed_append_leaves_no_torn_record(tmp_path, gen, monkeypatch):
+    rounds = random_rounds(_rng(gen), [3, 5, 4])
+    path = str(tmp_path / "h.bin")
+    h = filled(path, rounds[:1])
+    size, d = os.path.getsize(path), h.digest()
+    real_write = os.write
+
+    def half_then_fail(fd, data):  # the disk fills up in the middle of the record
+        real_write(fd, bytes(data[:len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(H.os, "write", half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        h.append(*rounds[1])
+    monkeypatch.setattr(H.os, "write", real_write)
+    assert (os.path.getsize(path), h.rounds, h.digest()) == (size, 1, d)
+    h.append(*rounds[1])
+    h.append(*rounds[2])
+    same_rounds(SeedHistory(path).read(1, 3), rounds)
+
+
 def test_digest_chain(gen):
     rounds = random_rounds(_rng(gen), [3, 0, 7])
     h = filled(None, rounds)
