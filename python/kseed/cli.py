@@ -1,6 +1,7 @@
-"""kseed-fed: federated full-parameter fine-tuning of a causal LM, the FedKSeed way.
+"""kseed-fed: federated full-parameter fine-tuning of a causal LM with zeroth-order methods.
 
     kseed-fed                                  # the embedded default: small LLaMA, synthetic data
+    kseed-fed --method fedmezo                 # FedMeZO (fedkseed, fedkseed-pro, fedmezo, mezo)
     kseed-fed --model DIR --data dolly.jsonl --dataset dolly --out runs/dolly
     kseed-fed --out runs/x --resume            # continue DIR's checkpoint
     kseed-fed export --out runs/x --to hf_dir  # the final model as a Hugging Face directory
@@ -87,6 +88,18 @@ _OPTIONS = [
      "aggregation bound: a reported training loss is clipped to [0, this x the round's lower "
      "median] (0: off)"),
 ]
+# The option groups of --help, by concern; the method groups (the options of the methods that use
+# them) are kseed.methods.base.METHOD_GROUPS, between "federation" and "data".
+_GROUPS = [
+    ("federation", ("rounds", "num_clients", "clients_per_round", "seed")),
+    ("data", ("model", "data", "dataset", "dtype", "rounding", "partition", "alpha",
+              "min_per_client", "embedded_examples", "max_length", "prompt")),
+    ("evaluation", ("eval_category", "eval_size", "eval_every", "rouge_every", "rouge_size",
+                    "max_new_tokens")),
+    ("robustness (the aggregation bounds: README \"Threat model\")",
+     ("min_replies", "equal_weights", "g_clip", "g_clip_abs", "norm_bound", "weight_cap",
+      "loss_cap")),
+]
 _FLAGS = [
     ("--equal-weights", "equal_weights", "aggregate clients with equal weights instead of by "
                                          "example count"),
@@ -99,29 +112,41 @@ def _parser() -> argparse.ArgumentParser:
         prog="kseed-fed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Subcommand: kseed-fed export --out DIR --to HFDIR [--model DIR] rebuilds the final "
                "model from DIR's checkpoint and writes it with safetensors.")
+    from .methods import ALIASES, NAMES
+    from .methods.base import METHOD_GROUPS
+    titles = [_GROUPS[0]] + list(METHOD_GROUPS.items()) + _GROUPS[1:]
+    groups = {t: ap.add_argument_group(t) for t, _ in titles}
+    group_of = {f: groups[t] for t, fields in titles for f in fields}
+    groups[titles[0][0]].add_argument(
+        "--method", dest="method", default=None, choices=list(NAMES) + list(ALIASES),
+        help="the federated method: fedkseed (K candidate seeds; fedkseed-pro = --sampling pro), "
+             "fedmezo (FedAvg of MeZO clients: a fresh seed every step, the global model a seed "
+             "history), mezo (one client holding all the training data) (default: fedkseed; an "
+             "option the method does not use is refused)")
     for flags, name, typ, help_ in _OPTIONS:
         default = getattr(_D, name)
         kw = {"choices": list(C.CHOICES[name])} if name in C.CHOICES else {}
         if "(default" not in help_:
             help_ = f"{help_} (default: {default})"
-        ap.add_argument(*flags, dest=name, type=typ, default=None, help=help_, **kw)
+        group_of[name].add_argument(*flags, dest=name, type=typ, default=None, help=help_, **kw)
     for flag, name, help_ in _FLAGS:
-        ap.add_argument(flag, dest=name, action="store_const", const=True, default=None,
-                        help=f"{help_} (default: off)")
-    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    ap.add_argument("--backend", default=None,
+        group_of[name].add_argument(flag, dest=name, action="store_const", const=True, default=None,
+                                    help=f"{help_} (default: off)")
+    run = ap.add_argument_group("output and runtime")
+    run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    run.add_argument("--backend", default=None,
                     help="kseed_kernels backend (reference, cpu, triton, cuda; default: fastest "
                          "available)")
-    ap.add_argument("--out", default=None,
+    run.add_argument("--out", default=None,
                     help="output directory: metrics.jsonl, checkpoint.json, summary.json, plots "
                          "(default: a new runs/kseed-DATE-TIME)")
-    ap.add_argument("--resume", action="store_true",
+    run.add_argument("--resume", action="store_true",
                     help="continue from the checkpoint in --out (default: off; a run refuses to "
                          "overwrite an existing checkpoint)")
-    ap.add_argument("--threads", type=int, default=0,
+    run.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (default: 0 = 1 thread for the embedded model, whose "
                          "ops are too small to gain from more, else torch's default)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     return ap
 
 
@@ -218,10 +243,33 @@ def check_backend(backend: Optional[str]) -> None:
                          f"{', '.join(usable)}")
 
 
+def check_method_options(given: dict, method: str) -> None:
+    """ValueError naming the method and the first given option it does not use (the options of the
+    other methods' groups, and the shared options the method ignores, e.g. MeZO's federation)."""
+    from .methods import get
+    from .methods.base import METHOD_FIELDS
+    m = get(method)
+    unused = (METHOD_FIELDS - m.options) | m.ignores
+    for f in dataclasses.fields(FedConfig):  # in the config's order: one line, the first one
+        if f.name in given and f.name in unused:
+            flag = next((o[0][0] for o in _OPTIONS if o[1] == f.name),
+                        next((o[0] for o in _FLAGS if o[1] == f.name), f.name))
+            raise ValueError(f"--method {method} does not use {flag}")
+
+
 def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
     """FedConfig from the parsed flags over ``base`` (a checkpoint's config on --resume)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FedConfig)
              if getattr(args, f.name, None) is not None}
+    from .methods import ALIASES, get
+    if given.get("method") in ALIASES:
+        name, sets = ALIASES[given["method"]]
+        for k, v in sets.items():
+            if given.get(k, v) != v:
+                raise ValueError(f"--method {given['method']} is --method {name} with "
+                                 f"--{k.replace('_', '-')} {v}, not {given[k]}")
+        given = {**given, **sets, "method": name}
+    check_method_options(given, given.get("method", base.method if base is not None else _D.method))
     if base is not None:
         for name in ("model", "data"):  # the same directory by another path is the same
             v, b = given.get(name), getattr(base, name)
@@ -235,7 +283,7 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
         check_resume_config(base, cfg)
         check_evaluation(cfg)
         return cfg
-    cfg = dataclasses.replace(FedConfig(), **given)
+    cfg = dataclasses.replace(FedConfig(), **get(given.get("method", _D.method)).configure(given))
     if "dataset" not in given:
         if cfg.data is None:
             cfg.dataset = "embedded"
@@ -251,7 +299,8 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
         cfg.data = os.path.abspath(cfg.data)
     from .task import check_evaluation
     check_evaluation(cfg)
-    if cfg.dataset == "ni" and "num_clients" not in given:
+    fixed = get(cfg.method).fixed  # e.g. MeZO's one client, which holds every task's examples
+    if cfg.dataset == "ni" and "num_clients" not in given and "num_clients" not in fixed:
         from .datasets import load_natural_instructions
         cfg.num_clients = len(load_natural_instructions(cfg.data, seed=cfg.seed)[0])
         if "clients_per_round" not in given:

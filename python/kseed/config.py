@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .methods import NAMES as METHODS  # the registered methods (kseed.methods; a light import)
+
 # Largest accepted --lr / --eps: zeroth-order step sizes in use are 1e-7..1e-3 (MeZO, FedKSeed) and
 # perturbations 1e-4..1e-2; a value above 1 is a typo (e.g. 1e30), not a setting.
 MAX_LR = 1.0
@@ -22,18 +24,21 @@ ROUNDINGS = ("nearest", "stochastic")
 NOISES = ("gaussian", "rademacher")  # the perturbation family (docs/SPEC.md; issue #12)
 # The options with a fixed set of values (FedConfig field -> its values): validate() and kseed-fed's
 # argument parser both read this.
-CHOICES = {"sampling": SAMPLINGS, "dataset": DATASETS, "partition": PARTITIONS, "dtype": DTYPES,
+CHOICES = {"method": METHODS, "sampling": SAMPLINGS, "dataset": DATASETS, "partition": PARTITIONS,
+           "dtype": DTYPES,
            "rounding": ROUNDINGS, "noise": NOISES, "lr_rule": LR_RULES, "lr_signal": LR_SIGNALS,
            "prompt": PROMPTS}
 
 # Values for fields an older checkpoint does not have: they reproduce what that run did (no
 # aggregation bounds, kseed's own client-wise lr rule, the Alpaca prompt), so it resumes bitwise.
 LEGACY = {"g_clip": 0.0, "g_clip_abs": 0.0, "norm_bound": 0.0, "weight_cap": 0.0, "loss_cap": 0.0,
-          "lr_rule": "ratio", "prompt": "alpaca", "noise": "gaussian"}
+          "lr_rule": "ratio", "prompt": "alpaca", "noise": "gaussian", "method": "fedkseed"}
 
 
 @dataclass
 class FedConfig:
+    # the federated method (kseed.methods): fedkseed | fedmezo | mezo
+    method: str = "fedkseed"
     # federation
     rounds: int = 10
     num_clients: int = 8
@@ -154,6 +159,11 @@ class FedConfig:
         for n in ("model", "data", "eval_category"):
             if getattr(self, n) is not None and not isinstance(getattr(self, n), str):
                 raise ValueError(f"{flag(n)} must be a string, got {getattr(self, n)!r}")
+        from .methods import get
+        for n, v in get(self.method).fixed.items():
+            if getattr(self, n) != v:
+                raise ValueError(f"--method {self.method} needs {flag(n)} {v}, got "
+                                 f"{getattr(self, n)!r}")
         if self.max_length < 8:
             raise ValueError("--max-length must be >= 8")
         return self

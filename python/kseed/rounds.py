@@ -10,7 +10,8 @@ and everything else is here::
     with Federation(cfg, out, resume=..., device=..., engine="simulation") as fed:
         summary = fed.run(deliver)
 
-``Federation`` opens (and locks) the run directory, builds the task (data, workspace, evaluator),
+``Federation`` opens (and locks) the run directory, builds the task (data, workspace, evaluator) and
+the method's server (kseed.methods, by ``cfg.method``),
 restores the checkpoint on resume (refusing another configuration, base model or data), evaluates the
 base model as round 0, and then per round: samples the clients, makes their down messages, calls
 ``deliver``, aggregates, evaluates, and writes the metrics row and the checkpoint.  At the end it
@@ -29,7 +30,8 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 from .config import FedConfig
 from .rundir import CheckpointError, RunDir
-from .server import FedKSeedServer, NotEnoughReplies
+from . import methods
+from .methods.base import NotEnoughReplies
 from .task import build_data, data_identity, global_evaluator, load_workspace
 
 # Fields a resumed run may change; anything else must match the checkpoint.  "model": the base
@@ -92,7 +94,10 @@ class Federation:
             self.parts, self.eval_ex, self.held = build_data(cfg)
             self.data = data_identity(cfg, self.parts, self.eval_ex)
             self.ws = load_workspace(cfg, device, backend, cache=rebuild_cache)
-            self.server = FedKSeedServer(cfg, base_identity=self.ws.identity)
+            self.method = methods.get(cfg.method)
+            for name in self.method.server.files:  # removed if the run fails before its checkpoint
+                self.rundir.track(name)
+            self.server = self.method.server(cfg, base_identity=self.ws.identity, workdir=out)
             if ckpt is not None:
                 self._restore(ckpt, out)
             self.evaluate = global_evaluator(cfg, self.ws, self.server, self.eval_ex)
@@ -119,7 +124,10 @@ class Federation:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.rundir.close(failed=exc_type is not None)
+        try:
+            self.server.close()
+        finally:
+            self.rundir.close(failed=exc_type is not None)
 
     @property
     def rows(self) -> List[dict]:
@@ -261,6 +269,11 @@ class Federation:
             "payload_bytes_down_total": int(sum(r.get("payload_bytes_down") or 0 for r in rows)),
             "payload_bytes_up_total": int(sum(r.get("payload_bytes_up") or 0 for r in rows)),
             "seconds_this_process": round(time.perf_counter() - self.t_start, 2),
+            "method": cfg.method,
+            # the server workspace's rebuilds of the global model in this process (evaluation and,
+            # in-process, the clients'): how many were computed and their seconds
+            "rebuilds_this_process": int(self.ws.rebuilds),
+            "rebuild_seconds_this_process": round(self.ws.rebuild_seconds, 3),
             "base_model": self.ws.identity, "parameters_trained": self.ws.ms.numel,
             "data": self.data, "backend": self.backend or "default", "device": str(self.ws.device),
         }

@@ -7,6 +7,7 @@ Layout (``--out DIR`` of kseed-fed, ``out`` of the Flower ServerApp):
                     SHA-256 checksum, atomically replaced after each round
   summary.json      the final numbers (strict JSON)
   loss.png, bytes.png
+  history.bin       the seed history, for the methods whose global model is one (kseed.history)
 
 A RunDir holds an exclusive lock on the directory (``flock`` on the directory itself, so no lock file
 is left behind) for as long as it is open: a second run on the same directory is refused at once.  A
@@ -38,7 +39,8 @@ CHECKPOINT = "checkpoint.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PLOTS = ("loss.png", "bytes.png")
-RUN_FILES = (CHECKPOINT, METRICS, SUMMARY) + PLOTS
+HISTORY = "history.bin"  # the seed history of the methods that keep one (kseed.history)
+RUN_FILES = (CHECKPOINT, METRICS, SUMMARY) + PLOTS + (HISTORY,)
 CKPT_FORMAT = "kseed-run/1"
 TMP_PREFIX = ".tmp-"
 log = logging.getLogger("kseed.rundir")
@@ -359,6 +361,12 @@ class RunDir:
         if name not in self._wrote:
             self._wrote.append(name)
         return os.path.join(self.path, name)
+
+    def track(self, name: str) -> None:
+        """Count ``name`` among this run's files (another writer makes it: e.g. the seed history):
+        removed with the others if the run fails before its first checkpoint."""
+        if self.path is not None and not self.resume:
+            self._file(name)
 
     def restore_rows(self, completed_round: int) -> None:
         """On resume: the metrics rows up to the checkpoint's round (later lines, written before a

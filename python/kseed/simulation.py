@@ -1,6 +1,6 @@
-"""The in-process engine: every sampled client is a FedKSeedClient in this process, sharing the
-server's workspace (one rebuild per round serves the evaluation and all clients), driven by the shared
-round loop (kseed.rounds) over bytes; plus export.
+"""The in-process engine: every sampled client is a client of the run's method (kseed.methods) in this
+process, sharing the server's workspace (one rebuild per round serves the evaluation and all clients),
+driven by the shared round loop (kseed.rounds) over bytes; plus export.
 
 The run directory (metrics.jsonl, checkpoint.json, summary.json, plots) is kseed.rundir's, the data,
 model and evaluation kseed.task's.  The names below are re-exported for the callers of this module.
@@ -16,15 +16,12 @@ import signal
 import threading
 from typing import Dict, List, Optional
 
-import numpy as np
-
+from . import methods
 from . import modeling as M
-from .client import FedKSeedClient
 from .config import FedConfig
 from .rounds import Delivery, Federation
 from .rundir import (CHECKPOINT, METRICS, TMP_PREFIX, CheckpointError,  # noqa: F401 (re-exported)
                      atomic_write, checkpoint_config, read_checkpoint, read_metrics)
-from .server import FedKSeedServer
 from .task import build_data, load_workspace, model_dir  # noqa: F401 (re-exported)
 
 
@@ -34,13 +31,15 @@ def run(cfg: FedConfig, out: str, *, resume: bool = False, device: str = "cpu",
     summary.json)."""
     with Federation(cfg, out, resume=resume, device=device, backend=backend,
                     rebuild_cache=rebuild_cache, engine="simulation") as fed:
-        clients: Dict[int, FedKSeedClient] = {}
+        clients: Dict[int, object] = {}
+        fed.server.shares_model = True  # the clients below hold no model of their own
 
         def deliver(rnd: int, downs: Dict[int, bytes]) -> Delivery:
             ups = {}
             for c, down in downs.items():
                 if c not in clients:
-                    clients[c] = FedKSeedClient(cfg, lambda: fed.ws, fed.parts[c], client_id=c)
+                    clients[c] = fed.method.client(cfg, lambda: fed.ws, fed.parts[c], client_id=c,
+                                                   shared=fed.server)
                 ups[c] = clients[c].fit(down)
             return Delivery(uploads=ups)
 
@@ -59,15 +58,17 @@ def export(out: str, to: str, *, model_path: Optional[str] = None, device: str =
     doc = read_checkpoint(out)
     cfg = FedConfig.from_dict(doc["server"]["config"])
     ws = load_workspace(cfg, device, backend, cache=False, model_path=model_path)
-    server = FedKSeedServer(cfg, base_identity=ws.identity)
+    method = methods.get(cfg.method)
+    server = method.server(cfg, base_identity=ws.identity, workdir=out, readonly=True)
     try:
         server.load_state_dict(doc["server"])
+        server.load_global(ws)
     except ValueError as exc:
         raise CheckpointError(f"cannot export {out}: {exc}") from None
-    ws.rebuild(server.seeds, server.global_coefs())
+    finally:
+        server.close()
     info = {"from": os.path.abspath(out), "round": server.round, "base_model": ws.identity,
-            "num_seeds": cfg.num_seeds, "nonzero_coefficients": int(np.count_nonzero(
-                server.global_coefs()))}
+            "method": cfg.method, **server.export_info()}
     to = os.path.abspath(to)
     made: List[str] = []  # parent directories this call creates, deepest first
     p = os.path.dirname(to)

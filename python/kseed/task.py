@@ -40,6 +40,8 @@ def build_data(cfg: FedConfig) -> Tuple[List[List[dict]], List[dict], str]:
             idx = D.partition_dirichlet([e["category"] for e in train], cfg.num_clients, cfg.alpha,
                                         cfg.seed, cfg.min_per_client)
         parts = [[train[i] for i in p] for p in idx]
+    if cfg.num_clients == 1 and len(parts) > 1:  # one client (MeZO) holds all the training data
+        parts = [[e for p in parts for e in p]]
     if len(parts) != cfg.num_clients:
         raise D.DataError(f"the data gives {len(parts)} clients (one per training task) but "
                           f"--num-clients is {cfg.num_clients}")
@@ -104,13 +106,13 @@ def check_evaluation(cfg: FedConfig) -> None:
 
 def global_evaluator(cfg: FedConfig, ws: M.Workspace, server, eval_ex: List[dict]
                      ) -> Callable[[bool], Evaluation]:
-    """A function ``evaluate(with_rouge) -> Evaluation`` of the server's current global model,
-    rebuilt in ``ws`` from w0 and the server's coefficients in one fused pass."""
+    """A function ``evaluate(with_rouge) -> Evaluation`` of the server's current global model, which
+    the server (any method's: kseed.methods) loads into ``ws`` (server.load_global)."""
     check_evaluation(cfg)
     eval_items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length, cfg.prompt_template())
 
     def evaluate(with_rouge: bool) -> Evaluation:
-        ws.rebuild(server.seeds, server.global_coefs())
+        server.load_global(ws)
         loss, per_example = M.eval_loss(ws.model, eval_items, ws.pad_id, ws.device, both=True)
         rl = None
         if with_rouge:

@@ -2,11 +2,14 @@
 
   python -m kseed.flower appdir
       print the path of the Flower app dir shipped with kseed (for `flwr run APP_DIR CONNECTION`)
-  python -m kseed.flower local [--nodes N] [--threads-per-node T] [--tls] [--workdir DIR] [KEY=VALUE ...]
+  python -m kseed.flower local [--nodes N] [--threads-per-node T] [--tls] [--cache-dir DIR] [--workdir DIR]
+                              [KEY=VALUE ...]
       try the deployment engine on this machine: start a SuperLink and N SuperNodes on 127.0.0.1
       (with --tls: a throw-away CA, TLS and SuperNode authentication), run the app with the given
       run-config values (e.g. rounds=3 num-clients=2 out=/tmp/run), print the run's metrics, and stop
-      every process.  Each SuperNode's ClientApps get T threads (default: this machine's cores
+      every process.  --cache-dir: each SuperNode keeps its client's model in DIR/node<I> (node
+      config cache-dir; FedMeZO / MeZO then send it only the rounds it missed).  Each SuperNode's
+      ClientApps get T threads (default: this machine's cores
       divided among the SuperNodes; 0: torch's and OpenMP's defaults)
   python -m kseed.flower simulation [--supernodes N] [--cpus-per-client C] [--gpus-per-client G]
                                     [--workdir DIR] [KEY=VALUE ...]
@@ -88,6 +91,8 @@ def local(argv) -> int:
                    help="threads for each SuperNode's ClientApps (default: the cores divided among the "
                         "SuperNodes, at least 1; 0: torch's and OpenMP's defaults)")
     p.add_argument("--tls", action="store_true", help="TLS with a throw-away CA and SuperNode authentication")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep each node's model in DIR/node<I> (node config cache-dir; default: none)")
     a = p.parse_args(argv)
     rc = _run_config(p, a.config)
     nodes = a.nodes or int(rc.get("num-clients", 2))
@@ -110,8 +115,10 @@ def local(argv) -> int:
             if a.tls:
                 key, pub = make_node_key(f"{workdir}/keys/node{pid}")
                 d.register_node(pub)
+            cache = (f'cache-dir="{os.path.abspath(a.cache_dir)}/node{pid}"' if a.cache_dir
+                     else "")
             d.start_supernode(pid, int(rc["num-clients"]), private_key=key, max_wait_time=120,
-                              threads=threads or None)
+                              threads=threads or None, node_config=cache)
         d.wait_nodes(nodes)
         print(f"SuperLink on {d.address} ({'TLS + node auth' if a.tls else 'insecure'}), {nodes} SuperNodes "
               f"with {threads or 'default'} threads each; logs in {d.logs}", file=sys.stderr)

@@ -1,9 +1,11 @@
-"""The kseed ClientApp: a stateless FedKSeed client on a SuperNode.
+"""The kseed ClientApp: a stateless client of the run's method (kseed.methods) on a SuperNode.
 
 In Flower's deployment engine every message starts a fresh ClientApp process, so each train message
-builds a new kseed.client.FedKSeedClient: it loads w0 (the base model), rebuilds the current global model
-with one fused pass w0 + sum_k A_k z_k from the accumulators in the DownMessage, runs its local
-zeroth-order steps and returns its UpMessage.  (Flower's simulation engine runs the same handlers in
+builds a new client (kseed.flower.driver.run_client): it loads w0 (the base model), rebuilds the current
+global model (FedKSeed: one fused pass w0 + sum_k A_k z_k from the accumulators in the DownMessage;
+FedMeZO / MeZO: the seed history the DownMessage carries, applied from w0, or from the model the node
+keeps in its node-config ``cache-dir`` when it has one), runs its local zeroth-order steps and returns
+its UpMessage.  (Flower's simulation engine runs the same handlers in
 long-lived Ray actors; nothing here relies on a fresh process.)  The node's data partition comes from
 the node config (partition-id, num-partitions, and optionally device, e.g. device="cuda:0" for this
 node's clients; the simulation engine gives each virtual SuperNode its partition-id and
@@ -30,6 +32,7 @@ from .common import BASE_HASH_KEY, DOWN_KEY, RECORD, UP_KEY
 app = ClientApp()
 
 THREADS_KEY = "num-threads"                           # node config: this node's ClientApp thread budget
+CACHE_KEY = "cache-dir"                               # node config: where this node keeps its model
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")   # what OpenMP / MKL read when they start
 
 
@@ -111,9 +114,11 @@ def train(msg: Message, context: Context) -> Message:
     from .driver import run_client
 
     device = context.node_config.get("device")
+    cache = context.node_config.get(CACHE_KEY)
     up, timing = run_client(context.run_config, pid, nparts, down,
                             base_hash=base_hash if isinstance(base_hash, str) else None,
-                            device=str(device) if device else None)
+                            device=str(device) if device else None,
+                            cache_dir=str(cache) if cache else None)
     timing["total-s"] = time.perf_counter() - t0
     content = RecordDict({RECORD: ConfigRecord({UP_KEY: up, **{k: float(v) for k, v in timing.items()}})})
     return Message(content, reply_to=msg)

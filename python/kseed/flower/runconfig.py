@@ -1,6 +1,8 @@
 """Flower run config <-> the driver's FedConfig.
 
-Every FedConfig field is a run-config key with '_' written '-' (the kseed-fed flag names): rounds,
+Every FedConfig field is a run-config key with '_' written '-' (the kseed-fed flag names): method
+(fedkseed | fedmezo | mezo: kseed.methods; a field the method fixes, e.g. MeZO's one client, takes
+the method's value where the run config leaves it at its default), rounds,
 num-clients, clients-per-round, local-steps, num-seeds, lr, eps, sampling, ... .  TOML has no null, so an
 optional field (model, data, eval-category) is "" for None.  Besides those: device, out (where the
 ServerApp writes metrics.jsonl and its checkpoint; "" = no files), resume (true: continue the
@@ -75,6 +77,13 @@ def fed_config(run_config: Mapping[str, Any]) -> FedConfig:
             values[f.name] = None
             continue
         values[f.name] = config_value(run_config, key, kind)
+    from kseed import methods
+    if values["method"] in methods.NAMES:  # else validate() names it
+        # the fields the method fixes (e.g. MeZO's one client) take its values where the run config
+        # leaves them at FedConfig's defaults (the app's [tool.flwr.app.config] always holds them)
+        for name, v in methods.get(values["method"]).fixed.items():
+            if values[name] == getattr(base, name):
+                values[name] = v
     return FedConfig(**values).validate()
 
 

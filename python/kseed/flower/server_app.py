@@ -1,4 +1,5 @@
-"""The kseed ServerApp: the FedKSeed server (kseed.server.FedKSeedServer) driven by Flower.
+"""The kseed ServerApp: the server of the run's method (kseed.methods, run-config key ``method``: FedKSeed's
+kseed.server.FedKSeedServer, FedMeZO's, MeZO's) driven by Flower.
 
 The round loop, the run directory and the evaluation are the in-process simulation's (kseed.rounds,
 kseed.rundir, kseed.task); Flower only carries the messages.  Round r: the server samples its clients
@@ -6,7 +7,8 @@ from the run seed (partition ids, not Flower node ids), makes each one's DownMes
 them to the nodes holding those partitions (kseed.flower.exchange), the replies that arrive within
 round-timeout go to server.aggregate (which rejects malformed uploads and needs at least min-replies
 valid ones), the global model is evaluated, and a metrics.jsonl row and the checkpoint are written to
-`out`.  With the same config the accumulators end bitwise equal to the simulation's.
+`out`.  With the same config the server state (FedKSeed's accumulators, FedMeZO's seed history) ends
+bitwise equal to the simulation's.
 
 Resume: with resume=true, a run continues from the checkpoint in `out` (the run config must match the
 checkpoint's, except rounds and the evaluation cadence), bitwise as if it had not stopped.
