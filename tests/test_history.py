@@ -115,6 +115,39 @@ def test_torn_last_record_is_named(tmp_path, gen):
     assert SeedHistory(path).rounds == 2
 
 
+
+def test_resume_drops_a_bad_tail_the_checkpoint_does_not_need(tmp_path, gen):
+    """A kill in the middle of an append leaves a torn last record: under resume=True the scan stops
+    there, the history refuses to grow, and truncate() to a checkpoint before that round cuts it off
+    (and keeps the checkpoint's rounds); a checkpoint that needs the torn round gets its error."""
+    rounds = random_rounds(_rng(gen), [4, 6, 5])
+    path = str(tmp_path / "history.bin")
+    h = filled(path, rounds)
+    d2, d3 = h.digest(2), h.digest(3)
+    raw = open(path, "rb").read()
+    off3 = 8 + (12 + 48 + 32) + (12 + 72 + 32)
+    for cut, flip in ((7, None), (40, None), (0, off3 + 20)):  # torn twice, then a flipped byte
+        data = bytearray(raw[:len(raw) - cut])
+        if flip is not None:
+            data[flip] ^= 0x10
+        with open(path, "wb") as f:
+            f.write(bytes(data))
+        with pytest.raises(HistoryError, match=r"round 3 \(record at byte offset"):
+            SeedHistory(path)  # not a resume: refused at once
+        r = SeedHistory(path, resume=True)
+        assert r.rounds == 2 and r.bad_tail[:2] == (3, off3)
+        with pytest.raises(HistoryError, match="truncate to the checkpoint first"):
+            r.append(*rounds[2])
+        with pytest.raises(HistoryError, match=r"the checkpoint needs 3 rounds, but .*round 3"):
+            r.truncate(3, d3)
+        assert os.path.getsize(path) == len(data)  # nothing changed by the refusals
+        r.truncate(2, d2)
+        assert r.bad_tail is None and os.path.getsize(path) == off3
+        r.append(*rounds[2])
+        assert r.digest() == d3 and open(path, "rb").read() == raw
+    r = SeedHistory(path, resume=True)  # a whole file: nothing to drop
+    assert r.bad_tail is None and r.rounds == 3
+
 def test_flipped_byte_is_named(tmp_path, gen):
     rounds = random_rounds(_rng(gen), [4, 6, 5])
     path = str(tmp_path / "history.bin")

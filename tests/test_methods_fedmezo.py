@@ -290,6 +290,7 @@ def test_history_in_the_run_directory_resume_and_torn_record(tmp_path, one_threa
     ck = json.loads((b / "checkpoint.json").read_text())["server"]
     assert ck["history"]["rounds"] == 2 and ck["history"]["file"] == "history.bin"
     good = (b / "history.bin").read_bytes()
+    ck_text, metrics_text = (b / "checkpoint.json").read_text(), (b / "metrics.jsonl").read_text()
     # a round appended after the checkpoint (a crash before it) is dropped on resume
     full = (a / "history.bin").read_bytes()
     assert full.startswith(good) and len(full) > len(good)
@@ -301,7 +302,13 @@ def test_history_in_the_run_directory_resume_and_torn_record(tmp_path, one_threa
     ca = json.loads((a / "checkpoint.json").read_text())["server"]
     cb = json.loads((b / "checkpoint.json").read_text())["server"]
     assert ca["history"] == cb["history"] and ca["client_loss"] == cb["client_loss"]
-    # a torn last record is detected and named
+    # a torn record after the checkpoint (a kill in the middle of an append) is dropped on resume
+    (b / "checkpoint.json").write_text(ck_text)
+    (b / "metrics.jsonl").write_text(metrics_text)
+    (b / "history.bin").write_bytes(full[:-7])
+    S.run(cfg, str(b), resume=True, progress=False)
+    assert (a / "history.bin").read_bytes() == (b / "history.bin").read_bytes()
+    # a torn last record the checkpoint needs is detected and named
     (b / "history.bin").write_bytes(full[:-7])
     with pytest.raises(ValueError, match=r"history.bin: round 3 \(record at byte offset \d+\) is torn"):
         S.run(FedConfig(**{**cfg.to_dict(), "rounds": 4}), str(b), resume=True, progress=False)

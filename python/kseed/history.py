@@ -170,21 +170,37 @@ def next_digest(prev: str, rnd: int, seeds, coefs) -> str:
 
 
 # ------------------------------------------------------------------------------ the history
+class _BadRecord(Exception):
+    """A torn or corrupt record met by SeedHistory's scan: its round, byte offset and message."""
+
+    def __init__(self, rnd: int, off: int, msg: str):
+        super().__init__(msg)
+        self.rnd, self.off = rnd, off
+
+
 class SeedHistory:
     """The rounds' (seeds, coefs) of a run, in a file (``path``) or in memory (``path=None``).
 
     Opening an existing file reads it through once (bounded memory) and checks its header, every
     record's round, length and chained checksum: a torn or corrupt record raises HistoryError naming
     the file, the round and the byte offset.  A missing file is created (header only, atomically).
-    Kept in memory: 32 bytes of digest and one offset per round."""
+    Kept in memory: 32 bytes of digest and one offset per round.
 
-    def __init__(self, path: Optional[str] = None):
+    ``resume=True`` (a run restarting from its checkpoint): a bad record does not raise at once.  The
+    scan stops there and remembers it (``bad_tail``); ``truncate`` then drops it with everything
+    after it when the checkpoint needs only the rounds before it (a kill in the middle of an append
+    leaves such a torn tail), and raises the record's error, naming it, when the checkpoint needs
+    that round.  Until then the history refuses to grow."""
+
+    def __init__(self, path: Optional[str] = None, *, resume: bool = False):
         self.path = None if path is None else os.path.abspath(path)
         self._chain: List[bytes] = [GENESIS]
         self._offsets: List[int] = []  # file offset of round r's record at index r - 1
         self._counts: List[int] = []
         self._mem: List[Tuple[np.ndarray, np.ndarray]] = []  # in-memory mode only
         self._end = FILE_HEADER_SIZE
+        self._resume = bool(resume)
+        self.bad_tail: Optional[Tuple[int, int, str]] = None  # (round, offset, error), resume only
         if self.path is None:
             return
         if not os.path.exists(self.path):
@@ -214,35 +230,43 @@ class SeedHistory:
                                    f"{VERSION}")
             if flags:
                 raise HistoryError(f"{self.path}: unknown flags 0x{flags:x} in the header")
-            off = FILE_HEADER_SIZE
-            while off < size:
-                rnd = len(self._offsets) + 1
-                head = f.read(RECORD_HEADER_SIZE)
-                if len(head) < RECORD_HEADER_SIZE:
-                    raise HistoryError(f"{self._where(rnd, off)} is torn: {size - off} bytes left, "
-                                       f"its header alone is {RECORD_HEADER_SIZE}")
-                magic, got, n = _REC_HDR.unpack(head)
-                if magic != RECORD_MAGIC:
-                    raise HistoryError(f"{self._where(rnd, off)} is corrupt: magic {magic!r}")
-                if got != rnd:
-                    raise HistoryError(f"{self._where(rnd, off)} is corrupt: it says round {got}")
-                want = record_bytes(n) + DIGEST_SIZE
-                if size - off < want:
-                    raise HistoryError(f"{self._where(rnd, off)} is torn (or its pair count is "
-                                       f"corrupt): {size - off} bytes left of its {want} ({n} pairs)")
-                rest = f.read(want - RECORD_HEADER_SIZE)
-                body, check = head + rest[:-DIGEST_SIZE], rest[-DIGEST_SIZE:]
-                c = hashlib.sha256(self._chain[-1] + body).digest()
-                if c != check:
-                    raise HistoryError(f"{self._where(rnd, off)} is corrupt: checksum mismatch")
-                coefs = np.frombuffer(body, dtype="<f4", count=n, offset=RECORD_HEADER_SIZE + 8 * n)
-                if not np.isfinite(coefs).all():  # a checksum over bad data cannot be ours
-                    raise HistoryError(f"{self._where(rnd, off)} is corrupt: non-finite coefficient")
-                self._chain.append(c)
-                self._offsets.append(off)
-                self._counts.append(n)
-                off += want
-            self._end = off
+            try:
+                off = FILE_HEADER_SIZE
+                while off < size:
+                    rnd = len(self._offsets) + 1
+                    w = self._where(rnd, off)
+                    head = f.read(RECORD_HEADER_SIZE)
+                    if len(head) < RECORD_HEADER_SIZE:
+                        raise _BadRecord(rnd, off, f"{w} is torn: {size - off} bytes left, "
+                                         f"its header alone is {RECORD_HEADER_SIZE}")
+                    magic, got, n = _REC_HDR.unpack(head)
+                    if magic != RECORD_MAGIC:
+                        raise _BadRecord(rnd, off, f"{w} is corrupt: magic {magic!r}")
+                    if got != rnd:
+                        raise _BadRecord(rnd, off, f"{w} is corrupt: it says round {got}")
+                    want = record_bytes(n) + DIGEST_SIZE
+                    if size - off < want:
+                        raise _BadRecord(rnd, off, f"{w} is torn (or its pair count is "
+                                         f"corrupt): {size - off} bytes left of its {want} ({n} pairs)")
+                    rest = f.read(want - RECORD_HEADER_SIZE)
+                    body, check = head + rest[:-DIGEST_SIZE], rest[-DIGEST_SIZE:]
+                    c = hashlib.sha256(self._chain[-1] + body).digest()
+                    if c != check:
+                        raise _BadRecord(rnd, off, f"{w} is corrupt: checksum mismatch")
+                    coefs = np.frombuffer(body, dtype="<f4", count=n, offset=RECORD_HEADER_SIZE + 8 * n)
+                    if not np.isfinite(coefs).all():  # a checksum over bad data cannot be ours
+                        raise _BadRecord(rnd, off, f"{w} is corrupt: non-finite coefficient")
+                    self._chain.append(c)
+                    self._offsets.append(off)
+                    self._counts.append(n)
+                    off += want
+                self._end = off
+            except _BadRecord as bad:
+                if not self._resume:
+                    raise HistoryError(str(bad)) from None
+                self.bad_tail = (bad.rnd, bad.off, str(bad))
+                self._end = bad.off
+                log.warning("%s; resuming drops it if the checkpoint does not need it", bad)
 
     # ------------------------------------------------------------------------------ state
     @property
@@ -278,6 +302,8 @@ class SeedHistory:
         """Add round ``rnd`` (= rounds + 1): seeds uint64 [n], coefs float32 [n] (finite).  In a file:
         one write, flushed and fsync'd before this returns.  Returns the new digest."""
         rnd = _check_round_no(rnd)
+        if self.bad_tail is not None:
+            raise HistoryError(f"append: {self.bad_tail[2]}; truncate to the checkpoint first")
         if rnd != self.rounds + 1:
             raise HistoryError(f"append: the history holds {self.rounds} rounds, so the next is "
                                f"{self.rounds + 1}, got round {rnd}")
@@ -329,14 +355,16 @@ class SeedHistory:
         rounds = int(rounds)
         where = self.path or "the in-memory seed history"
         if rounds > self.rounds:
+            if self.bad_tail is not None:
+                raise HistoryError(f"the checkpoint needs {rounds} rounds, but {self.bad_tail[2]}")
             raise HistoryError(f"{where} holds {self.rounds} rounds, the checkpoint needs {rounds}")
         if self._chain[rounds].hex() != digest:
             raise HistoryError(f"{where} does not match the checkpoint: its digest after {rounds} "
                                f"rounds is {self._chain[rounds].hex()}, the checkpoint's is "
                                f"{digest!r}")
-        if rounds == self.rounds:
+        if rounds == self.rounds and self.bad_tail is None:
             return
-        end = self._offsets[rounds]
+        end = self._offsets[rounds] if rounds < self.rounds else self.bad_tail[1]
         if self.path is not None:
             fd = os.open(self.path, os.O_WRONLY)
             try:
@@ -344,7 +372,12 @@ class SeedHistory:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        log.info("%s: dropped rounds %d..%d (after the checkpoint)", where, rounds + 1, self.rounds)
+        if self.bad_tail is not None:
+            log.warning("%s: dropped the bad tail from round %d on (after the checkpoint's %d rounds)",
+                        where, self.bad_tail[0] if rounds == self.rounds else rounds + 1, rounds)
+            self.bad_tail = None
+        else:
+            log.info("%s: dropped rounds %d..%d (after the checkpoint)", where, rounds + 1, self.rounds)
         del self._chain[rounds + 1:], self._offsets[rounds:], self._counts[rounds:], self._mem[rounds:]
         self._end = end
 

@@ -316,7 +316,8 @@ class FedMeZOServer(SeedServer):
         path = None if workdir is None else os.path.join(workdir, HISTORY)
         if readonly and path is not None and not os.path.isfile(path):
             raise ValueError(f"no seed history in {workdir} ({HISTORY} missing)")
-        self.history = SeedHistory(path)
+        # not readonly: a resume's truncate to the checkpoint drops a torn tail (a kill mid-append)
+        self.history = SeedHistory(path, resume=not readonly)
         self.client_cached: Dict[int, int] = {}  # client -> round of the model in its cache-dir
         self._model: Optional[GlobalModel] = None
 
