@@ -443,4 +443,4 @@ METHOD = Method(
     server=FerretServer, client=FerretClient,
     options=frozenset({"local_steps", "lr", "batch_size", "noise", "num_seeds", "optimizer",
                        "n_accum", "grad_clip", "grad_checkpointing", "server_lr", "seed_clip"}),
-    defaults={"lr": 0.05, "local_steps": 10})
+    defaults={"lr": 0.03, "local_steps": 10})
