@@ -119,6 +119,7 @@ def main(argv=None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
     t_local = time.perf_counter() - t0
+    print(f"local steps: {t_local:.1f} s", file=sys.stderr, flush=True)
     for p in params:
         p.requires_grad_(False)
     with torch.no_grad():
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     counts, coefs = cl.project(delta, 1, 0)
     t_project = time.perf_counter() - t0
+    print(f"project: {t_project:.1f} s, {int(counts.sum())} coefficients", file=sys.stderr,
+          flush=True)
     pairs_s, pairs_c, off = [], [], 0
     for g, n in enumerate(counts):
         idx = FR.group_indices(cfg.seed, 1, 0, g, int(n), cfg.num_seeds)
@@ -138,6 +141,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     FR.apply_grouped(ms, [(1, np.concatenate(pairs_s), np.concatenate(pairs_c))], cl.groups, cl.pool)
     t_rebuild = time.perf_counter() - t0
+    print(f"rebuild: {t_rebuild:.1f} s", file=sys.stderr, flush=True)
     # Ferret's loop on the same groups and seed counts (timed on a prefix of each group's seeds)
     tb_proj = tb_reb = 0.0
     timed = 0
