@@ -17,7 +17,7 @@ Cases (--only, comma-separated; default all, one at a time, each in its own proc
   client-fp32           one Flower ClientApp-style fit: kseed.flower.driver.run_client (load, rebuild
                         from a down message with nonzero coefficients, tau = 3 steps)
   ferret-fp32           one Ferret client fit (kseed.methods.ferret, issue #19): load, tau = 2 SGD steps
-                        (batch 1, --max-length 64), project delta onto K = 64 seeds per group at most;
+                        (batch 1, --max-length 64), project delta onto K = 16 seeds per group at most;
                         training-level memory (weights + gradients + the delta copy), not under the
                         issue #11 bound
   timings               in one process, 2 threads, a 1 x 96-token batch: one forward pass, one kseed ZO
@@ -209,7 +209,7 @@ def worker_ferret(cache: str, dtype: str) -> None:
     torch.set_num_threads(2)
     cfg = FedConfig(method="ferret", model=model_dir(cache), data=os.path.join(cache, "dolly.jsonl"),
                     dataset="dolly", num_clients=20, clients_per_round=2, local_steps=2,
-                    num_seeds=64, batch_size=1, max_length=64, eval_size=4, rouge_size=0,
+                    num_seeds=16, batch_size=1, max_length=64, eval_size=4, rouge_size=0,
                     dtype=dtype, lr=1e-4).validate()
     parts, _, _ = build_data(cfg)
     ws = load_workspace(cfg, cache=False)
