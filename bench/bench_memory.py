@@ -16,6 +16,10 @@ Cases (--only, comma-separated; default all, one at a time, each in its own proc
                         --local-steps 3 -K 1024 --batch-size 1 --eval-size 4 --rouge-size 0 --threads 2
   client-fp32           one Flower ClientApp-style fit: kseed.flower.driver.run_client (load, rebuild
                         from a down message with nonzero coefficients, tau = 3 steps)
+  ferret-fp32           one Ferret client fit (kseed.methods.ferret, issue #19): load, tau = 2 SGD steps
+                        (batch 1, --max-length 64), project delta onto K = 16 seeds per group at most;
+                        training-level memory (weights + gradients + the delta copy), not under the
+                        issue #11 bound
   timings               in one process, 2 threads, a 1 x 96-token batch: one forward pass, one kseed ZO
                         step (ModelSeeds.zo_step), the reference code's step (4 passes of
                         torch.manual_seed + torch.normal per tensor), the rebuild rate
@@ -48,7 +52,8 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 SIM_ARGS = ["--num-clients", "20", "--clients-per-round", "2", "--local-steps", "3", "-K", "1024",
             "--rounds", "1", "--batch-size", "1", "--eval-size", "4", "--rouge-size", "0",
             "--threads", "2", "--quiet"]
-ALL_CASES = ["load-fp32", "load-bf16", "sim-fp32", "sim-bf16", "sim-fp16", "client-fp32", "timings"]
+ALL_CASES = ["load-fp32", "load-bf16", "sim-fp32", "sim-bf16", "sim-fp16", "client-fp32", "timings",
+             "ferret-fp32"]
 
 
 # ------------------------------------------------------------------------------ the model
@@ -193,6 +198,33 @@ def worker_client(cache: str, dtype: str) -> None:
         server.global_coefs())), **{k: round(v, 3) for k, v in timing.items()}}))
 
 
+def worker_ferret(cache: str, dtype: str) -> None:
+    """One Ferret client fit, from the server's round-1 down message."""
+    import torch
+
+    from kseed.config import FedConfig
+    from kseed.methods import ferret as FR
+    from kseed.task import build_data, load_workspace
+
+    torch.set_num_threads(2)
+    cfg = FedConfig(method="ferret", model=model_dir(cache), data=os.path.join(cache, "dolly.jsonl"),
+                    dataset="dolly", num_clients=20, clients_per_round=2, local_steps=2,
+                    num_seeds=16, batch_size=1, max_length=64, eval_size=4, rouge_size=0,
+                    dtype=dtype, lr=1e-4).validate()
+    parts, _, _ = build_data(cfg)
+    ws = load_workspace(cfg, cache=False)
+    server = FR.FerretServer(cfg, base_identity=ws.identity)
+    cid = server.sample_clients(1)[0]
+    client = FR.FerretClient(cfg, lambda: ws, parts[cid], client_id=cid)
+    t = time.perf_counter()
+    up = client.fit(server.make_down(1, cid))
+    st = client.last_stats
+    print(json.dumps({"up_bytes": len(up), "fit_s": round(time.perf_counter() - t, 3),
+                      "local_s": round(st["local_seconds"], 3),
+                      "project_s": round(st["project_seconds"], 3),
+                      "coefficients": st["coefficients"]}))
+
+
 def worker_timings(cache: str, reps: int) -> None:
     import numpy as np
     import torch
@@ -278,6 +310,8 @@ def main(argv=None) -> int:
             worker_client(cache, a.worker[1])
         elif kind == "timings":
             worker_timings(cache, a.reps)
+        elif kind == "ferret":
+            worker_ferret(cache, a.worker[1])
         return 0
     cases = [c for c in a.only.split(",") if c]
     bad = [c for c in cases if c not in ALL_CASES]

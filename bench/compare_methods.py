@@ -2,6 +2,7 @@
 
     python bench/compare_methods.py                                   # fedkseed, fedmezo, mezo; seeds 1-10
     python bench/compare_methods.py --methods fedmezo,mezo --seeds 1-2 --jobs 2 -- --rounds 2
+    python bench/compare_methods.py --methods fedkseed,ferret          # Ferret beside FedKSeed
     python bench/compare_methods.py --out DIR --report-only            # the table from DIR's runs
 
 Each (method, seed) is one `kseed-fed --method M --seed S --out OUT/M/seed-S --threads 1 --quiet`
@@ -160,7 +161,8 @@ def report(out: str, methods: List[str], seeds: List[int]) -> str:
             f"| {_fmt(col['rebuild_s_per_round'], '.4f')} | {_fmt(col['s_per_round'], '.2f')} |")
         cfg = runs[0]["config"]
         keys = ("rounds", "num_clients", "clients_per_round", "local_steps", "lr", "eps",
-                "batch_size", "num_seeds", "sampling", "noise", "dataset", "eval_size")
+                "batch_size", "num_seeds", "sampling", "noise", "optimizer", "n_accum",
+                "grad_clip", "server_lr", "seed_clip", "dataset", "eval_size")
         from kseed.methods import get
         from kseed.methods.base import METHOD_FIELDS
         unused = (METHOD_FIELDS - get(m).options) | get(m).ignores  # not this method's settings

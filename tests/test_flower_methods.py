@@ -135,4 +135,4 @@ def test_flower_run_config_method():
     with pytest.raises(ValueError, match="--method mezo needs --num-clients 1, got 3"):
         fed_config(dict(default_run_config(), method="mezo", **{"num-clients": 3}))
     with pytest.raises(ValueError, match="--method must be fedkseed | fedmezo | mezo"):
-        fed_config({"method": "ferret"})
+        fed_config({"method": "fedprox"})

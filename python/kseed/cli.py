@@ -57,6 +57,12 @@ _OPTIONS = [
     (("--max-new-tokens",), "max_new_tokens", int, "greedy generation length for Rouge-L"),
     (("--min-replies",), "min_replies", int, "valid uploads needed to apply a round"),
     (("--pro-clip",), "pro_clip", float, "C: |g| clip of the FedKSeed-Pro statistics"),
+    (("--optimizer",), "optimizer", str, "local first-order optimizer: sgd (momentum 0) | adamw"),
+    (("--n-accum",), "n_accum", int, "micro-batches of --batch-size accumulated per local step"),
+    (("--grad-clip",), "grad_clip", float, "gradient-norm clip of each local step (0: off)"),
+    (("--server-lr",), "server_lr", float, "server step size: w <- w - this x the rebuilt update"),
+    (("--seed-clip",), "seed_clip", float,
+     "norm clip of each seed's rebuilt update (Ferret's 10; 0: off)"),
     (("--embedded-examples",), "embedded_examples", int, "size of the embedded synthetic data set"),
     (("--rounding",), "rounding", str, "nearest | stochastic rounding of bf16/fp16 weights"),
     (("--noise",), "noise", str,
@@ -104,6 +110,8 @@ _FLAGS = [
     ("--equal-weights", "equal_weights", "aggregate clients with equal weights instead of by "
                                          "example count"),
     ("--clientwise-lr", "clientwise_lr", "client-wise learning rates (rule: --lr-rule)"),
+    ("--grad-checkpointing", "grad_checkpointing", "activation checkpointing in the first-order "
+                                                   "local steps (less memory, one more forward)"),
 ]
 
 
@@ -121,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
         "--method", dest="method", default=None, choices=list(NAMES) + list(ALIASES),
         help="the federated method: fedkseed (K candidate seeds; fedkseed-pro = --sampling pro), "
              "fedmezo (FedAvg of MeZO clients: a fresh seed every step, the global model a seed "
-             "history), mezo (one client holding all the training data) (default: fedkseed; an "
+             "history), mezo (one client holding all the training data), ferret (first-order local "
+             "steps projected onto the seed pool) (default: fedkseed; an "
              "option the method does not use is refused)")
     for flags, name, typ, help_ in _OPTIONS:
         default = getattr(_D, name)

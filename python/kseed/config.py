@@ -24,7 +24,8 @@ ROUNDINGS = ("nearest", "stochastic")
 NOISES = ("gaussian", "rademacher")  # the perturbation family (docs/SPEC.md; issue #12)
 # The options with a fixed set of values (FedConfig field -> its values): validate() and kseed-fed's
 # argument parser both read this.
-CHOICES = {"method": METHODS, "sampling": SAMPLINGS, "dataset": DATASETS, "partition": PARTITIONS,
+OPTIMIZERS = ("sgd", "adamw")  # Ferret's local first-order optimizer
+CHOICES = {"method": METHODS, "sampling": SAMPLINGS, "optimizer": OPTIMIZERS, "dataset": DATASETS, "partition": PARTITIONS,
            "dtype": DTYPES,
            "rounding": ROUNDINGS, "noise": NOISES, "lr_rule": LR_RULES, "lr_signal": LR_SIGNALS,
            "prompt": PROMPTS}
@@ -59,6 +60,13 @@ class FedConfig:
     lr_delta: float = 0.5  # the fedmezo rule's delta as a fraction of --lr (FedMeZO: 5e-6 / 1e-5)
     batch_size: int = 8
     max_length: int = 128
+    # Ferret (kseed.methods.ferret): first-order local steps projected onto the seed pool
+    optimizer: str = "sgd"  # sgd (momentum 0, Ferret's) | adamw
+    n_accum: int = 1  # micro-batches accumulated per local step
+    grad_clip: float = 0.0  # gradient-norm clip of each local step (0: off)
+    grad_checkpointing: bool = False  # activation checkpointing in the local steps (memory)
+    server_lr: float = 1.0  # Ferret's server step size slr
+    seed_clip: float = 10.0  # Ferret's norm clip of each seed's rebuilt update (0: off)
     # aggregation bounds (one client's influence per round; 0 = off; see README "Threat model")
     g_clip: float = 20.0  # |g| <= g_clip x the round's lower median of the clients' median |g|
     g_clip_abs: float = 0.0  # a fixed bound on |g| as well
@@ -135,8 +143,11 @@ class FedConfig:
             num(n, 0, strict=False, kind=int)
         num("lr", 0, hi=MAX_LR)
         num("eps", 0, hi=MAX_EPS)
-        for n in ("pro_clip", "alpha"):
+        for n in ("pro_clip", "alpha", "server_lr"):
             num(n, 0)
+        num("n_accum", 0, kind=int)
+        for n in ("grad_clip", "seed_clip"):
+            num(n, 0, strict=False)
         num("lr_delta", 0, strict=False, hi=0.99)
         for n in ("g_clip", "g_clip_abs", "norm_bound", "weight_cap", "loss_cap"):
             num(n, 0, strict=False)
@@ -153,7 +164,7 @@ class FedConfig:
             if getattr(self, n) not in choices:
                 raise ValueError(f"{flag(n)} must be {' | '.join(choices)}, got "
                                  f"{getattr(self, n)!r}")
-        for n in ("equal_weights", "clientwise_lr"):
+        for n in ("equal_weights", "clientwise_lr", "grad_checkpointing"):
             if not isinstance(getattr(self, n), bool):
                 raise ValueError(f"{flag(n)} must be true or false, got {getattr(self, n)!r}")
         for n in ("model", "data", "eval_category"):

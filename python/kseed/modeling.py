@@ -10,7 +10,7 @@ import math
 import os
 import time
 import weakref
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -203,18 +203,25 @@ def collate(items: Sequence[tuple], pad_id: int, device):
     return ids.to(device), att.to(device), labels.to(device)
 
 
-@torch.no_grad()
-def batch_loss(model, batch) -> float:
-    """Mean cross-entropy over the response tokens of a collated batch (float64 result); NaN for a
-    batch without response tokens."""
+def loss_sum(model, batch) -> Tuple[torch.Tensor, int]:
+    """(sum of the cross-entropy over the response tokens of a collated batch, as a float32 tensor
+    with autograd when enabled; the number of those tokens)."""
     ids, att, labels = batch
     logits = model(input_ids=ids, attention_mask=att).logits.float()
     lg = logits[:, :-1].reshape(-1, logits.shape[-1])
     lb = labels[:, 1:].reshape(-1)
     n = int((lb != -100).sum())
+    return torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100, reduction="sum"), n
+
+
+@torch.no_grad()
+def batch_loss(model, batch) -> float:
+    """Mean cross-entropy over the response tokens of a collated batch (float64 result); NaN for a
+    batch without response tokens."""
+    total, n = loss_sum(model, batch)
     if n == 0:  # nothing to score (e.g. empty responses and no EOS): no loss, not a zero one;
         return math.nan  # zo_step then skips the step, as for any non-finite loss
-    return float(torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100, reduction="sum")) / n
+    return float(total) / n
 
 
 @torch.no_grad()

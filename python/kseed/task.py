@@ -81,8 +81,11 @@ def load_workspace(cfg: FedConfig, device: str = "cpu", backend: Optional[str] =
     ident = {"model": "embedded" if cfg.model is None else os.path.abspath(path),
              "hash": M.model_hash(model), "dtype": cfg.dtype,
              "parameters": int(sum(p.numel() for p in model.parameters()))}
-    return M.Workspace(model, tok, backend=backend, rounding=cfg.rounding, noise=cfg.noise,
-                       identity=ident, cache=cache)
+    ws = M.Workspace(model, tok, backend=backend, rounding=cfg.rounding, noise=cfg.noise,
+                     identity=ident, cache=cache)
+    if cfg.method == "ferret":  # its server groups the trained tensors by their sizes
+        ident["numels"] = [int(p.numel()) for p in ws.ms.params]
+    return ws
 
 
 # ------------------------------------------------------------------------------ evaluation

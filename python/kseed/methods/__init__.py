@@ -14,6 +14,7 @@ REGISTRY = {
     "fedkseed": "kseed.methods.fedkseed",
     "fedmezo": "kseed.methods.fedmezo",
     "mezo": "kseed.methods.mezo",
+    "ferret": "kseed.methods.ferret",
 }
 NAMES = tuple(REGISTRY)
 # other names kseed-fed's --method accepts: name -> (method, the FedConfig fields it sets)

@@ -215,10 +215,12 @@ class Method:
     options: FrozenSet[str]
     ignores: FrozenSet[str] = frozenset()
     fixed: Mapping[str, object] = field(default_factory=dict)
+    defaults: Mapping[str, object] = field(default_factory=dict)  # its own defaults of shared fields
 
     def configure(self, values: dict) -> dict:
-        """``values`` (FedConfig fields) with the method's fixed fields set."""
-        return {**values, **self.fixed, "method": self.name}
+        """``values`` (the FedConfig fields given) over the method's defaults, with its fixed fields
+        set."""
+        return {**self.defaults, **values, **self.fixed, "method": self.name}
 
 
 # The fields of the method groups of kseed-fed's options: each group is the options of the methods
@@ -228,6 +230,9 @@ METHOD_GROUPS = {
         "local_steps", "lr", "eps", "batch_size", "noise", "clientwise_lr", "lr_rule", "lr_signal",
         "lr_delta"),
     "fedkseed: the K-seed pool": ("num_seeds", "sampling", "pro_clip"),
+    "ferret: first-order local steps projected onto the K-seed pool (with --local-steps, --lr, "
+    "--batch-size, --noise, -K)": (
+        "optimizer", "n_accum", "grad_clip", "grad_checkpointing", "server_lr", "seed_clip"),
 }
 METHOD_FIELDS = frozenset(f for fs in METHOD_GROUPS.values() for f in fs)
 

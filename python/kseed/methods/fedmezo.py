@@ -160,7 +160,7 @@ def _digest_bytes(name: str, hexd: str) -> bytes:
     return b
 
 
-def encode_down(m: MeZODown) -> bytes:
+def encode_down(m: MeZODown, *, magic: bytes = DOWN_MAGIC) -> bytes:
     u32 = P._u32
     for name in ("lr", "eps"):
         v = float(getattr(m, name))
@@ -179,7 +179,7 @@ def encode_down(m: MeZODown) -> bytes:
         raise P.ProtocolError(f"noise must be gaussian or rademacher, got {m.noise!r}")
     if not isinstance(m.span, bytes):
         raise P.ProtocolError("span must be bytes")
-    hdr = _DOWN_HDR.pack(DOWN_MAGIC, VERSION, FLAG_RADEMACHER if m.noise == "rademacher" else 0,
+    hdr = _DOWN_HDR.pack(magic, VERSION, FLAG_RADEMACHER if m.noise == "rademacher" else 0,
                          rnd, u32("client_id", m.client_id), m.fingerprint,
                          u32("local_steps", m.local_steps), int(m.batch_size), float(m.lr),
                          float(m.eps), int(m.client_seed), start, 0,
@@ -188,17 +188,18 @@ def encode_down(m: MeZODown) -> bytes:
     return hdr + m.span
 
 
-def decode_down(data, *, expected_fingerprint: Optional[bytes] = None) -> MeZODown:
+def decode_down(data, *, expected_fingerprint: Optional[bytes] = None,
+                magic: bytes = DOWN_MAGIC) -> MeZODown:
     """Decode and check a down message (the span's rounds are checked by decode_rounds when the
-    client applies them)."""
+    client applies them).  ``magic``: another method's down message of this layout (Ferret's)."""
     data = P._check_bytes(data)
     if len(data) < DOWN_HEADER_SIZE + 16:
         raise P.ProtocolError(f"FedMeZO down message truncated: {len(data)} bytes, the header and "
                               f"an empty span are {DOWN_HEADER_SIZE + 16}")
-    (magic, ver, flags, rnd, cid, fp, tau, bs, lr, eps, cseed, start, res, d0,
+    (got, ver, flags, rnd, cid, fp, tau, bs, lr, eps, cseed, start, res, d0,
      d1) = _DOWN_HDR.unpack_from(data)
-    if magic != DOWN_MAGIC:
-        raise P.ProtocolError(f"not a FedMeZO down message (magic {magic!r})")
+    if got != magic:
+        raise P.ProtocolError(f"not a {magic.decode()} down message (magic {got!r})")
     if ver != VERSION:
         raise P.ProtocolError(f"unsupported FedMeZO down message version {ver} (this build reads "
                               f"{VERSION})")
@@ -281,8 +282,9 @@ class GlobalModel:
     rounds (copy's round + 1) .. r onto it (one fused apply per round), or from w0 when the copy is
     newer or absent; the copy then holds round r."""
 
-    def __init__(self, ws):
+    def __init__(self, ws, apply=apply_history):
         self.ws = ws
+        self.apply = apply  # apply(ms, rounds, bases=): the method's rounds -> weights
         self.buf = None
         self.round = 0
 
@@ -293,7 +295,7 @@ class GlobalModel:
             base, bases = 0, ws.w0
         else:
             base, bases = self.round, self.buf.tensors
-        apply_history(ws.ms, history.read(base + 1, rnd), bases=bases)
+        self.apply(ws.ms, history.read(base + 1, rnd), bases=bases)
         if self.buf is None:
             self.buf = W.host_buffer(ws.ms.params, "the global model")
         if self.buf is not bases:
@@ -322,9 +324,20 @@ class FedMeZOServer(SeedServer):
         self._model: Optional[GlobalModel] = None
 
     # ------------------------------------------------------------------------------ messages
+    down_magic = DOWN_MAGIC
+
+    def apply_rounds(self, ms, rounds, *, bases=None) -> int:
+        """Apply history rounds to ``ms`` (kseed.history.apply_history; a method whose pairs mean
+        something else, Ferret's, overrides it)."""
+        return apply_history(ms, rounds, bases=bases)
+
+    def down_eps(self) -> float:
+        """The down message's eps field."""
+        return self.config.eps
+
     def load_global(self, ws) -> None:
         if self._model is None or self._model.ws is not ws:
-            self._model = GlobalModel(ws)
+            self._model = GlobalModel(ws, self.apply_rounds)
         self._model.load(self.history, self.round)
 
     def make_down(self, rnd: int, client_id: int) -> bytes:
@@ -335,9 +348,9 @@ class FedMeZOServer(SeedServer):
         return encode_down(MeZODown(
             round=rnd, client_id=client_id, fingerprint=self.fingerprint,
             local_steps=c.local_steps, batch_size=c.batch_size, lr=self.client_lr(client_id, rnd),
-            eps=c.eps, client_seed=self.client_seed(rnd, client_id), start=start,
+            eps=self.down_eps(), client_seed=self.client_seed(rnd, client_id), start=start,
             digest_before=self.history.digest(start - 1), digest_model=self.history.digest(rnd - 1),
-            span=self.history.encode_rounds(start, rnd - 1), noise=c.noise))
+            span=self.history.encode_rounds(start, rnd - 1), noise=c.noise), magic=self.down_magic)
 
     def aggregate(self, rnd: int, uploads: Mapping[int, bytes],
                   weights: Optional[Mapping[int, float]] = None) -> dict:
@@ -457,13 +470,20 @@ class FedMeZOClient(SeedClient):
         self.cached = 0  # the round of the model this client keeps (0: none)
         self.last_catch_up: dict = {}
 
+    down_magic = DOWN_MAGIC
+    apply_rounds = FedMeZOServer.apply_rounds  # the server's and the client's rounds -> weights
+
     def _decode(self, down_bytes) -> MeZODown:
-        m = decode_down(down_bytes, expected_fingerprint=self.fingerprint)
+        m = decode_down(down_bytes, expected_fingerprint=self.fingerprint, magic=self.down_magic)
         self._check_for_me(m.client_id)
+        self.check_down(m)
+        return m
+
+    def check_down(self, m: MeZODown) -> None:
+        """Refuse a down message whose local settings are not this client's (base.check_local)."""
         check_local(self.config, noise=m.noise, local_steps=m.local_steps, batch_size=m.batch_size,
                     eps=m.eps, lr=m.lr, rnd=m.round, client_id=m.client_id,
                     client_seed=m.client_seed)
-        return m
 
     def _cache(self, cid: int) -> Optional[ModelCache]:
         if self.cache_dir is None:
@@ -507,12 +527,12 @@ class FedMeZOClient(SeedClient):
                                   f"after round {base}")
         fresh = cache is not None and base > 0
         if rounds and m.start == 1:
-            apply_history(ws.ms, rounds, bases=ws.w0)
+            self.apply_rounds(ws.ms, rounds, bases=ws.w0)
         elif rounds:
             self._from_cache(cache, m.start - 1, m.digest_before)
-            apply_history(ws.ms, rounds)
+            self.apply_rounds(ws.ms, rounds)
         elif base == 0:
-            apply_history(ws.ms, [], bases=ws.w0)
+            self.apply_rounds(ws.ms, [], bases=ws.w0)
             fresh = False
         elif self.shared is not None:
             srv = self.shared
