@@ -34,7 +34,8 @@ _OPTIONS = [
     (("--sampling",), "sampling", str,
      "seed choice per step: uniform (FedKSeed) or pro (FedKSeed-Pro, by the seeds' mean |g|)"),
     (("--model",), "model", str,
-     "local Hugging Face causal-LM directory (default: the embedded small LLaMA model)"),
+     "Hugging Face causal-LM directory, or ORG/NAME found in the local Hugging Face cache "
+     "(--revision; never downloaded) (default: the embedded small LLaMA model)"),
     (("--data",), "data", str,
      "data path: Dolly jsonl file or Natural Instructions 2.x directory (default: embedded "
      "synthetic data)"),
@@ -132,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     for flag, name, help_ in _FLAGS:
         group_of[name].add_argument(flag, dest=name, action="store_const", const=True, default=None,
                                     help=f"{help_} (default: off)")
+    groups["data"].add_argument(
+        "--revision", default="main",
+        help="the revision of an ORG/NAME --model in the local Hugging Face cache: a branch or tag "
+             "(refs/) or a commit hash (default: main)")
     run = ap.add_argument_group("output and runtime")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     run.add_argument("--backend", default=None,
@@ -157,8 +162,10 @@ def _export_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="the run directory holding checkpoint.json")
     ap.add_argument("--to", required=True, help="the Hugging Face directory to write")
     ap.add_argument("--model", default=None,
-                    help="base model directory (default: the one recorded in the checkpoint); its "
-                         "hash must match")
+                    help="base model directory or ORG/NAME in the local Hugging Face cache "
+                         "(default: the one recorded in the checkpoint); its hash must match")
+    ap.add_argument("--revision", default="main",
+                    help="the revision of an ORG/NAME --model (default: main)")
     ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     ap.add_argument("--backend", default=None, help="kseed_kernels backend (default: fastest)")
     ap.add_argument("--overwrite", action="store_true",
@@ -261,6 +268,9 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
     """FedConfig from the parsed flags over ``base`` (a checkpoint's config on --resume)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FedConfig)
              if getattr(args, f.name, None) is not None}
+    if given.get("model") is not None:  # ORG/NAME: its snapshot in the local hub cache (a path)
+        from .hub import resolve
+        given["model"] = resolve(given["model"], getattr(args, "revision", "main"))
     from .methods import ALIASES, get
     if given.get("method") in ALIASES:
         name, sets = ALIASES[given["method"]]
@@ -345,6 +355,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
             a = _export_parser().parse_args(argv[1:])
             check_device(a.device)
             check_backend(a.backend)
+            if a.model is not None:
+                from .hub import resolve
+                a.model = resolve(a.model, a.revision)
             try:
                 recorded = checkpoint_config(a.out).model or EMBEDDED_DIR
                 check_export_target(a.to, [recorded] + ([a.model] if a.model else []), a.overwrite)

@@ -8,7 +8,8 @@ optional field (model, data, eval-category) is "" for None.  Besides those: devi
 ServerApp writes metrics.jsonl and its checkpoint; "" = no files), resume (true: continue the
 checkpoint in out; the rest of the run config must match the checkpoint's, except rounds and the
 evaluation cadence) and the Flower-side options
-round-timeout (seconds a round waits for replies), node-wait-timeout (seconds the ServerApp waits for
+revision (of an ORG/NAME model in the local Hugging Face cache: kseed.hub), round-timeout (seconds a
+round waits for replies), node-wait-timeout (seconds the ServerApp waits for
 the nodes at start) and max-upload-bytes (0 = the driver's own limit only).
 """
 from __future__ import annotations
@@ -28,9 +29,10 @@ EXTRA_DEFAULTS = {
     "round-timeout": 600.0,
     "node-wait-timeout": 300.0,
     "max-upload-bytes": 0,
+    "revision": "main",
 }
 EXTRA_KINDS = {"device": str, "out": str, "resume": bool, "round-timeout": float,
-               "node-wait-timeout": float, "max-upload-bytes": int}
+               "node-wait-timeout": float, "max-upload-bytes": int, "revision": str}
 
 
 def key_of(field_name: str) -> str:
@@ -77,6 +79,9 @@ def fed_config(run_config: Mapping[str, Any]) -> FedConfig:
             values[f.name] = None
             continue
         values[f.name] = config_value(run_config, key, kind)
+    if isinstance(values["model"], str):  # ORG/NAME: its snapshot in this machine's hub cache
+        from kseed.hub import resolve
+        values["model"] = resolve(values["model"], extra(run_config, "revision"))
     from kseed import methods
     if values["method"] in methods.NAMES:  # else validate() names it
         # the fields the method fixes (e.g. MeZO's one client) take its values where the run config

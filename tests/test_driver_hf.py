@@ -1,0 +1,74 @@
+"""Models and data as users have them (issue 21): ORG/NAME from the local Hugging Face cache,
+`datasets` sources and column maps, --dtype auto, and TensorBoard event files.  No network: the hub
+cache layouts and data sets are made in tmp_path."""
+import json
+import os
+import shutil
+
+import pytest
+
+from kseed import cli
+from kseed import modeling as M
+
+from test_driver_cli import TINY, _error_line, _metrics, _run
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_model(cache, org="acme", name="tiny", commit=COMMIT, ref="main"):
+    repo = cache / f"models--{org}--{name}"
+    snap = repo / "snapshots" / commit
+    shutil.copytree(M.EMBEDDED_DIR, snap)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    return snap
+
+
+def test_model_by_hub_name_resolves_offline_and_resumes_by_path(tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "hub"
+    snap = _hub_model(cache)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    out = tmp_path / "run"
+    rc, so, se = _run(capsys, *TINY, "--rounds", 1, "--model", "acme/tiny", "--out", out)
+    assert rc == 0, se
+    ck = json.loads((out / "checkpoint.json").read_text())
+    cfg = ck["server"]["config"] if "server" in ck else ck["payload"]["server"]["config"]
+    assert os.path.realpath(cfg["model"]) == os.path.realpath(snap)
+    # the same model by path resumes; by name at the same revision too
+    assert _run(capsys, "--out", out, "--resume", "--rounds", 2, "--model", snap, "--quiet")[0] == 0
+    rc, so, se = _run(capsys, "--out", out, "--resume", "--rounds", 3, "--model", "acme/tiny",
+                      "--quiet")
+    assert rc == 0, se
+    assert [r["round"] for r in _metrics(out)] == [0, 1, 2, 3]
+    # export with the model by name
+    rc, so, se = _run(capsys, "export", "--out", out, "--to", tmp_path / "hf", "--model", "acme/tiny")
+    assert rc == 0, se
+    # a revision by commit hash, and an unknown one
+    rc, so, se = _run(capsys, *TINY, "--rounds", 1, "--model", "acme/tiny", "--revision", COMMIT,
+                      "--out", tmp_path / "r2")
+    assert rc == 0, se
+
+
+def test_model_not_in_the_hub_cache_is_one_line_naming_where_and_how(tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "hub"
+    _hub_model(cache)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    rc, so, se = _run(capsys, *TINY, "--rounds", 1, "--model", "acme/absent", "--out", tmp_path / "a")
+    line = _error_line(se)
+    assert rc == 2 and len(se.strip().splitlines()) == 1
+    assert str(cache / "models--acme--absent") in line and "download acme/absent" in line
+    rc, so, se = _run(capsys, *TINY, "--rounds", 1, "--model", "acme/tiny", "--revision", "v2",
+                      "--out", tmp_path / "b")
+    assert rc == 2 and "revision v2" in _error_line(se)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_flower_run_config_model_by_hub_name(tmp_path, monkeypatch):
+    from kseed.flower.runconfig import fed_config
+    cache = tmp_path / "hub"
+    snap = _hub_model(cache, ref="v1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    cfg = fed_config({"model": "acme/tiny", "revision": "v1"})
+    assert os.path.realpath(cfg.model) == os.path.realpath(snap)
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
+        fed_config({"model": "acme/tiny"})  # no refs/main
