@@ -72,3 +72,41 @@ def test_flower_run_config_model_by_hub_name(tmp_path, monkeypatch):
     assert os.path.realpath(cfg.model) == os.path.realpath(snap)
     with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
         fed_config({"model": "acme/tiny"})  # no refs/main
+
+
+# ------------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_event_file_holds_every_rounds_scalars(tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="TensorBoard is the kseed[tensorboard] extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, tb = tmp_path / "run", tmp_path / "tb"
+    rc, so, se = _run(capsys, *TINY, "--rounds", 2, "--rouge-every", 1, "--out", out,
+                      "--tensorboard", tb)
+    assert rc == 0, se
+    rows = _metrics(out)
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in ("eval_loss", "train_loss", "rouge_l", "bytes_up", "bytes_down", "seconds"):
+        assert any(r.get(key) is not None for r in rows), key
+        assert key in tags, (key, sorted(tags))
+    for key in tags:
+        got = {e.step: e.value for e in acc.Scalars(key)}
+        want = {r["round"]: float(r[key]) for r in rows if isinstance(r.get(key), (int, float))
+                and not isinstance(r.get(key), bool)}
+        assert got == pytest.approx(want, rel=1e-6), key
+
+
+def test_tensorboard_without_the_extra_names_it(tmp_path, capsys, monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_tb(name, *a, **k):
+        if name.startswith(("torch.utils.tensorboard", "tensorboard")):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tb)
+    rc, so, se = _run(capsys, *TINY, "--rounds", 1, "--out", tmp_path / "r", "--tensorboard",
+                      tmp_path / "tb")
+    assert rc == 2 and "kseed[tensorboard]" in _error_line(se)
+    assert not (tmp_path / "r").exists()

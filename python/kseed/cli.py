@@ -145,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None,
                     help="output directory: metrics.jsonl, checkpoint.json, summary.json, plots "
                          "(default: a new runs/kseed-DATE-TIME)")
+    run.add_argument("--tensorboard", default=None, metavar="DIR",
+                    help="also write each round's metrics (held-out losses, train loss, Rouge-L, "
+                         "bytes, seconds) as TensorBoard scalars in DIR (needs kseed[tensorboard]; "
+                         "default: none)")
     run.add_argument("--resume", action="store_true",
                     help="continue from the checkpoint in --out (default: off; a run refuses to "
                          "overwrite an existing checkpoint)")
@@ -393,7 +397,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             torch.set_num_threads(args.threads or 1)
         out = args.out
         s = run(cfg, args.out, resume=args.resume, device=args.device, backend=args.backend,
-                progress=not args.quiet)
+                progress=not args.quiet, tensorboard=args.tensorboard)
     except errors as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:

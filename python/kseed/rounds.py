@@ -78,14 +78,15 @@ class Federation:
 
     def __init__(self, cfg: FedConfig, out: Optional[str], *, resume: bool = False,
                  device: str = "cpu", backend: Optional[str] = None, rebuild_cache: bool = True,
-                 engine: str = "simulation", hints=("--resume", "--out")):
+                 engine: str = "simulation", hints=("--resume", "--out"),
+                 tensorboard: Optional[str] = None):
         cfg.validate()
         self.t_start = time.perf_counter()
         self.cfg = cfg
         self.engine = engine
         self.backend = backend
         self.log = logging.getLogger(f"kseed.{engine}")
-        self.rundir = RunDir(out, resume=resume, hints=hints)
+        self.rundir = RunDir(out, resume=resume, hints=hints, tensorboard=tensorboard)
         try:
             ckpt = self.rundir.checkpoint
             if ckpt is not None:

@@ -10,7 +10,8 @@ checkpoint in out; the rest of the run config must match the checkpoint's, excep
 evaluation cadence) and the Flower-side options
 revision (of an ORG/NAME model in the local Hugging Face cache: kseed.hub), round-timeout (seconds a
 round waits for replies), node-wait-timeout (seconds the ServerApp waits for
-the nodes at start) and max-upload-bytes (0 = the driver's own limit only).
+the nodes at start), max-upload-bytes (0 = the driver's own limit only) and tensorboard (a
+directory where the ServerApp writes each round's metrics as TensorBoard scalars; "" = none).
 """
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ EXTRA_DEFAULTS = {
     "node-wait-timeout": 300.0,
     "max-upload-bytes": 0,
     "revision": "main",
+    "tensorboard": "",
 }
 EXTRA_KINDS = {"device": str, "out": str, "resume": bool, "round-timeout": float,
-               "node-wait-timeout": float, "max-upload-bytes": int, "revision": str}
+               "node-wait-timeout": float, "max-upload-bytes": int, "revision": str,
+               "tensorboard": str}
 
 
 def key_of(field_name: str) -> str:
