@@ -110,3 +110,48 @@ def test_tensorboard_without_the_extra_names_it(tmp_path, capsys, monkeypatch):
                       tmp_path / "tb")
     assert rc == 2 and "kseed[tensorboard]" in _error_line(se)
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------- --dtype auto
+def _bf16_model(d):
+    import torch
+    m, tok = M.load_model(M.EMBEDDED_DIR)
+    m.to(torch.bfloat16).save_pretrained(str(d), safe_serialization=True)
+    tok.save_pretrained(str(d))
+    return d
+
+
+def test_dtype_auto_is_the_checkpoints_own_and_export_keeps_it(tmp_path, capsys):
+    from kseed import task
+    from kseed import weights as W
+    from kseed.config import FedConfig
+    mdir = _bf16_model(tmp_path / "bf16")
+    assert task.checkpoint_dtype(str(mdir)) == "bf16"
+    conf = json.loads((mdir / "config.json").read_text())
+    conf.pop("dtype", None), conf.pop("torch_dtype", None)
+    (mdir / "config.json").write_text(json.dumps(conf))  # no dtype in config.json: the tensors'
+    assert task.checkpoint_dtype(str(mdir)) == "bf16"
+    assert task.checkpoint_dtype(M.EMBEDDED_DIR) == "fp32"
+    emb = task.resolve_dtype(FedConfig())
+    assert (emb.dtype, emb.rounding) == ("fp32", "nearest")  # the embedded default as before
+    assert task.resolve_dtype(FedConfig(dtype="fp16")).rounding == "stochastic"
+    assert task.resolve_dtype(FedConfig(dtype="bf16", rounding="nearest")).rounding == "nearest"
+
+    out = tmp_path / "run"
+    rc, so, se = _run(capsys, *TINY, "--rounds", 1, "--model", mdir, "--out", out)
+    assert rc == 0, se
+    cfg = json.loads((out / "checkpoint.json").read_text())["server"]["config"]
+    assert (cfg["dtype"], cfg["rounding"]) == ("bf16", "stochastic")
+    # resuming with --dtype auto or bf16 is the same run; fp32 is another
+    assert _run(capsys, "--out", out, "--resume", "--rounds", 2, "--dtype", "auto", "--quiet")[0] == 0
+    rc, so, se = _run(capsys, "--out", out, "--resume", "--rounds", 3, "--dtype", "fp32", "--quiet")
+    assert rc == 2 and "dtype" in _error_line(se)
+    rc, so, se = _run(capsys, "export", "--out", out, "--to", tmp_path / "hf")
+    assert rc == 0, se
+    header, _ = W.read_header(str(tmp_path / "hf" / "model.safetensors"))
+    assert {e["dtype"] for n, e in header.items() if n != "__metadata__"} == {"BF16"}
+    # an explicit --dtype fp32 still trains the 16-bit checkpoint in fp32
+    rc, so, se = _run(capsys, *TINY, "--rounds", 1, "--model", mdir, "--dtype", "fp32", "--out",
+                      tmp_path / "f")
+    cfg = json.loads((tmp_path / "f" / "checkpoint.json").read_text())["server"]["config"]
+    assert rc == 0 and (cfg["dtype"], cfg["rounding"]) == ("fp32", "nearest")

@@ -42,7 +42,9 @@ _OPTIONS = [
     (("--dataset",), "dataset", str,
      "embedded | dolly | ni (default: embedded, or dolly when --data is a file and ni when a "
      "directory)"),
-    (("--dtype",), "dtype", str, "weight dtype: fp32 | bf16 | fp16"),
+    (("--dtype",), "dtype", str,
+     "weight dtype: auto (the checkpoint's own: config.json's dtype, else its tensors') | fp32 | "
+     "bf16 | fp16"),
     (("--seed",), "seed", int, "run seed: seed pool, partition, client sampling, local batches"),
     (("--batch-size",), "batch_size", int, "examples per zeroth-order loss evaluation"),
     (("--max-length",), "max_length", int, "max tokens per example (prompt cut first)"),
@@ -59,7 +61,9 @@ _OPTIONS = [
     (("--min-replies",), "min_replies", int, "valid uploads needed to apply a round"),
     (("--pro-clip",), "pro_clip", float, "C: |g| clip of the FedKSeed-Pro statistics"),
     (("--embedded-examples",), "embedded_examples", int, "size of the embedded synthetic data set"),
-    (("--rounding",), "rounding", str, "nearest | stochastic rounding of bf16/fp16 weights"),
+    (("--rounding",), "rounding", str,
+     "rounding of bf16/fp16 weight updates: auto (stochastic for 16-bit weights) | nearest | "
+     "stochastic"),
     (("--noise",), "noise", str,
      "perturbation family: gaussian (z ~ N(0, I), the paper's) | rademacher (each z_i = +1 or -1, "
      "the classical SPSA direction; cheaper to apply)"),
@@ -293,7 +297,8 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
                 given[name] = os.path.abspath(v)
         from .rounds import check_resume_config  # the one rule for what a resumed run may change
         from .task import check_evaluation
-        cfg = dataclasses.replace(base, **given)
+        from .task import resolve_dtype
+        cfg = resolve_dtype(dataclasses.replace(base, **given))
         check_resume_config(base, cfg)
         check_evaluation(cfg)
         return cfg
@@ -311,8 +316,9 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
         cfg.model = os.path.abspath(cfg.model)
     if cfg.data is not None:
         cfg.data = os.path.abspath(cfg.data)
-    from .task import check_evaluation
+    from .task import check_evaluation, resolve_dtype
     check_evaluation(cfg)
+    cfg = resolve_dtype(cfg)  # dtype auto: the model's own; rounding auto: stochastic for 16-bit
     fixed = get(cfg.method).fixed  # e.g. MeZO's one client, which holds every task's examples
     if cfg.dataset == "ni" and "num_clients" not in given and "num_clients" not in fixed:
         from .datasets import load_natural_instructions

@@ -19,8 +19,8 @@ PROMPTS = ("auto", "reference", "alpaca")
 SAMPLINGS = ("uniform", "pro")
 DATASETS = ("embedded", "dolly", "ni")
 PARTITIONS = ("dirichlet", "iid")
-DTYPES = ("fp32", "bf16", "fp16")
-ROUNDINGS = ("nearest", "stochastic")
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # auto: the checkpoint's own (kseed.task.resolve_dtype)
+ROUNDINGS = ("auto", "nearest", "stochastic")  # auto: stochastic for 16-bit weights, else nearest
 NOISES = ("gaussian", "rademacher")  # the perturbation family (docs/SPEC.md; issue #12)
 # The options with a fixed set of values (FedConfig field -> its values): validate() and kseed-fed's
 # argument parser both read this.
@@ -75,8 +75,8 @@ class FedConfig:
     eval_category: Optional[str] = None
     eval_size: int = 64
     embedded_examples: int = 2000
-    dtype: str = "fp32"
-    rounding: str = "nearest"
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16; auto becomes the checkpoint's own dtype
+    rounding: str = "auto"  # auto | nearest | stochastic; auto: stochastic for bf16 / fp16
     # the direction family of every perturbation and update: gaussian (the paper's) | rademacher
     noise: str = "gaussian"
     # reference (the FedKSeed code's Dolly/NI template) | alpaca | auto: the template the data's base

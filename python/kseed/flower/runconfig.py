@@ -92,7 +92,8 @@ def fed_config(run_config: Mapping[str, Any]) -> FedConfig:
         for name, v in methods.get(values["method"]).fixed.items():
             if values[name] == getattr(base, name):
                 values[name] = v
-    return FedConfig(**values).validate()
+    from kseed.task import resolve_dtype  # dtype / rounding auto: the base model's own
+    return resolve_dtype(FedConfig(**values).validate())
 
 
 def extra(run_config: Mapping[str, Any], key: str):
