@@ -155,3 +155,117 @@ def test_dtype_auto_is_the_checkpoints_own_and_export_keeps_it(tmp_path, capsys)
                       tmp_path / "f")
     cfg = json.loads((tmp_path / "f" / "checkpoint.json").read_text())["server"]["config"]
     assert rc == 0 and (cfg["dtype"], cfg["rounding"]) == ("fp32", "nearest")
+
+
+# ------------------------------------------------------------------------------ datasets sources
+def _examples(n=240):
+    from kseed import datasets as D
+    return D.generate_embedded(n, seed=3)
+
+
+def _cfg(data, **kw):
+    from kseed.config import FedConfig
+    base = dict(num_clients=4, clients_per_round=2, min_per_client=5, eval_size=8)
+    return FedConfig(**{**base, "data": str(data), "dataset": "hf", **kw}).validate()
+
+
+def _dolly_rows(ex):
+    return [{"instruction": e["instruction"], "context": e["input"], "response": e["output"],
+             "category": e["category"]} for e in ex]
+
+
+def test_datasets_sources_give_the_same_examples_and_identity(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the `datasets` library is kseed[hf]")
+    from kseed import datasets as D
+    from kseed import task
+    from kseed.config import FedConfig
+    ex = _examples()
+    dolly = tmp_path / "dolly.jsonl"
+    dolly.write_text("".join(json.dumps(r) + "\n" for r in _dolly_rows(ex)))
+    ref = FedConfig(num_clients=4, clients_per_round=2, min_per_client=5, eval_size=8,
+                    data=str(dolly), dataset="dolly").validate()
+    want = task.build_data(ref)
+    want_id = task.data_identity(ref, want[0], want[1])["sha256"]
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(_dolly_rows(ex)),
+                               "test": datasets.Dataset.from_list(_dolly_rows(ex[:3]))})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    renamed = [{"q": e["instruction"], "ctx": e["input"], "a": e["output"], "topic": e["category"]}
+               for e in ex]
+    datasets.Dataset.from_list(renamed).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(renamed).to_csv(str(tmp_path / "d.csv"), index=False)
+    (tmp_path / "d.json").write_text(json.dumps(renamed))
+    cols = "instruction=q,input=ctx,output=a,category=topic"
+    for data, columns in ((tmp_path / "saved", None), (tmp_path / "d.parquet", cols),
+                          (tmp_path / "d.csv", cols), (tmp_path / "d.json", cols)):
+        cfg = _cfg(data, columns=columns)
+        got = task.build_data(cfg)
+        assert got[0] == want[0] and got[1] == want[1], data
+        assert task.data_identity(cfg, got[0], got[1])["sha256"] == want_id
+    # Alpaca's names (no category): a random hold-out; the examples keep their fields
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{k: e[k] for k in ("instruction", "input", "output")} for e in ex]))
+    parts, test, held = task.build_data(_cfg(alpaca))
+    assert len(test) == 8 and sum(map(len, parts)) == len(ex) - 8 and "random" in held
+    assert {e["category"] for e in test} == {D.NO_CATEGORY}
+
+
+def test_datasets_source_errors_name_the_column_and_file(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the `datasets` library is kseed[hf]")
+    from kseed import datasets as D
+    p = tmp_path / "x.parquet"
+    datasets.Dataset.from_list([{"instruction": "a", "answer": "b"}]).to_parquet(str(p))
+    with pytest.raises(D.DataError, match=r"x\.parquet: no output column"):
+        D.load_table(str(p))
+    with pytest.raises(D.DataError, match=r"x\.parquet: no column 'reply'"):
+        D.load_table(str(p), "output=reply")
+    assert D.load_table(str(p), "output=answer") == [
+        {"instruction": "a", "input": "", "output": "b", "category": D.NO_CATEGORY}]
+    q = tmp_path / "typed.parquet"
+    datasets.Dataset.from_list([{"instruction": "a", "output": 7}]).to_parquet(str(q))
+    with pytest.raises(D.DataError, match=r"typed\.parquet: row 0: column 'output' .*string, got int"):
+        D.load_table(str(q))
+    e = tmp_path / "empty"
+    datasets.Dataset.from_dict({"instruction": [], "output": []}).save_to_disk(str(e))
+    with pytest.raises(D.DataError, match=r"empty.*no examples"):
+        D.load_table(str(e))
+    with pytest.raises(ValueError, match="unknown field 'answer'"):
+        D.parse_columns("answer=x")
+
+
+def test_data_by_hub_name_and_auto_detection(tmp_path, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="the `datasets` library is kseed[hf]")
+    cache = tmp_path / "hub"
+    repo = cache / "datasets--acme--instruct"
+    snap = repo / "snapshots" / COMMIT / "data"
+    snap.mkdir(parents=True)
+    datasets.Dataset.from_list(_dolly_rows(_examples())).to_parquet(
+        str(snap / "train-00000-of-00001.parquet"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    out = tmp_path / "run"
+    rc, so, se = _run(capsys, *TINY, "--rounds", 1, "--data", "acme/instruct", "--out", out)
+    assert rc == 0, se
+    cfg = json.loads((out / "checkpoint.json").read_text())["server"]["config"]
+    assert cfg["dataset"] == "hf" and cfg["data"] == str(snap.parent)
+    rc, so, se = _run(capsys, *TINY, "--rounds", 1, "--data", "acme/other", "--out", tmp_path / "o")
+    assert rc == 2 and "datasets--acme--other" in _error_line(se)
+    assert "--repo-type dataset" in _error_line(se)
+
+
+def test_datasets_sources_without_the_extra_name_it(tmp_path, monkeypatch):
+    import builtins
+    from kseed import datasets as D
+    real = builtins.__import__
+
+    def no_datasets(name, *a, **k):
+        if name == "datasets":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    p = tmp_path / "d.csv"
+    p.write_text("instruction,output\na,b\n")
+    with pytest.raises(D.DataError, match=r"kseed\[hf\]"):
+        D.load_table(str(p))

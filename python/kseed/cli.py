@@ -37,11 +37,17 @@ _OPTIONS = [
      "Hugging Face causal-LM directory, or ORG/NAME found in the local Hugging Face cache "
      "(--revision; never downloaded) (default: the embedded small LLaMA model)"),
     (("--data",), "data", str,
-     "data path: Dolly jsonl file or Natural Instructions 2.x directory (default: embedded "
-     "synthetic data)"),
+     "data: a Dolly jsonl file, a Natural Instructions 2.x directory, or (kseed[hf]) a datasets "
+     "save_to_disk directory, a parquet / csv / json / jsonl file, or ORG/NAME in the local "
+     "Hugging Face cache (default: embedded synthetic data)"),
     (("--dataset",), "dataset", str,
-     "embedded | dolly | ni (default: embedded, or dolly when --data is a file and ni when a "
+     "embedded | dolly | ni | hf (default: embedded; with --data: hf for a datasets directory, "
+     "a hub name, parquet / csv / json and --columns, dolly for another jsonl file, ni for another "
      "directory)"),
+    (("--columns",), "columns", str,
+     "the data's columns for the example's fields: instruction=COL,input=COL,output=COL,"
+     "category=COL (default: Alpaca's instruction / input / output and Dolly's instruction / "
+     "context / response / category)"),
     (("--dtype",), "dtype", str,
      "weight dtype: auto (the checkpoint's own: config.json's dtype, else its tensors') | fp32 | "
      "bf16 | fp16"),
@@ -97,7 +103,7 @@ _OPTIONS = [
 # them) are kseed.methods.base.METHOD_GROUPS, between "federation" and "data".
 _GROUPS = [
     ("federation", ("rounds", "num_clients", "clients_per_round", "seed")),
-    ("data", ("model", "data", "dataset", "dtype", "rounding", "partition", "alpha",
+    ("data", ("model", "data", "dataset", "columns", "dtype", "rounding", "partition", "alpha",
               "min_per_client", "embedded_examples", "max_length", "prompt")),
     ("evaluation", ("eval_category", "eval_size", "eval_every", "rouge_every", "rouge_size",
                     "max_new_tokens")),
@@ -279,6 +285,11 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
     if given.get("model") is not None:  # ORG/NAME: its snapshot in the local hub cache (a path)
         from .hub import resolve
         given["model"] = resolve(given["model"], getattr(args, "revision", "main"))
+    if given.get("data") is not None:  # ORG/NAME: a data set's snapshot in the local hub cache
+        from .hub import is_hub_name, resolve
+        if is_hub_name(given["data"]):
+            given["data"] = resolve(given["data"], "main", kind="dataset")
+            given.setdefault("dataset", "hf")
     from .methods import ALIASES, get
     if given.get("method") in ALIASES:
         name, sets = ALIASES[given["method"]]
@@ -304,12 +315,19 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
         return cfg
     cfg = dataclasses.replace(FedConfig(), **get(given.get("method", _D.method)).configure(given))
     if "dataset" not in given:
+        from .datasets import is_saved_dataset, is_table_source, looks_like_dolly
         if cfg.data is None:
             cfg.dataset = "embedded"
+        elif (is_saved_dataset(cfg.data) or cfg.columns is not None
+              or (os.path.isfile(cfg.data) and is_table_source(cfg.data)
+                  and not (cfg.data.lower().endswith(".jsonl") and looks_like_dolly(cfg.data)))):
+            cfg.dataset = "hf"
         else:
             cfg.dataset = "ni" if os.path.isdir(cfg.data) else "dolly"
     if cfg.dataset == "embedded" and cfg.data is not None:
-        raise ValueError("--data was given with --dataset embedded; choose dolly or ni")
+        raise ValueError("--data was given with --dataset embedded; choose dolly, ni or hf")
+    if cfg.columns is not None and cfg.dataset != "hf":
+        raise ValueError(f"--columns maps the columns of --dataset hf, not {cfg.dataset}")
     if cfg.data is not None and not os.path.exists(cfg.data):
         raise ValueError(f"--data {cfg.data}: no such file or directory")
     if cfg.model is not None:

@@ -17,7 +17,7 @@ LR_SIGNALS = ("round-wise", "five-round", "model-diff")
 RATIO_CLIP = (0.5, 2.0)  # the ratio rule's factor (last loss / mean loss) is clipped to this range
 PROMPTS = ("auto", "reference", "alpaca")
 SAMPLINGS = ("uniform", "pro")
-DATASETS = ("embedded", "dolly", "ni")
+DATASETS = ("embedded", "dolly", "ni", "hf")  # hf: a `datasets` source (kseed[hf])
 PARTITIONS = ("dirichlet", "iid")
 DTYPES = ("auto", "fp32", "bf16", "fp16")  # auto: the checkpoint's own (kseed.task.resolve_dtype)
 ROUNDINGS = ("auto", "nearest", "stochastic")  # auto: stochastic for 16-bit weights, else nearest
@@ -68,7 +68,9 @@ class FedConfig:
     # data and model
     model: Optional[str] = None  # None: the embedded model
     data: Optional[str] = None  # None: the embedded generator
-    dataset: str = "embedded"  # embedded | dolly | ni
+    dataset: str = "embedded"  # embedded | dolly | ni | hf
+    # hf: FIELD=COLUMN,... (fields instruction, input, output, category); None: Alpaca's / Dolly's
+    columns: Optional[str] = None
     partition: str = "dirichlet"  # dirichlet | iid (NI: one client per task)
     alpha: float = 0.5
     min_per_client: int = 10
@@ -156,7 +158,7 @@ class FedConfig:
         for n in ("equal_weights", "clientwise_lr"):
             if not isinstance(getattr(self, n), bool):
                 raise ValueError(f"{flag(n)} must be true or false, got {getattr(self, n)!r}")
-        for n in ("model", "data", "eval_category"):
+        for n in ("model", "data", "eval_category", "columns"):
             if getattr(self, n) is not None and not isinstance(getattr(self, n), str):
                 raise ValueError(f"{flag(n)} must be a string, got {getattr(self, n)!r}")
         from .methods import get
@@ -164,6 +166,9 @@ class FedConfig:
             if getattr(self, n) != v:
                 raise ValueError(f"--method {self.method} needs {flag(n)} {v}, got "
                                  f"{getattr(self, n)!r}")
+        if self.columns is not None:
+            from .datasets import parse_columns
+            parse_columns(self.columns)
         if self.max_length < 8:
             raise ValueError("--max-length must be >= 8")
         return self

@@ -29,11 +29,20 @@ def build_data(cfg: FedConfig) -> Tuple[List[List[dict]], List[dict], str]:
     else:
         if cfg.dataset == "embedded":
             examples = D.generate_embedded(cfg.embedded_examples, seed=cfg.seed)
+        elif cfg.dataset == "hf":
+            if cfg.data is None:
+                raise D.DataError("--dataset hf needs --data (a datasets directory, a parquet / csv "
+                                  "/ json file, or ORG/NAME in the local Hugging Face cache)")
+            examples = D.load_table(cfg.data, cfg.columns)
         else:
             if cfg.data is None:
                 raise D.DataError("--dataset dolly needs --data FILE (databricks-dolly-15k.jsonl)")
             examples = D.load_dolly(cfg.data)
-        train, test, held = D.split_heldout_category(examples, cfg.eval_category)
+        if (cfg.dataset == "hf" and cfg.eval_category is None
+                and len({e["category"] for e in examples}) < 2):  # no categories: a random hold-out
+            train, test, held = D.split_heldout_random(examples, cfg.eval_size, cfg.seed)
+        else:
+            train, test, held = D.split_heldout_category(examples, cfg.eval_category)
         if cfg.partition == "iid":
             idx = D.partition_iid(len(train), cfg.num_clients, cfg.seed)
         else:

@@ -85,6 +85,9 @@ def fed_config(run_config: Mapping[str, Any]) -> FedConfig:
     if isinstance(values["model"], str):  # ORG/NAME: its snapshot in this machine's hub cache
         from kseed.hub import resolve
         values["model"] = resolve(values["model"], extra(run_config, "revision"))
+    if isinstance(values["data"], str):  # ORG/NAME: a data set's snapshot in the hub cache
+        from kseed.hub import resolve
+        values["data"] = resolve(values["data"], "main", kind="dataset")
     from kseed import methods
     if values["method"] in methods.NAMES:  # else validate() names it
         # the fields the method fixes (e.g. MeZO's one client) take its values where the run config
