@@ -57,7 +57,8 @@ def resolve(value: str, revision: Optional[str] = "main", kind: str = "model") -
     if snap is None or not os.path.isdir(snap):
         fetch = "huggingface-cli download" + (" --repo-type dataset" if kind == "dataset" else "")
         raise HubCacheError(
-            f"{kind} {value} (revision {revision}) is not in the local Hugging Face cache (looked "
+            f"{value} is no local path, and {kind} {value} (revision {revision}) is not in the "
+            f"local Hugging Face cache (looked "
             f"in {repo}; HF_HUB_CACHE / HF_HOME set the cache); kseed never downloads: fetch it "
             f"where there is network with `{fetch} {value} --revision {revision}` (or `hf "
             f"download`) and copy the cache here")
