@@ -70,6 +70,10 @@ setup(
         "flower": ["flwr==1.41.0"],
         # Flower's simulation engine (many virtual clients in parallel); flwr 1.41.0 pins ray 2.55.1
         "flower-simulation": ["flwr[simulation]==1.41.0", "ray==2.55.1"],
+        # ORG/NAME data sets, save_to_disk directories, parquet / csv / json files (--data)
+        "hf": ["datasets"],
+        # --tensorboard DIR (torch.utils.tensorboard's SummaryWriter)
+        "tensorboard": ["tensorboard"],
         "test": ["pytest", "scipy", "triton==3.9.0"],
     },
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

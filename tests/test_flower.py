@@ -142,7 +142,8 @@ def test_flower_app_dir_config_matches_driver():
     assert comps == {"serverapp": "kseed.flower.server_app:app", "clientapp": "kseed.flower.client_app:app"}
     # after adding a FedConfig field: python -m kseed.flower.runconfig
     assert doc["tool"]["flwr"]["app"]["config"] == default_run_config()
-    assert fed_config(doc["tool"]["flwr"]["app"]["config"]) == FedConfig()
+    from kseed.task import resolve_dtype  # dtype / rounding auto: the model's own (issue 21)
+    assert fed_config(doc["tool"]["flwr"]["app"]["config"]) == resolve_dtype(FedConfig())
 
 
 def test_flower_run_config_errors():

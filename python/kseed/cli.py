@@ -34,14 +34,23 @@ _OPTIONS = [
     (("--sampling",), "sampling", str,
      "seed choice per step: uniform (FedKSeed) or pro (FedKSeed-Pro, by the seeds' mean |g|)"),
     (("--model",), "model", str,
-     "local Hugging Face causal-LM directory (default: the embedded small LLaMA model)"),
+     "Hugging Face causal-LM directory, or ORG/NAME found in the local Hugging Face cache "
+     "(--revision; never downloaded) (default: the embedded small LLaMA model)"),
     (("--data",), "data", str,
-     "data path: Dolly jsonl file or Natural Instructions 2.x directory (default: embedded "
-     "synthetic data)"),
+     "data: a Dolly jsonl file, a Natural Instructions 2.x directory, or (kseed[hf]) a datasets "
+     "save_to_disk directory, a parquet / csv / json / jsonl file, or ORG/NAME in the local "
+     "Hugging Face cache (default: embedded synthetic data)"),
     (("--dataset",), "dataset", str,
-     "embedded | dolly | ni (default: embedded, or dolly when --data is a file and ni when a "
+     "embedded | dolly | ni | hf (default: embedded; with --data: hf for a datasets directory, "
+     "a hub name, parquet / csv / json and --columns, dolly for another jsonl file, ni for another "
      "directory)"),
-    (("--dtype",), "dtype", str, "weight dtype: fp32 | bf16 | fp16"),
+    (("--columns",), "columns", str,
+     "the data's columns for the example's fields: instruction=COL,input=COL,output=COL,"
+     "category=COL (default: Alpaca's instruction / input / output and Dolly's instruction / "
+     "context / response / category)"),
+    (("--dtype",), "dtype", str,
+     "weight dtype: auto (the checkpoint's own: config.json's dtype, else its tensors') | fp32 | "
+     "bf16 | fp16"),
     (("--seed",), "seed", int, "run seed: seed pool, partition, client sampling, local batches"),
     (("--batch-size",), "batch_size", int, "examples per zeroth-order loss evaluation"),
     (("--max-length",), "max_length", int, "max tokens per example (prompt cut first)"),
@@ -64,7 +73,9 @@ _OPTIONS = [
     (("--seed-clip",), "seed_clip", float,
      "norm clip of each seed's rebuilt update (Ferret's 10; 0: off)"),
     (("--embedded-examples",), "embedded_examples", int, "size of the embedded synthetic data set"),
-    (("--rounding",), "rounding", str, "nearest | stochastic rounding of bf16/fp16 weights"),
+    (("--rounding",), "rounding", str,
+     "rounding of bf16/fp16 weight updates: auto (stochastic for 16-bit weights) | nearest | "
+     "stochastic"),
     (("--noise",), "noise", str,
      "perturbation family: gaussian (z ~ N(0, I), the paper's) | rademacher (each z_i = +1 or -1, "
      "the classical SPSA direction; cheaper to apply)"),
@@ -98,7 +109,7 @@ _OPTIONS = [
 # them) are kseed.methods.base.METHOD_GROUPS, between "federation" and "data".
 _GROUPS = [
     ("federation", ("rounds", "num_clients", "clients_per_round", "seed")),
-    ("data", ("model", "data", "dataset", "dtype", "rounding", "partition", "alpha",
+    ("data", ("model", "data", "dataset", "columns", "dtype", "rounding", "partition", "alpha",
               "min_per_client", "embedded_examples", "max_length", "prompt")),
     ("evaluation", ("eval_category", "eval_size", "eval_every", "rouge_every", "rouge_size",
                     "max_new_tokens")),
@@ -141,6 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     for flag, name, help_ in _FLAGS:
         group_of[name].add_argument(flag, dest=name, action="store_const", const=True, default=None,
                                     help=f"{help_} (default: off)")
+    groups["data"].add_argument(
+        "--revision", default="main",
+        help="the revision of an ORG/NAME --model in the local Hugging Face cache: a branch or tag "
+             "(refs/) or a commit hash (default: main)")
     run = ap.add_argument_group("output and runtime")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     run.add_argument("--backend", default=None,
@@ -149,6 +164,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None,
                     help="output directory: metrics.jsonl, checkpoint.json, summary.json, plots "
                          "(default: a new runs/kseed-DATE-TIME)")
+    run.add_argument("--tensorboard", default=None, metavar="DIR",
+                    help="also write each round's metrics (held-out losses, train loss, Rouge-L, "
+                         "bytes, seconds) as TensorBoard scalars in DIR (needs kseed[tensorboard]; "
+                         "default: none)")
     run.add_argument("--resume", action="store_true",
                     help="continue from the checkpoint in --out (default: off; a run refuses to "
                          "overwrite an existing checkpoint)")
@@ -166,8 +185,10 @@ def _export_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="the run directory holding checkpoint.json")
     ap.add_argument("--to", required=True, help="the Hugging Face directory to write")
     ap.add_argument("--model", default=None,
-                    help="base model directory (default: the one recorded in the checkpoint); its "
-                         "hash must match")
+                    help="base model directory or ORG/NAME in the local Hugging Face cache "
+                         "(default: the one recorded in the checkpoint); its hash must match")
+    ap.add_argument("--revision", default="main",
+                    help="the revision of an ORG/NAME --model (default: main)")
     ap.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     ap.add_argument("--backend", default=None, help="kseed_kernels backend (default: fastest)")
     ap.add_argument("--overwrite", action="store_true",
@@ -270,6 +291,14 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
     """FedConfig from the parsed flags over ``base`` (a checkpoint's config on --resume)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(FedConfig)
              if getattr(args, f.name, None) is not None}
+    if given.get("model") is not None:  # ORG/NAME: its snapshot in the local hub cache (a path)
+        from .hub import resolve
+        given["model"] = resolve(given["model"], getattr(args, "revision", "main"))
+    if given.get("data") is not None:  # ORG/NAME: a data set's snapshot in the local hub cache
+        from .hub import is_hub_name, resolve
+        if is_hub_name(given["data"]):
+            given["data"] = resolve(given["data"], "main", kind="dataset")
+            given.setdefault("dataset", "hf")
     from .methods import ALIASES, get
     if given.get("method") in ALIASES:
         name, sets = ALIASES[given["method"]]
@@ -288,26 +317,35 @@ def resolve_config(args, base: Optional[FedConfig] = None) -> FedConfig:
                 given[name] = os.path.abspath(v)
         from .rounds import check_resume_config  # the one rule for what a resumed run may change
         from .task import check_evaluation
-        cfg = dataclasses.replace(base, **given)
+        from .task import resolve_dtype
+        cfg = resolve_dtype(dataclasses.replace(base, **given))
         check_resume_config(base, cfg)
         check_evaluation(cfg)
         return cfg
     cfg = dataclasses.replace(FedConfig(), **get(given.get("method", _D.method)).configure(given))
     if "dataset" not in given:
+        from .datasets import is_saved_dataset, is_table_source, looks_like_dolly
         if cfg.data is None:
             cfg.dataset = "embedded"
+        elif (is_saved_dataset(cfg.data) or cfg.columns is not None
+              or (os.path.isfile(cfg.data) and is_table_source(cfg.data)
+                  and not (cfg.data.lower().endswith(".jsonl") and looks_like_dolly(cfg.data)))):
+            cfg.dataset = "hf"
         else:
             cfg.dataset = "ni" if os.path.isdir(cfg.data) else "dolly"
     if cfg.dataset == "embedded" and cfg.data is not None:
-        raise ValueError("--data was given with --dataset embedded; choose dolly or ni")
+        raise ValueError("--data was given with --dataset embedded; choose dolly, ni or hf")
+    if cfg.columns is not None and cfg.dataset != "hf":
+        raise ValueError(f"--columns maps the columns of --dataset hf, not {cfg.dataset}")
     if cfg.data is not None and not os.path.exists(cfg.data):
         raise ValueError(f"--data {cfg.data}: no such file or directory")
     if cfg.model is not None:
         cfg.model = os.path.abspath(cfg.model)
     if cfg.data is not None:
         cfg.data = os.path.abspath(cfg.data)
-    from .task import check_evaluation
+    from .task import check_evaluation, resolve_dtype
     check_evaluation(cfg)
+    cfg = resolve_dtype(cfg)  # dtype auto: the model's own; rounding auto: stochastic for 16-bit
     fixed = get(cfg.method).fixed  # e.g. MeZO's one client, which holds every task's examples
     if cfg.dataset == "ni" and "num_clients" not in given and "num_clients" not in fixed:
         from .datasets import load_natural_instructions
@@ -354,6 +392,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
             a = _export_parser().parse_args(argv[1:])
             check_device(a.device)
             check_backend(a.backend)
+            if a.model is not None:
+                from .hub import resolve
+                a.model = resolve(a.model, a.revision)
             try:
                 recorded = checkpoint_config(a.out).model or EMBEDDED_DIR
                 check_export_target(a.to, [recorded] + ([a.model] if a.model else []), a.overwrite)
@@ -389,7 +430,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             torch.set_num_threads(args.threads or 1)
         out = args.out
         s = run(cfg, args.out, resume=args.resume, device=args.device, backend=args.backend,
-                progress=not args.quiet)
+                progress=not args.quiet, tensorboard=args.tensorboard)
     except errors as exc:
         return _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:

@@ -17,10 +17,10 @@ LR_SIGNALS = ("round-wise", "five-round", "model-diff")
 RATIO_CLIP = (0.5, 2.0)  # the ratio rule's factor (last loss / mean loss) is clipped to this range
 PROMPTS = ("auto", "reference", "alpaca")
 SAMPLINGS = ("uniform", "pro")
-DATASETS = ("embedded", "dolly", "ni")
+DATASETS = ("embedded", "dolly", "ni", "hf")  # hf: a `datasets` source (kseed[hf])
 PARTITIONS = ("dirichlet", "iid")
-DTYPES = ("fp32", "bf16", "fp16")
-ROUNDINGS = ("nearest", "stochastic")
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # auto: the checkpoint's own (kseed.task.resolve_dtype)
+ROUNDINGS = ("auto", "nearest", "stochastic")  # auto: stochastic for 16-bit weights, else nearest
 NOISES = ("gaussian", "rademacher")  # the perturbation family (docs/SPEC.md; issue #12)
 # The options with a fixed set of values (FedConfig field -> its values): validate() and kseed-fed's
 # argument parser both read this.
@@ -76,15 +76,17 @@ class FedConfig:
     # data and model
     model: Optional[str] = None  # None: the embedded model
     data: Optional[str] = None  # None: the embedded generator
-    dataset: str = "embedded"  # embedded | dolly | ni
+    dataset: str = "embedded"  # embedded | dolly | ni | hf
+    # hf: FIELD=COLUMN,... (fields instruction, input, output, category); None: Alpaca's / Dolly's
+    columns: Optional[str] = None
     partition: str = "dirichlet"  # dirichlet | iid (NI: one client per task)
     alpha: float = 0.5
     min_per_client: int = 10
     eval_category: Optional[str] = None
     eval_size: int = 64
     embedded_examples: int = 2000
-    dtype: str = "fp32"
-    rounding: str = "nearest"
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16; auto becomes the checkpoint's own dtype
+    rounding: str = "auto"  # auto | nearest | stochastic; auto: stochastic for bf16 / fp16
     # the direction family of every perturbation and update: gaussian (the paper's) | rademacher
     noise: str = "gaussian"
     # reference (the FedKSeed code's Dolly/NI template) | alpaca | auto: the template the data's base
@@ -167,7 +169,7 @@ class FedConfig:
         for n in ("equal_weights", "clientwise_lr", "grad_checkpointing"):
             if not isinstance(getattr(self, n), bool):
                 raise ValueError(f"{flag(n)} must be true or false, got {getattr(self, n)!r}")
-        for n in ("model", "data", "eval_category"):
+        for n in ("model", "data", "eval_category", "columns"):
             if getattr(self, n) is not None and not isinstance(getattr(self, n), str):
                 raise ValueError(f"{flag(n)} must be a string, got {getattr(self, n)!r}")
         from .methods import get
@@ -175,6 +177,9 @@ class FedConfig:
             if getattr(self, n) != v:
                 raise ValueError(f"--method {self.method} needs {flag(n)} {v}, got "
                                  f"{getattr(self, n)!r}")
+        if self.columns is not None:
+            from .datasets import parse_columns
+            parse_columns(self.columns)
         if self.max_length < 8:
             raise ValueError("--max-length must be >= 8")
         return self

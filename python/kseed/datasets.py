@@ -289,3 +289,182 @@ def generate_embedded(n: int, seed: int, categories: Sequence[str] = EMBEDDED_CA
         ex["category"] = cat
         out.append(ex)
     return out
+
+
+# ------------------------------------------------------------------- `datasets` sources (kseed[hf])
+HF_EXTRA = "pip install 'kseed[hf]' (the datasets library)"
+# The fields of an example and the column names recognised for each without --columns, in order:
+# Alpaca's (instruction / input / output) and Dolly's (instruction / context / response / category).
+FIELDS = ("instruction", "input", "output", "category")
+KNOWN_COLUMNS = {"instruction": ("instruction",), "input": ("input", "context"),
+                 "output": ("output", "response"), "category": ("category",)}
+NO_CATEGORY = "all"  # the category of every example of a source without a category column
+TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def parse_columns(spec: Optional[str]) -> Dict[str, str]:
+    """``instruction=q,input=ctx,output=a,category=topic`` -> {field: column}; ValueError naming the
+    problem."""
+    if not spec:
+        return {}
+    out: Dict[str, str] = {}
+    for item in spec.split(","):
+        field, sep, col = (s.strip() for s in item.partition("="))
+        if not sep or not col:
+            raise ValueError(f"--columns: {item!r} is not FIELD=COLUMN (fields: {', '.join(FIELDS)})")
+        if field not in FIELDS:
+            raise ValueError(f"--columns: unknown field {field!r}; choose from {', '.join(FIELDS)}")
+        if field in out:
+            raise ValueError(f"--columns: {field} given twice")
+        out[field] = col
+    return out
+
+
+def is_saved_dataset(path: str) -> bool:
+    """A `datasets` save_to_disk directory (a Dataset or a DatasetDict)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in (
+        "dataset_dict.json", "dataset_info.json", "state.json"))
+
+
+def is_table_source(path: str) -> bool:
+    """A source load_table reads: a save_to_disk directory, a parquet / csv / json(l) file, or a
+    directory of such files (a data set's hub-cache snapshot)."""
+    if os.path.isfile(path):
+        return os.path.splitext(path)[1].lower() in TABLE_SUFFIXES
+    return is_saved_dataset(path) or bool(_table_files(path))
+
+
+def _table_files(root: str) -> List[str]:
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for d, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        found += [os.path.join(d, f) for f in sorted(files)
+                  if os.path.splitext(f)[1].lower() in TABLE_SUFFIXES and not f.startswith(".")]
+    train = [f for f in found if "train" in os.path.relpath(f, root).lower()]
+    return train or found
+
+
+def _require_datasets(path: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--data {path}: reading it needs the `datasets` library: {HF_EXTRA}") from None
+    datasets.disable_progress_bars()  # kseed-fed shows its own progress
+    return datasets
+
+
+def _saved_split_is_empty(d: str) -> bool:
+    """A save_to_disk Dataset directory written from no rows (0 shards: `datasets` cannot load it)."""
+    try:
+        with open(os.path.join(d, "state.json"), "r", encoding="utf-8") as f:
+            return json.load(f).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _read_rows(path: str) -> Tuple[list, List[str], str]:
+    """(rows as dicts, column names, what was read) of a `datasets` source."""
+    datasets = _require_datasets(path)
+    import tempfile
+    try:
+        if is_saved_dataset(path):
+            if _saved_split_is_empty(path):
+                raise DataError(f"{path} holds no examples (an empty split)")
+            ds = datasets.load_from_disk(path)
+            what = path
+            if isinstance(ds, datasets.DatasetDict):
+                splits = sorted(ds)
+                if not splits:
+                    raise DataError(f"{path}: the saved DatasetDict holds no split")
+                split = "train" if "train" in ds else (splits[0] if len(splits) == 1 else None)
+                if split is None:
+                    raise DataError(f"{path}: several splits {splits} and none is 'train'")
+                ds, what = ds[split], f"{path} (split {split})"
+        else:
+            files = [path] if os.path.isfile(path) else _table_files(path)
+            if not files:
+                raise DataError(f"{path}: no parquet, csv, json or jsonl data files found")
+            kinds = {TABLE_SUFFIXES[os.path.splitext(f)[1].lower()] for f in files}
+            if len(kinds) > 1:
+                raise DataError(f"{path}: data files of several formats ({sorted(kinds)})")
+            with tempfile.TemporaryDirectory(prefix="kseed-datasets-") as cache:
+                ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train",
+                                           cache_dir=cache, keep_in_memory=True)
+                rows = ds.to_list()
+            return rows, list(ds.column_names), path
+    except DataError:
+        raise
+    except Exception as exc:  # datasets / pyarrow raise many kinds
+        raise DataError(f"cannot read {path}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return ds.to_list(), list(ds.column_names), what
+
+
+def load_table(path: str, columns: Optional[str] = None) -> List[dict]:
+    """Examples from a `datasets` source (load_from_disk directory, parquet / csv / json / jsonl
+    file, or a directory of them): each FIELDS entry from the column ``columns`` maps it to, else
+    the first of KNOWN_COLUMNS present.  instruction and output are required; a missing input is
+    "", a missing category NO_CATEGORY.  DataError naming the column and file for a missing column,
+    an empty split or a value that is not a string."""
+    mapping = parse_columns(columns)
+    rows, names, what = _read_rows(path)
+    if not rows:
+        raise DataError(f"{what} holds no examples (an empty split)")
+    pick: Dict[str, Optional[str]] = {}
+    for field in FIELDS:
+        if field in mapping:
+            if mapping[field] not in names:
+                raise DataError(f"{what}: no column {mapping[field]!r} (--columns {field}=...); "
+                                f"its columns: {names}")
+            pick[field] = mapping[field]
+        else:
+            pick[field] = next((c for c in KNOWN_COLUMNS[field] if c in names), None)
+            if pick[field] is None and field in ("instruction", "output"):
+                raise DataError(f"{what}: no {field} column (looked for "
+                                f"{' / '.join(KNOWN_COLUMNS[field])}; its columns: {names}); map "
+                                f"one with --columns {field}=COLUMN")
+    out = []
+    for i, row in enumerate(rows):
+        ex = {}
+        for field in FIELDS:
+            col = pick[field]
+            v = row.get(col) if col is not None else None
+            if v is None and field in ("input", "category"):
+                v = "" if field == "input" else NO_CATEGORY
+            if not isinstance(v, str):
+                raise DataError(f"{what}: row {i}: column {col!r} ({field}) must be a string, got "
+                                f"{type(v).__name__}")
+            ex[field] = v
+        out.append(ex)
+    return out
+
+
+def looks_like_dolly(path: str) -> bool:
+    """A jsonl file whose first record has Dolly's ``response`` (load_dolly reads it as ever);
+    another jsonl is a `datasets` source (load_table)."""
+    try:
+        with open(path, "r", encoding="utf-8-sig") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    return isinstance(row, dict) and "response" in row
+    except (OSError, UnicodeDecodeError, ValueError):
+        return True  # load_dolly names the problem
+    return True
+
+
+def split_heldout_random(examples: List[dict], size: int, seed: int
+                         ) -> Tuple[List[dict], List[dict], str]:
+    """(train, test, description) for data without categories: ``size`` examples drawn with
+    ``seed`` are held out."""
+    if len(examples) < 2 * size:
+        size = max(1, len(examples) // 5)
+    if len(examples) < 2:
+        raise DataError(f"need at least 2 examples to hold some out, found {len(examples)}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4E1D]))
+    held = set(int(i) for i in rng.choice(len(examples), size, replace=False))
+    train = [e for i, e in enumerate(examples) if i not in held]
+    test = [e for i, e in enumerate(examples) if i in held]
+    return train, test, f"{size} random examples"

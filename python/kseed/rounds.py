@@ -32,7 +32,7 @@ from .config import FedConfig
 from .rundir import CheckpointError, RunDir
 from . import methods
 from .methods.base import NotEnoughReplies
-from .task import build_data, data_identity, global_evaluator, load_workspace
+from .task import build_data, data_identity, global_evaluator, load_workspace, resolve_dtype
 
 # Fields a resumed run may change; anything else must match the checkpoint.  "model": the base
 # model's directory may move; its weights' hash (checked on restore) is its identity.
@@ -78,14 +78,15 @@ class Federation:
 
     def __init__(self, cfg: FedConfig, out: Optional[str], *, resume: bool = False,
                  device: str = "cpu", backend: Optional[str] = None, rebuild_cache: bool = True,
-                 engine: str = "simulation", hints=("--resume", "--out")):
-        cfg.validate()
+                 engine: str = "simulation", hints=("--resume", "--out"),
+                 tensorboard: Optional[str] = None):
+        cfg = resolve_dtype(cfg.validate())  # dtype / rounding auto: the base model's own
         self.t_start = time.perf_counter()
         self.cfg = cfg
         self.engine = engine
         self.backend = backend
         self.log = logging.getLogger(f"kseed.{engine}")
-        self.rundir = RunDir(out, resume=resume, hints=hints)
+        self.rundir = RunDir(out, resume=resume, hints=hints, tensorboard=tensorboard)
         try:
             ckpt = self.rundir.checkpoint
             if ckpt is not None:

@@ -225,6 +225,38 @@ def render_plots(rows: List[dict]) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------- TensorBoard
+TENSORBOARD_EXTRA = "pip install 'kseed[tensorboard]' (the tensorboard package)"
+
+
+class ScalarLog:
+    """TensorBoard event files in ``logdir``: every number of a round's metrics row (held-out
+    losses, train loss, Rouge-L, bytes, seconds, rebuild seconds, whatever the method reports) as a
+    scalar tagged by its key at step = the round.  torch.utils.tensorboard's SummaryWriter (the
+    ``tensorboard`` package), else tensorboardX's; RunDirError naming the extra without either."""
+
+    def __init__(self, logdir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise RunDirError(f"--tensorboard {logdir}: TensorBoard is not installed; "
+                                  f"{TENSORBOARD_EXTRA}") from None
+        self.writer = SummaryWriter(log_dir=os.fspath(logdir))
+
+    def add(self, row: dict) -> None:
+        step = int(row.get("round", 0))
+        for key, v in row.items():
+            if key != "round" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(key, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 # --------------------------------------------------------------------------------- the owner
 class RunDir:
     """The run directory ``path`` of one run, locked while open; ``path=None``: a run without files
@@ -233,11 +265,12 @@ class RunDir:
     ``resume=False`` refuses a directory that holds any of a run's files; ``resume=True`` needs a
     valid checkpoint (``self.checkpoint``).  ``hints`` name the user's switches in error messages:
     (how to resume, how to choose the directory), e.g. ("--resume", "--out") or ("resume=true", "out").
+    ``tensorboard``: a directory that also gets each row as TensorBoard scalars (ScalarLog).
     Use as a context manager, or call ``close(failed=...)``.
     """
 
     def __init__(self, path: Optional[str], *, resume: bool = False,
-                 hints=("--resume", "--out")):
+                 hints=("--resume", "--out"), tensorboard: Optional[str] = None):
         self.path = None if path is None else os.fspath(path)
         self.resume = resume
         self.rows: List[dict] = []
@@ -247,13 +280,16 @@ class RunDir:
         self._locked = True
         self._created: List[str] = []
         self._wrote: List[str] = []
+        self.scalars: Optional[ScalarLog] = None
         if self.path is None:
             if resume:
                 raise RunDirError(f"resuming needs a run directory ({hints[1]})")
+            self.scalars = ScalarLog(tensorboard) if tensorboard else None
             return
         self._lock(hints)
         try:
             self._check(hints)
+            self.scalars = ScalarLog(tensorboard) if tensorboard else None
         except BaseException:
             self.close(failed=True)
             raise
@@ -334,6 +370,9 @@ class RunDir:
     def close(self, failed: bool = False) -> None:
         """Release the lock.  After a failure before the first checkpoint, remove what this run
         wrote and the directories it created (if they are then empty)."""
+        if self.scalars is not None:
+            self.scalars.close()
+            self.scalars = None
         if self._fd is None:
             return
         try:
@@ -387,6 +426,8 @@ class RunDir:
                 f.write(dumps(row) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+        if self.scalars is not None:
+            self.scalars.add(row)
         return row
 
     def save_checkpoint(self, server_state: dict, data_identity: Optional[dict] = None) -> None:

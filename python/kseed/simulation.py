@@ -26,11 +26,13 @@ from .task import build_data, load_workspace, model_dir  # noqa: F401 (re-export
 
 
 def run(cfg: FedConfig, out: str, *, resume: bool = False, device: str = "cpu",
-        backend: Optional[str] = None, progress: bool = True, rebuild_cache: bool = True) -> dict:
+        backend: Optional[str] = None, progress: bool = True, rebuild_cache: bool = True,
+        tensorboard: Optional[str] = None) -> dict:
     """Run (or resume) a federation in this process; returns the summary dict (also written to
     summary.json)."""
     with Federation(cfg, out, resume=resume, device=device, backend=backend,
-                    rebuild_cache=rebuild_cache, engine="simulation") as fed:
+                    rebuild_cache=rebuild_cache, engine="simulation",
+                    tensorboard=tensorboard) as fed:
         clients: Dict[int, object] = {}
         fed.server.shares_model = True  # the clients below hold no model of their own
 

@@ -29,11 +29,20 @@ def build_data(cfg: FedConfig) -> Tuple[List[List[dict]], List[dict], str]:
     else:
         if cfg.dataset == "embedded":
             examples = D.generate_embedded(cfg.embedded_examples, seed=cfg.seed)
+        elif cfg.dataset == "hf":
+            if cfg.data is None:
+                raise D.DataError("--dataset hf needs --data (a datasets directory, a parquet / csv "
+                                  "/ json file, or ORG/NAME in the local Hugging Face cache)")
+            examples = D.load_table(cfg.data, cfg.columns)
         else:
             if cfg.data is None:
                 raise D.DataError("--dataset dolly needs --data FILE (databricks-dolly-15k.jsonl)")
             examples = D.load_dolly(cfg.data)
-        train, test, held = D.split_heldout_category(examples, cfg.eval_category)
+        if (cfg.dataset == "hf" and cfg.eval_category is None
+                and len({e["category"] for e in examples}) < 2):  # no categories: a random hold-out
+            train, test, held = D.split_heldout_random(examples, cfg.eval_size, cfg.seed)
+        else:
+            train, test, held = D.split_heldout_category(examples, cfg.eval_category)
         if cfg.partition == "iid":
             idx = D.partition_iid(len(train), cfg.num_clients, cfg.seed)
         else:
@@ -74,9 +83,52 @@ def model_dir(cfg: FedConfig) -> str:
     return cfg.model if cfg.model is not None else M.EMBEDDED_DIR
 
 
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "F32": "fp32",
+                "BF16": "bf16", "F16": "fp16"}
+
+
+def checkpoint_dtype(path: str) -> str:
+    """The dtype a model directory was saved in (fp32 | bf16 | fp16): config.json's ``dtype`` (or
+    the older ``torch_dtype``), else the dtype of its safetensors' floating tensors, else fp32."""
+    try:
+        with open(os.path.join(path, "config.json"), "r", encoding="utf-8") as f:
+            conf = json.load(f)
+    except (OSError, ValueError):
+        conf = {}
+    for key in ("dtype", "torch_dtype"):
+        v = conf.get(key) if isinstance(conf, dict) else None
+        if isinstance(v, str) and v.replace("torch.", "") in _DTYPE_NAMES:
+            return _DTYPE_NAMES[v.replace("torch.", "")]
+    import glob
+    from . import weights as W
+    for st in sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors"))):
+        header, _ = W.read_header(st)
+        kinds = {e.get("dtype") for n, e in header.items() if n != "__metadata__"}
+        for k in ("BF16", "F16", "F32"):
+            if k in kinds:
+                return _DTYPE_NAMES[k]
+    return "fp32"
+
+
+def resolve_dtype(cfg: FedConfig) -> FedConfig:
+    """``cfg`` with ``dtype auto`` made the base model's own dtype (checkpoint_dtype; the embedded
+    model's is fp32) and ``rounding auto`` made stochastic for 16-bit weights (a step smaller than
+    half a bf16 ulp would round away) and nearest for fp32.  Idempotent; a run's checkpoint keeps
+    the resolved values."""
+    import dataclasses
+    dtype = checkpoint_dtype(model_dir(cfg)) if cfg.dtype == "auto" else cfg.dtype
+    rounding = cfg.rounding
+    if rounding == "auto":
+        rounding = "nearest" if dtype == "fp32" else "stochastic"
+    if (dtype, rounding) == (cfg.dtype, cfg.rounding):
+        return cfg
+    return dataclasses.replace(cfg, dtype=dtype, rounding=rounding)
+
+
 def load_workspace(cfg: FedConfig, device: str = "cpu", backend: Optional[str] = None,
                    cache: bool = True, model_path: Optional[str] = None) -> M.Workspace:
     path = model_path or model_dir(cfg)
+    cfg = resolve_dtype(cfg)
     model, tok = M.load_model(path, cfg.dtype, device)
     ident = {"model": "embedded" if cfg.model is None else os.path.abspath(path),
              "hash": M.model_hash(model), "dtype": cfg.dtype,

@@ -8,8 +8,10 @@ optional field (model, data, eval-category) is "" for None.  Besides those: devi
 ServerApp writes metrics.jsonl and its checkpoint; "" = no files), resume (true: continue the
 checkpoint in out; the rest of the run config must match the checkpoint's, except rounds and the
 evaluation cadence) and the Flower-side options
-round-timeout (seconds a round waits for replies), node-wait-timeout (seconds the ServerApp waits for
-the nodes at start) and max-upload-bytes (0 = the driver's own limit only).
+revision (of an ORG/NAME model in the local Hugging Face cache: kseed.hub), round-timeout (seconds a
+round waits for replies), node-wait-timeout (seconds the ServerApp waits for
+the nodes at start), max-upload-bytes (0 = the driver's own limit only) and tensorboard (a
+directory where the ServerApp writes each round's metrics as TensorBoard scalars; "" = none).
 """
 from __future__ import annotations
 
@@ -28,9 +30,12 @@ EXTRA_DEFAULTS = {
     "round-timeout": 600.0,
     "node-wait-timeout": 300.0,
     "max-upload-bytes": 0,
+    "revision": "main",
+    "tensorboard": "",
 }
 EXTRA_KINDS = {"device": str, "out": str, "resume": bool, "round-timeout": float,
-               "node-wait-timeout": float, "max-upload-bytes": int}
+               "node-wait-timeout": float, "max-upload-bytes": int, "revision": str,
+               "tensorboard": str}
 
 
 def key_of(field_name: str) -> str:
@@ -77,6 +82,12 @@ def fed_config(run_config: Mapping[str, Any]) -> FedConfig:
             values[f.name] = None
             continue
         values[f.name] = config_value(run_config, key, kind)
+    if isinstance(values["model"], str):  # ORG/NAME: its snapshot in this machine's hub cache
+        from kseed.hub import resolve
+        values["model"] = resolve(values["model"], extra(run_config, "revision"))
+    if isinstance(values["data"], str):  # ORG/NAME: a data set's snapshot in the hub cache
+        from kseed.hub import resolve
+        values["data"] = resolve(values["data"], "main", kind="dataset")
     from kseed import methods
     if values["method"] in methods.NAMES:  # else validate() names it
         # the fields the method fixes (e.g. MeZO's one client) take its values where the run config
@@ -84,7 +95,8 @@ def fed_config(run_config: Mapping[str, Any]) -> FedConfig:
         for name, v in methods.get(values["method"]).fixed.items():
             if values[name] == getattr(base, name):
                 values[name] = v
-    return FedConfig(**values).validate()
+    from kseed.task import resolve_dtype  # dtype / rounding auto: the base model's own
+    return resolve_dtype(FedConfig(**values).validate())
 
 
 def extra(run_config: Mapping[str, Any], key: str):

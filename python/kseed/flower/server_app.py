@@ -61,7 +61,8 @@ def run_federation(grid, run_config) -> dict:
     round_timeout = extra(run_config, "round-timeout")
     max_up = extra(run_config, "max-upload-bytes")
     with Federation(cfg, out, resume=extra(run_config, "resume"), device=extra(run_config, "device"),
-                    rebuild_cache=False, engine="flower", hints=("resume=true", "out")) as fed:
+                    rebuild_cache=False, engine="flower", hints=("resume=true", "out"),
+                    tensorboard=extra(run_config, "tensorboard") or None) as fed:
         t0 = time.perf_counter()
         node_of = discover_partitions(grid, cfg.num_clients, extra(run_config, "node-wait-timeout"))
         log.info("partitions held by nodes: %s", {p: node_of[p] for p in sorted(node_of)})
