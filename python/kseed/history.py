@@ -489,6 +489,22 @@ def decode_rounds(data, *, max_pairs: int = MAX_PAIRS, expected_start: Optional[
 
 
 # ------------------------------------------------------------------------------ the rebuild
+def checked_rounds(rounds: Iterable[Round]) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
+    """``rounds`` (any iterable of (round, seeds, coefs)), one at a time, checked: consecutive round
+    numbers, seeds uint64 and coefs finite float32 of one length (HistoryError naming the problem)."""
+    prev = None
+    for item in rounds:
+        if not (isinstance(item, (tuple, list)) and len(item) == 3):
+            raise HistoryError("each round must be a (round, seeds, coefs) triple")
+        rnd, seeds, coefs = item
+        rnd = _check_round_no(rnd)
+        if prev is not None and rnd != prev + 1:
+            raise HistoryError(f"rounds must be consecutive: round {rnd} after round {prev}")
+        s, c = _pairs(seeds, coefs)
+        yield rnd, s, c
+        prev = rnd
+
+
 def apply_history(ms, rounds: Iterable[Round], *, bases: Optional[Sequence[torch.Tensor]] = None,
                   progress: Union[bool, Callable[[int, int], None]] = False) -> int:
     """Apply rounds in order to ``ms`` (a kseed_kernels.ModelSeeds): model_r = model_{r-1} + round r's
@@ -511,14 +527,7 @@ def apply_history(ms, rounds: Iterable[Round], *, bases: Optional[Sequence[torch
         raise TypeError(f"progress must be a bool or a callable, got {type(progress).__name__}")
     done, prev = 0, None
     try:
-        for item in rounds:
-            if not (isinstance(item, (tuple, list)) and len(item) == 3):
-                raise HistoryError("each round must be a (round, seeds, coefs) triple")
-            rnd, seeds, coefs = item
-            rnd = _check_round_no(rnd)
-            if prev is not None and rnd != prev + 1:
-                raise HistoryError(f"rounds must be consecutive: round {rnd} after round {prev}")
-            s, c = _pairs(seeds, coefs)
+        for rnd, s, c in checked_rounds(rounds):
             ts, tc = torch.tensor(s.view(np.int64)), torch.tensor(c)
             if prev is None and bases is not None:
                 ms.apply_from(bases, ts, tc)

@@ -53,10 +53,10 @@ import torch
 
 import kseed_kernels as K
 from .. import protocol as P
-from ..history import HistoryError, _check_round_no, _pairs
+from ..history import HistoryError, checked_rounds
 from ..modeling import collate, loss_sum
 from .base import Method, bound_uploads
-from .fedmezo import VERSION, FedMeZOClient, FedMeZOServer, MeZODown
+from .fedmezo import VERSION, FedMeZOClient, FedMeZOServer, MeZODown, check_up_header
 
 DOWN_MAGIC = b"KFD1"
 UP_MAGIC = b"KFU1"
@@ -174,15 +174,7 @@ def decode_up(data, *, groups: int, k: int, expected_round: Optional[int] = None
     if len(data) != UP_HEADER_SIZE + 4 * g + 4 * n:
         raise P.ProtocolError(f"wrong length: upload has {len(data)} bytes, {g} groups and {n} "
                               f"coefficients need {UP_HEADER_SIZE + 4 * g + 4 * n}")
-    if expected_round is not None and rnd != expected_round:
-        raise P.ProtocolError(f"wrong round: upload is for round {rnd}, expected {expected_round}")
-    if expected_client is not None and cid != expected_client:
-        raise P.ProtocolError(f"upload names client {cid}, expected {expected_client}")
-    if n_ex < 1:
-        raise P.ProtocolError("upload reports 0 examples")
-    if cached and cached != rnd - 1:
-        raise P.ProtocolError(f"upload says the client keeps round {cached}, but it trained from "
-                              f"round {rnd - 1}")
+    check_up_header(rnd, cid, n_ex, cached, expected_round, expected_client)
     counts = np.frombuffer(data, dtype="<u4", count=g, offset=UP_HEADER_SIZE).astype(np.uint32)
     lo = min(2, k)
     bad = np.flatnonzero((counts < lo) | (counts > k))
@@ -217,15 +209,8 @@ def apply_grouped(ms, rounds, groups: Sequence[Tuple[int, int]], pool: np.ndarra
         with torch.no_grad():
             for p, b in zip(params, bases):
                 p.copy_(b)
-    done, prev = 0, None
-    for item in rounds:
-        if not (isinstance(item, (tuple, list)) and len(item) == 3):
-            raise HistoryError("each round must be a (round, seeds, coefs) triple")
-        rnd, seeds, coefs = item
-        rnd = _check_round_no(rnd)
-        if prev is not None and rnd != prev + 1:
-            raise HistoryError(f"rounds must be consecutive: round {rnd} after round {prev}")
-        s, c = _pairs(seeds, coefs)
+    done = 0
+    for rnd, s, c in checked_rounds(rounds):
         if s.size:
             if np.any(s[1:] <= s[:-1]):
                 raise HistoryError(f"round {rnd}: Ferret pairs must be in ascending (group, seed) "
@@ -243,7 +228,6 @@ def apply_grouped(ms, rounds, groups: Sequence[Tuple[int, int]], pool: np.ndarra
                                      torch.tensor(pool[k[lo:hi]].view(np.int64)),
                                      torch.tensor(c[lo:hi]), backend=ms.backend,
                                      rounding=ms.rounding, noise=ms.noise)
-        prev = rnd
         done += int(s.size)
     return done
 
