@@ -20,6 +20,16 @@ def gen(request):
     return g
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (restored after): the embedded model's ops are too small for
+    two threads, as kseed-fed sets it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cpu_backends():
     """Usable backends that serve CPU tensors, the reference excluded (triton runs in its own tests)."""
     import kseed_kernels

@@ -23,12 +23,7 @@ QUICK = [a for a in TINY]
 QUICK[QUICK.index("--rouge-size") + 1] = "0"  # no generation: the tests that need Rouge say so
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _copy_model(dst):

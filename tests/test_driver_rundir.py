@@ -21,12 +21,7 @@ TINY = ["--num-clients", "4", "--clients-per-round", "2", "--local-steps", "3", 
         "--batch-size", "2", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run(capsys, *args):

@@ -225,17 +225,6 @@ def _same_server_state(a, b):
     assert np.any(np.frombuffer(bytes.fromhex(a["acc"]), dtype="<f8") != 0)
 
 
-@pytest.fixture
-def one_thread():
-    """The embedded model's ops are too small for two threads (as kseed-fed sets it)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_flower_serverapp_stopped_and_resumed_matches_simulation(tmp_path, one_thread):
     """The ServerApp over an in-process grid (the ClientApp's own functions answer): stopped in round
     3, then resumed with resume=true, it ends with the uninterrupted simulation's accumulators and

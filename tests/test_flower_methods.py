@@ -12,7 +12,7 @@ from kseed import simulation as S  # noqa: E402
 from kseed.flower import app_dir  # noqa: E402
 from kseed.flower.deploy import Deployment  # noqa: E402
 from kseed.flower.runconfig import fed_config  # noqa: E402
-from test_flower import SMALL, InProcessGrid, _task_identity, one_thread  # noqa: E402,F401
+from test_flower import SMALL, InProcessGrid, _task_identity  # noqa: E402
 
 MEZO = dict(SMALL, **{"local-steps": 2, "eval-size": 8})
 

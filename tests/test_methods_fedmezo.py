@@ -37,14 +37,6 @@ def _up(rnd, cid, g, n=10, loss=1.0, cached=0):
                                 grads=np.asarray(g, np.float32), train_loss=loss, cached=cached))
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------- wire format
 def test_wire_sizes_and_round_trip(gen):
     rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))

@@ -26,14 +26,6 @@ def _cfg(**kw):
     return FedConfig(**methods.get("ferret").configure({**SMALL, **kw})).validate()
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------ rules
 def test_grouping_rule():
     # median 65 -> target int(58.5) = 58: consecutive tensors packed until the next would pass it

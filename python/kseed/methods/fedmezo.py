@@ -222,17 +222,25 @@ def decode_down(data, *, expected_fingerprint: Optional[bytes] = None,
                     noise="rademacher" if flags & FLAG_RADEMACHER else "gaussian")
 
 
-def encode_up(m: MeZOUp) -> bytes:
-    g = P._finite_f32("grads", m.grads)
-    if g.shape[0] > P.MAX_STEPS:
-        raise P.ProtocolError(f"too many g: {g.shape[0]}")
+def up_header_fields(m):
+    """(round, client id, cached round) of an upload to encode, checked as every seed-history method's
+    upload header needs them (ProtocolError naming the field): uint32s, at least one example, and the
+    cached round before the round."""
     if P._u32("num_examples", m.num_examples) < 1:
         raise P.ProtocolError("num_examples must be >= 1")
     rnd, cached = P._u32("round", m.round), P._u32("cached", m.cached)
     if cached >= max(rnd, 1):
         raise P.ProtocolError(f"cached round {cached} is not before round {rnd}")
-    hdr = _UP_HDR.pack(UP_MAGIC, VERSION, 0, rnd, P._u32("client_id", m.client_id),
-                       int(m.num_examples), g.shape[0], float(m.train_loss), cached)
+    return rnd, P._u32("client_id", m.client_id), cached
+
+
+def encode_up(m: MeZOUp) -> bytes:
+    g = P._finite_f32("grads", m.grads)
+    if g.shape[0] > P.MAX_STEPS:
+        raise P.ProtocolError(f"too many g: {g.shape[0]}")
+    rnd, cid, cached = up_header_fields(m)
+    hdr = _UP_HDR.pack(UP_MAGIC, VERSION, 0, rnd, cid, int(m.num_examples), g.shape[0],
+                       float(m.train_loss), cached)
     return hdr + g.astype("<f4").tobytes()
 
 

@@ -56,7 +56,8 @@ from .. import protocol as P
 from ..history import HistoryError, checked_rounds
 from ..modeling import collate, loss_sum
 from .base import Method, bound_uploads
-from .fedmezo import VERSION, FedMeZOClient, FedMeZOServer, MeZODown, check_up_header
+from .fedmezo import (VERSION, FedMeZOClient, FedMeZOServer, MeZODown, check_up_header,
+                      up_header_fields)
 
 DOWN_MAGIC = b"KFD1"
 UP_MAGIC = b"KFU1"
@@ -140,13 +141,9 @@ def encode_up(m: FerretUp) -> bytes:
         raise P.ProtocolError("counts must be a 1-d array of ints in [1, 2^32)")
     if int(n.sum()) != a.shape[0]:
         raise P.ProtocolError(f"counts sum to {int(n.sum())}, there are {a.shape[0]} coefs")
-    if P._u32("num_examples", m.num_examples) < 1:
-        raise P.ProtocolError("num_examples must be >= 1")
-    rnd, cached = P._u32("round", m.round), P._u32("cached", m.cached)
-    if cached >= max(rnd, 1):
-        raise P.ProtocolError(f"cached round {cached} is not before round {rnd}")
-    hdr = _UP_HDR.pack(UP_MAGIC, VERSION, 0, rnd, P._u32("client_id", m.client_id),
-                       int(m.num_examples), n.size, a.shape[0], float(m.train_loss), cached)
+    rnd, cid, cached = up_header_fields(m)
+    hdr = _UP_HDR.pack(UP_MAGIC, VERSION, 0, rnd, cid, int(m.num_examples), n.size, a.shape[0],
+                       float(m.train_loss), cached)
     return hdr + n.astype("<u4").tobytes() + a.astype("<f4").tobytes()
 
 
