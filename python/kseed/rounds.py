@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional
@@ -69,6 +70,24 @@ def check_resume_config(saved: FedConfig, cfg: FedConfig, where: str = "the chec
         raise CheckpointError(f"the configuration differs from {where}: {what}; a resumed run "
                               "keeps its configuration (it may change rounds and the evaluation "
                               "cadence)")
+
+
+def peak_memory(device) -> Dict[str, Optional[int]]:
+    """The peak memory of this process so far: ``peak_rss_bytes_this_process`` (the peak resident
+    set, getrusage's ru_maxrss; None where the platform has no ``resource`` module) and, on a CUDA
+    device, ``peak_cuda_bytes_this_process`` (torch.cuda.max_memory_allocated).  Method-neutral; for
+    the in-process engine the process holds the server, the evaluation and every client."""
+    try:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB elsewhere
+    except ImportError:  # pragma: no cover (Windows)
+        rss = None
+    out = {"peak_rss_bytes_this_process": rss}
+    if getattr(device, "type", None) == "cuda":
+        import torch
+        out["peak_cuda_bytes_this_process"] = int(torch.cuda.max_memory_allocated(device))
+    return out
 
 
 class Federation:
@@ -275,6 +294,7 @@ class Federation:
             # in-process, the clients'): how many were computed and their seconds
             "rebuilds_this_process": int(self.ws.rebuilds),
             "rebuild_seconds_this_process": round(self.ws.rebuild_seconds, 3),
+            **peak_memory(self.ws.device),
             "base_model": self.ws.identity, "parameters_trained": self.ws.ms.numel,
             "data": self.data, "backend": self.backend or "default", "device": str(self.ws.device),
         }

@@ -182,21 +182,31 @@ def read_metrics(out: str) -> List[dict]:
 
 
 # ------------------------------------------------------------------------------------ plots
-def render_plots(rows: List[dict]) -> dict:
-    """{file name: PNG bytes} of the loss and bytes plots of ``rows``."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display): the plots' one entry point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def figure_png(fig) -> bytes:
+    """The PNG bytes of ``fig`` (tight layout, 100 dpi); the figure is closed."""
+    plt = pyplot()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_plots(rows: List[dict]) -> dict:
+    """{file name: PNG bytes} of the loss and bytes plots of ``rows``."""
+    plt = pyplot()
+    png = figure_png
 
     def series(key):
         return [(r["round"], r[key]) for r in rows if r.get(key) is not None]
-
-    def png(fig) -> bytes:
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        return buf.getvalue()
 
     out = {}
     fig, ax = plt.subplots(figsize=(6, 4))
