@@ -12,11 +12,14 @@ method added to the registry is compared without a change here), --seeds 1-5, --
 runs/compare_methods.  Each method runs at kseed-fed's defaults (`kseed-fed --help`; `--help` here lists
 each method's settings): 10 rounds, 8 clients, 2 a round (MeZO: one client holding all the data), the
 embedded model and data, held-out category the 8th, 64 held-out examples for the loss and 16 for
-Rouge-L (greedy, 32 new tokens, once at the end: kseed-fed's default, so every run records it; about
-4 s a run on the embedded model); the zeroth-order methods (fedkseed, fedkseed-pro, fedmezo, mezo)
-tau = 100 steps of batch 8, lr 5e-5, eps 1e-3, K = 256 (FedKSeed); Ferret tau = 10 SGD steps of batch 8,
-lr 0.03, K = 256, server lr 1, seed clip 10; a method's own defaults (kseed.methods.<name>.METHOD)
-otherwise.  compare.md lists every method's settings as its runs' checkpoints record them.
+Rouge-L (greedy, 32 new tokens, once at the end: kseed-fed's default, so every run records it;
+summary.json rouge_seconds: 1.6 to 15 s a run on the embedded model, on a loaded 2-core machine);
+the zeroth-order methods (fedkseed, fedkseed-pro, fedmezo, mezo) tau = 100 steps of batch 8, lr 5e-5,
+eps 1e-3, K = 256 (FedKSeed); Ferret tau = 10 SGD steps of batch 8, lr 0.03, K = 256, server lr 1, seed
+clip 10; a method's own defaults (kseed.methods.<name>.METHOD) otherwise.  compare.md lists every
+method's settings as its runs' checkpoints record them, and how each default was tuned (TUNING below:
+FedKSeed's lr over 3 values x 20 seeds, Ferret's over 3 values x 2 seeds of 4 rounds, the other
+methods' not on their own; not the same budget, and compare.md says so).
 
 Each (method, seed) is one `kseed-fed --method M --seed S --out OUT/M/seed-S --threads 1 --quiet`
 process plus the kseed-fed options after `--` (the same data split, held-out category, evaluation set
@@ -29,6 +32,8 @@ resumed (--resume).
 Every number in compare.md is read from the runs' own files (the mean over the seeds' runs unless
 said otherwise):
 
+  runs                  the finished runs (summary.json); "(k diverged)": k of them ended with a
+                        final loss that is not finite (summary.json diverged), left out of the means
   final held-out loss   summary.json eval_loss_last (the final model's): mean and sd (n - 1)
   first                 summary.json eval_loss_first (the base model's, round 0)
   Rouge-L               summary.json rouge_l (the final model's): mean and sd (n - 1)
@@ -44,7 +49,7 @@ said otherwise):
                         server, the evaluation and every client (one client's alone is not measured)
 
 The plots (next to compare.md), one line per method, the mean over its seeds at each evaluated round,
-with a band from the lowest to the highest seed:
+with a band from the lowest to the highest seed (runs that diverged left out):
   loss_vs_bytes.png     held-out loss (metrics.jsonl eval_loss) against the cumulative bytes one
                         sampled client moves (down + up per client per round, summed over rounds 1..r;
                         log x axis, so round 0 is not drawn)
@@ -288,7 +293,7 @@ def read_run(d: str) -> Optional[dict]:
     rss, cuda = s.get("peak_rss_bytes_this_process"), s.get("peak_cuda_bytes_this_process")
     return {
         "loss": s.get("eval_loss_last"), "loss_first": s.get("eval_loss_first"),
-        "rouge_l": s.get("rouge_l"),
+        "diverged": bool(s.get("diverged")), "rouge_l": s.get("rouge_l"),
         "down_per_client_round": sum(r.get("bytes_down") or 0 for r in rounds) / max(1, sent),
         "up_per_client_round": sum(r.get("bytes_up") or 0 for r in rounds) / max(1, got),
         "down_total": s.get("bytes_down_total"), "up_total": s.get("bytes_up_total"),
@@ -349,7 +354,8 @@ def table_row(name: str, runs: List[dict]) -> str:
     mem = _fmt(col["peak_rss_mib"], ".1f")
     if col["peak_cuda_mib"] is not None:
         mem += f" (CUDA {col['peak_cuda_mib']:.1f})"
-    cells = [name, str(len(runs)),
+    diverged = sum(r["diverged"] for r in runs)  # their final loss is not finite: left out
+    cells = [name, f"{len(runs)}" + (f" ({diverged} diverged)" if diverged else ""),
              f"{_fmt(loss, '.4f')} +- {_fmt(loss_sd, '.4f')}", _fmt(col["loss_first"], ".4f"),
              f"{_fmt(rouge, '.4f')} +- {_fmt(rouge_sd, '.4f')}",
              _fmt(col["down_per_client_round"], ",.0f"), _fmt(col["up_per_client_round"], ",.0f"),
@@ -399,13 +405,15 @@ def report(out: str, methods: List[str], seeds: List[int]) -> str:
              "every number read from the runs' metrics.jsonl / summary.json (means over the seeds' "
              "runs; sd with n - 1).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    found, curves = {}, {}
+    found, curves, shown = {}, {}, {}
     for m in methods:
         runs = [r for r in (read_run(run_dir(out, m, s)) for s in seeds) if r is not None]
         lines.append(table_row(m, runs))
         if runs:
             found[m] = runs
-            curves[m] = mean_curve(runs)
+            kept = [r for r in runs if not r["diverged"]]  # the plots: the runs that did not diverge
+            if kept:
+                curves[m], shown[m] = mean_curve(kept), len(kept)
     lines += ["", "Columns: final held-out loss and Rouge-L are the final model's (summary.json); "
               "bytes per client per round are the messages' sizes averaged over the clients and "
               "rounds 1.. (metrics.jsonl); totals are all clients' over the run; s / round is the "
@@ -418,7 +426,8 @@ def report(out: str, methods: List[str], seeds: List[int]) -> str:
               f"![held-out loss against wall time]({PLOTS[1]})", "",
               "Plots: one line per method, the mean over its seeds at each evaluated round, with a band "
               "from the lowest to the highest seed; bytes are those one sampled client moves (down + "
-              "up), cumulated from round 1 (log x axis); wall time is the rounds' cumulated seconds.",
+              "up), cumulated from round 1 (log x axis); wall time is the rounds' cumulated seconds; "
+              "the legend gives the runs drawn (a diverged run is left out).",
               "", "Settings (the first run's checkpoint; the seed varies):", ""]
     lines += [f"- {m}: {settings(m, runs[0]['config'])}" for m, runs in found.items()]
     lines += ["", "Tuning (how the defaults were chosen):", ""]
@@ -433,7 +442,7 @@ def report(out: str, methods: List[str], seeds: List[int]) -> str:
     text = "\n".join(lines) + "\n"
     os.makedirs(out, exist_ok=True)
     try:
-        for name, png in render_plots(curves, {m: len(r) for m, r in found.items()}).items():
+        for name, png in render_plots(curves, shown).items():
             atomic_write(os.path.join(out, name), png)
     except ImportError as exc:  # matplotlib missing: the table still stands
         print(f"compare_methods: no plots: {exc}", file=sys.stderr)

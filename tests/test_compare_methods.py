@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -95,7 +96,7 @@ def expected(out, method, seeds):
 
 
 def check_row(row, e):
-    assert int(row["runs"]) == e["runs"]
+    assert int(row["runs"].split()[0]) == e["runs"]
     loss, loss_sd = pm(row["final held-out loss (mean +- sd)"])
     assert close(loss, e["loss"][0], 4) and close(loss_sd, e["loss"][1], 4), (row, e)
     assert close(num(row["first"]), e["first"], 4)
@@ -190,8 +191,13 @@ def test_table_numbers_come_from_the_runs(tmp_path):
     make_run(out, "fedkseed", 2, losses=[1.7, 1.4, 1.15], rouge=0.4, seconds=3.0, rss=500 * 2 ** 20)
     make_run(out, "mezo", 1, losses=[1.8, 1.6, 1.3], down=144, up=36, clients=1, rouge=None, rss=None)
     make_run(out, "mezo", 2, losses=[1.7, 1.5, 1.2], down=144, up=36, clients=1, rouge=None, rss=None)
+    d = make_run(out, "mezo", 4, losses=[1.7, 1.5, None], down=144, up=36, clients=1, rss=None)
+    with open(os.path.join(d, "summary.json")) as f:
+        s = json.load(f)
+    with open(os.path.join(d, "summary.json"), "w") as f:
+        json.dump({**s, "diverged": True, "rouge_l": None}, f)
     os.makedirs(os.path.join(out, "mezo", "seed-3"))  # not finished: left out
-    text = cm.report(out, ["fedkseed", "mezo", "ferret"], [1, 2, 3])
+    text = cm.report(out, ["fedkseed", "mezo", "ferret"], [1, 2, 3, 4])
     with open(os.path.join(out, "compare.md")) as f:
         assert f.read() == text
     rows = parse_table(text)
@@ -205,8 +211,12 @@ def test_table_numbers_come_from_the_runs(tmp_path):
     assert rows["mezo"]["peak RSS MiB"] == "-"
     assert rows["mezo"]["bytes up / client / round"] == "36"
     assert rows["ferret"]["runs"] == "0"
-    for m in ("fedkseed", "mezo"):
-        check_row(rows[m], expected(out, m, [1, 2]))
+    assert rows["mezo"]["runs"] == "3 (1 diverged)"
+    assert rows["mezo"]["final held-out loss (mean +- sd)"] == "1.2500 +- 0.0707"  # seeds 1, 2
+    assert rows["mezo"]["first"] == "1.7333"  # every run's base model
+    check_row(rows["fedkseed"], expected(out, "fedkseed", [1, 2]))
+    shutil.rmtree(os.path.join(out, "mezo", "seed-4"))
+    check_row(parse_table(cm.report(out, ["mezo"], [1, 2, 3, 4]))["mezo"], expected(out, "mezo", [1, 2]))
     assert "- fedkseed: rounds=10, num_clients=8" in text and "sampling=uniform" in text
     assert "- mezo: rounds=10, num_clients=1, clients_per_round=1" in text
     assert "num_seeds" not in text.split("- mezo:")[1].splitlines()[0]
