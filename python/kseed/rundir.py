@@ -203,7 +203,6 @@ def figure_png(fig) -> bytes:
 def render_plots(rows: List[dict]) -> dict:
     """{file name: PNG bytes} of the loss and bytes plots of ``rows``."""
     plt = pyplot()
-    png = figure_png
 
     def series(key):
         return [(r["round"], r[key]) for r in rows if r.get(key) is not None]
@@ -222,7 +221,7 @@ def render_plots(rows: List[dict]) -> dict:
     ax.set_ylabel("loss (response tokens)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    out["loss.png"] = png(fig)
+    out["loss.png"] = figure_png(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     rr = [r["round"] for r in rows]
     ax.plot(rr, np.cumsum([r.get("bytes_down") or 0 for r in rows]) / 1024, label="down")
@@ -231,7 +230,7 @@ def render_plots(rows: List[dict]) -> dict:
     ax.set_ylabel("cumulative KiB (all clients)")
     ax.grid(alpha=0.3)
     ax.legend()
-    out["bytes.png"] = png(fig)
+    out["bytes.png"] = figure_png(fig)
     return out
 
 
