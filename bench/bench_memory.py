@@ -16,10 +16,14 @@ Cases (--only, comma-separated; default all, one at a time, each in its own proc
                         --local-steps 3 -K 1024 --batch-size 1 --eval-size 4 --rouge-size 0 --threads 2
   client-fp32           one Flower ClientApp-style fit: kseed.flower.driver.run_client (load, rebuild
                         from a down message with nonzero coefficients, tau = 3 steps)
+  sim-bf16ckpt          the sim case on a bf16 checkpoint (a bf16 copy of the model, DIR/model-bf16,
+                        made once from the fp32 file) with --dtype auto (issue #21): the run's dtype is the
+                        checkpoint's, so w0 is mapped from the file itself (no cast copy in KSEED_CACHE)
   ferret-fp32           one Ferret client fit (kseed.methods.ferret, issue #19): load, tau = 2 SGD steps
                         (batch 1, --max-length 64), project delta onto K = 16 seeds per group at most;
                         training-level memory (weights + gradients + the delta copy), not under the
                         issue #11 bound
+  ferret-adamw          the same with --optimizer adamw (+ its two moment buffers)
   timings               in one process, 2 threads, a 1 x 96-token batch: one forward pass, one kseed ZO
                         step (ModelSeeds.zo_step), the reference code's step (4 passes of
                         torch.manual_seed + torch.normal per tensor), the rebuild rate
@@ -48,12 +52,12 @@ SMOKE_MODEL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, n
                    num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False)
 CATEGORIES = ["brainstorming", "classification", "closed_qa", "creative_writing", "general_qa",
               "information_extraction", "open_qa", "summarization"]
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "bf16ckpt": 2, "adamw": 4}
 SIM_ARGS = ["--num-clients", "20", "--clients-per-round", "2", "--local-steps", "3", "-K", "1024",
             "--rounds", "1", "--batch-size", "1", "--eval-size", "4", "--rouge-size", "0",
             "--threads", "2", "--quiet"]
 ALL_CASES = ["load-fp32", "load-bf16", "sim-fp32", "sim-bf16", "sim-fp16", "client-fp32", "timings",
-             "ferret-fp32"]
+             "ferret-fp32", "ferret-adamw", "sim-bf16ckpt"]
 
 
 # ------------------------------------------------------------------------------ the model
@@ -156,6 +160,34 @@ def run_sampled(cmd, env=None, timeout=3000):
 
 
 # ---------------------------------------------------------------------------- the workers
+def build_bf16(cache: str) -> str:
+    """A bf16 copy of the model (DIR/model-bf16, config dtype bfloat16), made once, tensor by tensor."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, d = model_dir(cache), os.path.join(cache, "model-bf16")
+    st = os.path.join(d, "model.safetensors")
+    if os.path.isfile(st) and os.path.getmtime(st) >= os.path.getmtime(os.path.join(src, "model.safetensors")):
+        return d
+    os.makedirs(d, exist_ok=True)
+    for name in os.listdir(src):
+        if name != "model.safetensors":
+            shutil.copyfile(os.path.join(src, name), os.path.join(d, name))
+    with open(os.path.join(d, "config.json"), encoding="utf-8") as f:
+        conf = json.load(f)
+    conf["dtype"] = "bfloat16"
+    conf.pop("torch_dtype", None)
+    with open(os.path.join(d, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(conf, f, indent=2)
+    with safe_open(os.path.join(src, "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k).to(torch.bfloat16) for k in f.keys()}
+        meta = f.metadata()
+    save_file(tensors, st + ".tmp", metadata=meta)
+    os.replace(st + ".tmp", st)
+    return d
+
+
 def worker_load(cache: str, dtype: str) -> None:
     from kseed import modeling as M
     t = time.perf_counter()
@@ -199,7 +231,7 @@ def worker_client(cache: str, dtype: str) -> None:
 
 
 def worker_ferret(cache: str, dtype: str) -> None:
-    """One Ferret client fit, from the server's round-1 down message."""
+    """One Ferret client fit, from the server's round-1 down message (dtype "adamw": fp32, AdamW)."""
     import torch
 
     from kseed.config import FedConfig
@@ -210,7 +242,8 @@ def worker_ferret(cache: str, dtype: str) -> None:
     cfg = FedConfig(method="ferret", model=model_dir(cache), data=os.path.join(cache, "dolly.jsonl"),
                     dataset="dolly", num_clients=20, clients_per_round=2, local_steps=2,
                     num_seeds=16, batch_size=1, max_length=64, eval_size=4, rouge_size=0,
-                    dtype=dtype, lr=1e-4).validate()
+                    dtype="fp32" if dtype == "adamw" else dtype,
+                    optimizer="adamw" if dtype == "adamw" else "sgd", lr=1e-4).validate()
     parts, _, _ = build_data(cfg)
     ws = load_workspace(cfg, cache=False)
     server = FR.FerretServer(cfg, base_identity=ws.identity)
@@ -304,6 +337,8 @@ def main(argv=None) -> int:
         kind = a.worker[0]
         if kind == "build":
             build(cache, a.smoke)
+        elif kind == "build-bf16":
+            build_bf16(cache)
         elif kind == "load":
             worker_load(cache, a.worker[1])
         elif kind == "client":
@@ -345,9 +380,16 @@ def main(argv=None) -> int:
         if kind == "sim":
             out = os.path.join(cache, "runs", dtype)
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "kseed", "--model", model_dir(cache), "--data",
-                   os.path.join(cache, "dolly.jsonl"), "--dataset", "dolly", "--dtype", dtype,
-                   "--out", out] + SIM_ARGS
+            mdir = model_dir(cache)
+            if dtype == "bf16ckpt":
+                r = subprocess.run(me + ["--worker", "build-bf16"], capture_output=True, text=True)
+                if r.returncode:
+                    print(r.stdout, r.stderr)
+                    return 1
+                mdir = os.path.join(cache, "model-bf16")
+            cmd = [sys.executable, "-m", "kseed", "--model", mdir, "--data",
+                   os.path.join(cache, "dolly.jsonl"), "--dataset", "dolly",
+                   "--dtype", "auto" if dtype == "bf16ckpt" else dtype, "--out", out] + SIM_ARGS
         elif kind == "timings":
             cmd = me + ["--worker", "timings"]
         else:
@@ -358,6 +400,8 @@ def main(argv=None) -> int:
             with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
                 s = json.load(f)
             info = {"eval_loss_last": s.get("eval_loss_last"), "seconds": s.get("seconds_this_process")}
+            w0c = os.path.join(kcache, "w0")
+            info["w0_cache_files"] = sorted(os.listdir(w0c)) if os.path.isdir(w0c) else []
         wbytes = n * DTYPE_BYTES.get(dtype or "fp32", 4)
         bound = 1.3 * wbytes + 0.6 * GIB
         row = {"case": case, "rc": r["rc"], "wall_s": round(r["seconds"], 1),

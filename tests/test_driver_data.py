@@ -64,6 +64,19 @@ def test_dirichlet_minimum_and_iid():
         assert sorted(i for p in sparse for i in p) == list(range(len(train)))
 
 
+def test_paper_scale_clients_on_the_embedded_data():
+    """200 clients (the paper's scale): the embedded default's 2,000 examples are too few for 10 each,
+    and the error says how to get more; with --embedded-examples 15000 every client has its 10."""
+    from kseed.config import FedConfig
+    from kseed.task import build_data
+
+    with pytest.raises(D.DataError, match="--embedded-examples"):
+        build_data(FedConfig(num_clients=200, clients_per_round=10).validate())
+    parts, _, _ = build_data(FedConfig(num_clients=200, clients_per_round=10,
+                                       embedded_examples=15000).validate())
+    assert len(parts) == 200 and min(map(len, parts)) >= 10
+
+
 def test_ni_one_client_per_task():
     parts, test = D.load_natural_instructions(NI, seed=0)
     # task004_tiny (8 instances) is skipped; 20 % of each other training task

@@ -46,8 +46,15 @@ def build_data(cfg: FedConfig) -> Tuple[List[List[dict]], List[dict], str]:
         if cfg.partition == "iid":
             idx = D.partition_iid(len(train), cfg.num_clients, cfg.seed)
         else:
-            idx = D.partition_dirichlet([e["category"] for e in train], cfg.num_clients, cfg.alpha,
-                                        cfg.seed, cfg.min_per_client)
+            try:
+                idx = D.partition_dirichlet([e["category"] for e in train], cfg.num_clients, cfg.alpha,
+                                            cfg.seed, cfg.min_per_client)
+            except D.DataError as exc:
+                if cfg.dataset != "embedded":
+                    raise
+                # many clients (the paper's 200) need more than the embedded default's 2,000 examples
+                raise D.DataError(f"{exc}, or generate more embedded examples with --embedded-examples "
+                                  f"(now {cfg.embedded_examples}; 200 clients: 15000)") from None
         parts = [[train[i] for i in p] for p in idx]
     if cfg.num_clients == 1 and len(parts) > 1:  # one client (MeZO) holds all the training data
         parts = [[e for p in parts for e in p]]
