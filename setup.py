@@ -74,6 +74,8 @@ setup(
         "hf": ["datasets"],
         # --tensorboard DIR (torch.utils.tensorboard's SummaryWriter)
         "tensorboard": ["tensorboard"],
+        # --method fedit / fedpipe: LoRA adapters through peft (kseed.lora)
+        "lora": ["peft"],
         "test": ["pytest", "scipy", "triton==3.9.0"],
     },
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

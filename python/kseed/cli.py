@@ -72,6 +72,12 @@ _OPTIONS = [
     (("--server-lr",), "server_lr", float, "server step size: w <- w - this x the rebuilt update"),
     (("--seed-clip",), "seed_clip", float,
      "norm clip of each seed's rebuilt update (Ferret's 10; 0: off)"),
+    (("--lora-rank",), "lora_rank", int, "rank r of the LoRA adapters"),
+    (("--lora-alpha",), "lora_alpha", float, "LoRA alpha: the adapter's scale is alpha / r"),
+    (("--lora-dropout",), "lora_dropout", float, "dropout on the LoRA branch in local training"),
+    (("--lora-targets",), "lora_targets", str,
+     "the modules adapted: comma-separated names or name suffixes of the model's linear layers "
+     "(LLaMA-like attention)"),
     (("--embedded-examples",), "embedded_examples", int, "size of the embedded synthetic data set"),
     (("--rounding",), "rounding", str,
      "rounding of bf16/fp16 weight updates: auto (stochastic for 16-bit weights) | nearest | "
@@ -141,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
         help="the federated method: fedkseed (K candidate seeds; fedkseed-pro = --sampling pro), "
              "fedmezo (FedAvg of MeZO clients: a fresh seed every step, the global model a seed "
              "history), mezo (one client holding all the training data), ferret (first-order local "
-             "steps projected onto the seed pool) (default: fedkseed; an "
+             "steps projected onto the seed pool), fedit (LoRA FedAvg, kseed[lora]) (default: "
+             "fedkseed; an "
              "option the method does not use is refused)")
     for flags, name, typ, help_ in _OPTIONS:
         default = getattr(_D, name)
