@@ -231,6 +231,7 @@ def test_run_trains_resumes_bitwise_counts_bytes_and_exports(tmp_path, one_threa
     ca = json.loads((a / "checkpoint.json").read_text())["server"]
     cb = json.loads((b / "checkpoint.json").read_text())["server"]
     assert ca["method"] == "fedit" and ca["round"] == 3
+    assert json.loads((a / "summary.json").read_text())["parameters_trained"] == 4 * 12 * 192
     assert ca["adapter"] == cb["adapter"] and ca["client_loss"] == cb["client_loss"]
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in S.read_metrics(str(a))]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in S.read_metrics(str(b))]
@@ -292,3 +293,30 @@ def test_plain_kseed_never_imports_peft():
             "kseed.config.FedConfig(**methods.get('fedit').configure({})).validate();"
             "assert 'peft' not in sys.modules, 'peft imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_flower_grid_matches_simulation(tmp_path, one_thread):
+    """The ServerApp over an in-process grid (the ClientApp's own functions answer, each message a
+    fresh client loading its own base model) ends with the in-process run's adapter, bitwise."""
+    pytest.importorskip("flwr")
+    from test_flower import SMALL as FSMALL, _task_identity
+    from test_flower_methods import CachingGrid
+    from kseed.flower.runconfig import fed_config
+    from kseed.flower.server_app import run_federation
+
+    out = tmp_path / "flower"
+    rc = {k: v for k, v in FSMALL.items() if k != "num-seeds"}
+    rc.update(method="fedit", rounds=2, out=str(out), lr=5e-3,
+              **{"local-steps": 2, "eval-size": 6, "batch-size": 2, "lora-rank": 2,
+                 "node-wait-timeout": 5.0})
+    with _task_identity():
+        run_federation(CachingGrid(rc, 2, {}), rc)
+    S.run(fed_config(rc), str(tmp_path / "sim"), progress=False)
+    fl = S.read_checkpoint(str(out))["server"]
+    si = S.read_checkpoint(str(tmp_path / "sim"))["server"]
+    assert fl["round"] == si["round"] == 2 and fl["adapter"] == si["adapter"]
+    for r, s in zip(S.read_metrics(str(out)), S.read_metrics(str(tmp_path / "sim"))):
+        for key in ("train_loss", "eval_loss", "clients", "steps", "bytes_up_per_client",
+                    "bytes_down_per_client", "rejected"):
+            if key in s:
+                assert r[key] == s[key], (r["round"], key)

@@ -50,10 +50,20 @@ class LoraUnavailable(ValueError):
 
 def require_peft():
     """The peft module, or LoraUnavailable naming the extra to install."""
+    import logging
+    # peft imports torchao when it is installed: its notices (optional kernels it cannot load, torch's
+    # deprecation of how it registers enums) are not kseed's
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
         import peft
     except ImportError as exc:
         raise LoraUnavailable(f"the LoRA methods need peft: pip install '{EXTRA}' ({exc})") from None
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
     return peft
 
 

@@ -481,6 +481,10 @@ class SeedServer:
                              f"{str(ident.get('hash'))[:12]}..., this model "
                              f"{str(self.base_identity.get('hash'))[:12]}...)")
 
+    def parameters_trained(self, ws: Workspace) -> int:
+        """The number of trained parameters (the summary's): every trainable tensor of ``ws``."""
+        return int(ws.ms.numel)
+
     def load_global(self, ws: Workspace) -> None:  # pragma: no cover - every method defines it
         """Set ``ws``'s weights to the current global model."""
         raise NotImplementedError

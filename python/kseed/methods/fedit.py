@@ -101,7 +101,7 @@ def model_facts(config: FedConfig, ws) -> dict:
 # --------------------------------------------------------------------------- the global model
 def set_base(ws) -> None:
     """The workspace's weights back to w0 (a no-op when they are w0 already)."""
-    if getattr(ws, "lora_loaded", None) == "base":
+    if getattr(ws, "lora_loaded", "base") == "base":  # a workspace no LoRA code wrote holds w0
         return
     ws.lora_loaded = None
     ws.rebuild(np.zeros(0, np.uint64), np.zeros(0, np.float32))  # w0 + nothing
@@ -279,6 +279,9 @@ class FedITServer(SeedServer):
         self.client_diff = diff
         self.round = rnd
         self._lrs_cache = None
+
+    def parameters_trained(self, ws) -> int:
+        return int(self.adapter.shape[0])
 
     def export_info(self) -> dict:
         return {"lora_rank": self.rank, "lora_targets": len(self.layout),
