@@ -74,8 +74,9 @@ setup(
         "hf": ["datasets"],
         # --tensorboard DIR (torch.utils.tensorboard's SummaryWriter)
         "tensorboard": ["tensorboard"],
-        # --method fedit / fedpipe: LoRA adapters through peft (kseed.lora)
-        "lora": ["peft"],
+        # --method fedit / fedpipe: LoRA adapters through peft (kseed.lora); FedPipe's quantized
+        # frozen models through optimum-quanto (int8 and int4 on CPU)
+        "lora": ["peft", "optimum-quanto"],
         "test": ["pytest", "scipy", "triton==3.9.0"],
     },
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

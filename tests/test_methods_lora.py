@@ -320,3 +320,145 @@ def test_flower_grid_matches_simulation(tmp_path, one_thread):
                     "bytes_down_per_client", "rejected"):
             if key in s:
                 assert r[key] == s[key], (r["round"], key)
+
+
+# ----------------------------------------------------------------------------------- FedPipe
+from kseed.methods import fedpipe as FP  # noqa: E402
+
+
+def test_fedpipe_selection_and_budget_rules():
+    assert FP.select_targets([3, 1, 2, 5], 0.5).tolist() == [True, False, False, True]
+    assert FP.select_targets([1, 1, 1], 0.34).tolist() == [True, True, False]  # ceil, ties: earlier
+    assert FP.select_targets([float("nan"), 0.0], 0.5).tolist() == [False, True]
+    assert FP.select_targets([2.0], 0.01).tolist() == [True]  # at least one
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="--select-fraction"):
+            FP.select_targets([1.0], bad)
+    mib = 1 << 20
+    kw = dict(linear=mib, other=mib // 4, elem=4, floats_per_rank=1024)
+    assert FP.client_plan(None, **kw, max_rank=8) == (32, 8)
+    # fp32: 5 MiB base; 16 KiB of training state per unit of rank
+    assert FP.client_plan(5 + 8 * 16 / 1024, **kw, max_rank=8) == (32, 8)
+    assert FP.client_plan(5 + 7 * 16 / 1024, **kw, max_rank=8) == (32, 4)
+    assert FP.client_plan(4.9, **kw, max_rank=8) == (8, 8)  # int8: 1 + 1 MiB
+    assert FP.client_plan(2 + 1.5 * 16 / 1024, **kw, max_rank=8) == (8, 1)
+    assert FP.client_plan(1.5 + 8 * 16 / 1024, **kw, max_rank=8) == (4, 8)  # int4: 1 + 0.5 MiB
+    assert FP.client_plan(1.6, **kw, max_rank=8) == (4, 4)
+    with pytest.raises(ValueError, match="cannot hold the 4-bit frozen model"):
+        FP.client_plan(1.4, **kw, max_rank=8)
+    assert FP.parse_budgets(" ") == [] and FP.parse_budgets("1,2.5") == [1.0, 2.5]
+    for bad in ("1,x", "0", "1,-2", "nan"):
+        with pytest.raises(ValueError, match="--client-budgets"):
+            _cfg("fedpipe", client_budgets=bad)
+
+
+def _dense(layout, vec, rank):
+    return {n: b.astype(np.float64) @ a.astype(np.float64)
+            for n, (a, b) in L.split(layout, rank, vec).items()}
+
+
+def test_fedpipe_heterogeneous_rank_aggregation(gen):
+    """stacking + SVD: the product of the aggregate is the best rank-R approximation of the weighted
+    mean of the clients' products (exactly the mean when it has rank <= R); truncate / pad are the
+    rank views of one adapter."""
+    lay = [L.Target("x", 12, 10), L.Target("y", 7, 9)]
+    ranks, w = [2, 4, 1], np.array([0.5, 0.3, 0.2])
+    ads = [torch.randn(L.adapter_size(lay, r), generator=gen).numpy() for r in ranks]
+    fill = L.init_adapter(lay, 8, 3)
+    want = {t.name: sum(wc * _dense(lay, a, r)[t.name] for a, r, wc in zip(ads, ranks, w))
+            for t in lay}
+    got8 = FP.aggregate_products(lay, ads, ranks, w, 8, fill)  # rank 7 <= 8: exact
+    for t in lay:
+        np.testing.assert_allclose(_dense(lay, got8, 8)[t.name], want[t.name], atol=1e-5)
+        a8 = L.split(lay, 8, got8)[t.name][0]
+        np.testing.assert_array_equal(a8[7:], L.split(lay, 8, fill)[t.name][0][7:])  # filled
+    got3 = FP.aggregate_products(lay, ads, ranks, w, 3, fill[:L.adapter_size(lay, 3)])
+    for t in lay:  # Eckart-Young: the dense truncated SVD's product
+        u, s, vt = np.linalg.svd(want[t.name])
+        np.testing.assert_allclose(_dense(lay, got3, 3)[t.name], (u[:, :3] * s[:3]) @ vt[:3],
+                                   atol=1e-5)
+    # a client of rank 2 gets the top 2 components; padding back gives zero extra components
+    t2 = FP.truncate(lay, got8, 8, 2)
+    assert t2.size == L.adapter_size(lay, 2)
+    assert np.array_equal(FP.truncate(lay, FP.pad(lay, t2, 2, 8), 8, 2), t2)
+    for a, b in L.split(lay, 8, FP.pad(lay, t2, 2, 8)).values():
+        assert not a[2:].any() and not b[:, 2:].any() and a[:2].any()
+    # FedAvg's fixed point: identical clients give back their product
+    same = FP.aggregate_products(lay, [ads[1], ads[1]], [4, 4], [0.5, 0.5], 4, fill[:L.adapter_size(
+        lay, 4)])
+    for t in lay:
+        np.testing.assert_allclose(_dense(lay, same, 4)[t.name], _dense(lay, ads[1], 4)[t.name],
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fedpipe_quantized_frozen_model(bits, ws, one_thread):
+    pytest.importorskip("optimum.quanto")
+    from kseed.modeling import EMBEDDED_DIR
+    q = FP.quantized_model(EMBEDDED_DIR, "fp32", ws.device, bits)
+    assert q is FP.quantized_model(EMBEDDED_DIR, "fp32", ws.device, bits)  # shared in a process
+    lin = q.model.layers[0].self_attn.q_proj
+    assert type(lin).__name__ == "QLinear" and f"int{bits}" in str(lin.weight_qtype)
+    assert type(q.lm_head).__name__ == "Linear"
+    with torch.no_grad():
+        ref, out = ws.model(input_ids=_ids()).logits, q(input_ids=_ids()).logits
+    err = (out - ref).abs().max().item()
+    assert 0 < err < (0.5 if bits == 8 else 5.0)  # quantized, and still the same model
+    lay = L.find_targets(q, ["q_proj", "v_proj"])
+    with L.LoraModel(q, lay, L.LoraSpec(dropout=0.0), 2) as lm:
+        lm.load(np.random.default_rng(1).normal(0, 0.1, L.adapter_size(lay, 2)).astype(np.float32))
+        lm.peft(input_ids=_ids()).logits.float().sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters)
+    assert type(q.model.layers[0].self_attn.q_proj).__name__ == "QLinear"
+
+
+def test_fedpipe_run_heterogeneous_ranks_resume_export(tmp_path, one_thread):
+    """Budgets give client 0 an fp32 base at rank 4, clients 1 and 2 int8 / int4 bases at rank 2;
+    bytes per client follow the ranks exactly; resume is bitwise; export loads without peft."""
+    pytest.importorskip("optimum.quanto")
+    cfg = _cfg("fedpipe", rounds=2, eval_size=6, num_clients=3, clients_per_round=3, lr=5e-3,
+               client_budgets="3,0.545,0.39")
+    a, b = tmp_path / "a", tmp_path / "b"
+    S.run(cfg, str(a), progress=False)
+    S.run(FedConfig(**{**cfg.to_dict(), "rounds": 1}), str(b), progress=False)
+    S.run(cfg, str(b), resume=True, progress=False)
+    ca = json.loads((a / "checkpoint.json").read_text())["server"]
+    cb = json.loads((b / "checkpoint.json").read_text())["server"]
+    assert ca["method"] == "fedpipe" and ca["adapter"] == cb["adapter"]
+    ident = ca["base_identity"]
+    assert sum(ident["lora_mask"]) == 6 and ident["lora_candidates"] == 12
+    lay = L.layout_from(ident["lora_layout"])
+    ws = load_workspace(cfg, cache=False)
+    srv = FP.FedPipeServer(cfg, base_identity=ws.identity)
+    assert [srv.plan(c) for c in range(3)] == [(32, 4), (8, 2), (4, 2)]
+    rows = S.read_metrics(str(a))
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in S.read_metrics(str(b))]
+    for r in rows[1:]:
+        assert r["bytes_down_per_client"] == {"0": 56 + 16 * 6 * 192 + 2, "1": 56 + 8 * 6 * 192 + 2,
+                                              "2": 56 + 8 * 6 * 192 + 2}
+        assert r["bytes_up_per_client"] == {"0": 36 + 16 * 6 * 192, "1": 36 + 8 * 6 * 192,
+                                            "2": 36 + 8 * 6 * 192}
+        assert r["accepted"] == [0, 1, 2] and r["clipped"] == {}  # norms compared per rank
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    info = S.export(str(a), str(tmp_path / "hf"))
+    assert info["lora_selected"] == 6 and info["lora_rank"] == 4
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    srv.load_state_dict(ca)
+    srv.load_global(ws)
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=_ids()).logits, ws.model(input_ids=_ids()).logits)
+    # a client refuses a mask that names no candidate or too many, and a rank not its own
+    parts, _, _ = build_data(cfg)
+    cl = FP.FedPipeClient(cfg, lambda: ws, parts[1], client_id=1)
+    good = srv.make_down(3, 1)
+    for tail, why in ((b"\0\0", "selects none"), (b"\xff\xff", "names more")):
+        with pytest.raises(P.ProtocolError, match=why):
+            cl.fit(good[:-2] + tail)
+    d0 = srv.make_down(3, 0)  # client 0's rank-4 message, readdressed to client 1 (rank 2)
+    d0 = (d0[:12] + (1).to_bytes(4, "little") + d0[16:40]
+          + P.client_rng_seed(cfg.seed, 3, 1).to_bytes(8, "little") + d0[48:])
+    with pytest.raises(P.ProtocolError, match="field rank = 4 does not match"):
+        cl.fit(d0)
+    assert len(lay) == 6

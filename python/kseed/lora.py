@@ -26,7 +26,9 @@ The pieces:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
 import struct
 import warnings
@@ -48,22 +50,28 @@ class LoraUnavailable(ValueError):
     """peft (the kseed[lora] extra) is not installed."""
 
 
-def require_peft():
-    """The peft module, or LoraUnavailable naming the extra to install."""
-    import logging
-    # peft imports torchao when it is installed: its notices (optional kernels it cannot load, torch's
-    # deprecation of how it registers enums) are not kseed's
+@contextlib.contextmanager
+def quiet_imports():
+    """peft and optimum-quanto import torchao when it is installed: its notices (optional kernels
+    it cannot load, torch's deprecation of how it registers enums) are not kseed's."""
     quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.ERROR)
     try:
-        import peft
-    except ImportError as exc:
-        raise LoraUnavailable(f"the LoRA methods need peft: pip install '{EXTRA}' ({exc})") from None
+        yield
     finally:
         for q, lv in zip(quiet, levels):
             q.setLevel(lv)
+
+
+def require_peft():
+    """The peft module, or LoraUnavailable naming the extra to install."""
+    try:
+        with quiet_imports():
+            import peft
+    except ImportError as exc:
+        raise LoraUnavailable(f"the LoRA methods need peft: pip install '{EXTRA}' ({exc})") from None
     return peft
 
 
@@ -273,6 +281,7 @@ class AdapterDown:
     client_seed: int
     rank: int
     adapter: np.ndarray  # float32 [adapter_size(layout, rank)]
+    tail: bytes = b""  # a method's own bytes after the adapter
 
 
 @dataclass
@@ -308,7 +317,8 @@ def _rank(r) -> int:
     return int(r)
 
 
-def encode_down(m: AdapterDown, magic: bytes) -> bytes:
+def encode_down(m: AdapterDown, magic: bytes, tail: bytes = b"") -> bytes:
+    """The down message; ``tail``: a method's own bytes after the adapter (FedPipe's target mask)."""
     a = P._finite_f32("adapter", m.adapter)
     if not (math.isfinite(float(m.lr)) and m.lr > 0):
         raise P.ProtocolError(f"lr must be finite and > 0, got {m.lr}")
@@ -321,7 +331,7 @@ def encode_down(m: AdapterDown, magic: bytes) -> bytes:
     hdr = _DOWN.pack(magic, VERSION, 0, P._u32("round", m.round), P._u32("client_id", m.client_id),
                      m.fingerprint, P._u32("local_steps", m.local_steps), int(m.batch_size),
                      float(m.lr), int(m.client_seed), _rank(m.rank), a.shape[0])
-    return hdr + a.astype("<f4").tobytes()
+    return hdr + a.astype("<f4").tobytes() + bytes(tail)
 
 
 def _floats(data: bytes, offset: int, n: int, what: str) -> np.ndarray:
@@ -332,9 +342,10 @@ def _floats(data: bytes, offset: int, n: int, what: str) -> np.ndarray:
     return a
 
 
-def decode_down(data, magic: bytes, *, size_of) -> AdapterDown:
+def decode_down(data, magic: bytes, *, size_of, tail: int = 0) -> AdapterDown:
     """Decode and check a down message; ``size_of(rank)``: the adapter floats at that rank (the
-    layout's), so the length is checked exactly."""
+    layout's), so the length is checked exactly; ``tail``: the bytes of the method's own after the
+    adapter (``AdapterDown.tail``)."""
     data = P._check_bytes(data)
     if len(data) < DOWN_HEADER_SIZE:
         raise P.ProtocolError(f"adapter down message truncated: {len(data)} bytes, the header "
@@ -354,13 +365,14 @@ def decode_down(data, magic: bytes, *, size_of) -> AdapterDown:
     if not 1 <= rank <= MAX_RANK:
         raise P.ProtocolError(f"rank {rank} in the down message is not in [1, {MAX_RANK}]")
     want = size_of(rank)
-    if n != want or len(data) != down_size(want):
+    if n != want or len(data) != down_size(want) + tail:
         raise P.ProtocolError(f"wrong length: the down message has {len(data)} bytes and says {n} "
                               f"floats; a rank-{rank} adapter is {want} floats, "
-                              f"{down_size(want)} bytes")
+                              f"{down_size(want) + tail} bytes")
     return AdapterDown(round=rnd, client_id=cid, fingerprint=fp, local_steps=tau, batch_size=bs,
                        lr=lr, client_seed=cseed, rank=rank,
-                       adapter=_floats(data, DOWN_HEADER_SIZE, n, "down message"))
+                       adapter=_floats(data, DOWN_HEADER_SIZE, n, "down message"),
+                       tail=data[down_size(n):])
 
 
 def encode_up(m: AdapterUp, magic: bytes) -> bytes:

@@ -16,6 +16,7 @@ REGISTRY = {
     "mezo": "kseed.methods.mezo",
     "ferret": "kseed.methods.ferret",
     "fedit": "kseed.methods.fedit",
+    "fedpipe": "kseed.methods.fedpipe",
 }
 NAMES = tuple(REGISTRY)
 # other names kseed-fed's --method accepts: name -> (method, the FedConfig fields it sets)

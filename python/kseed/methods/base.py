@@ -241,6 +241,9 @@ METHOD_GROUPS = {
     "fedit, fedpipe: LoRA adapters (peft, kseed[lora]) trained by local AdamW steps (with "
     "--local-steps, --lr, --batch-size, --n-accum, --grad-clip)": (
         "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"),
+    "fedpipe: weight selection on a calibration set, per-client ranks and quantized frozen models "
+    "from memory budgets (with the LoRA options; --lora-rank is the largest rank)": (
+        "select_fraction", "calib_size", "client_budgets"),
 }
 METHOD_FIELDS = frozenset(f for fs in METHOD_GROUPS.values() for f in fs)
 

@@ -173,6 +173,11 @@ class FedITServer(SeedServer):
             acc += wc * a.astype(np.float64)
         return acc.astype(np.float32)
 
+    def norm_factor(self, rank: int) -> float:
+        """What a rank-``rank`` client's update is multiplied by before the norm bound compares it
+        with the others' (FedIT: 1; every client has the same rank)."""
+        return 1.0
+
     def common(self, up: _Upload, update: np.ndarray) -> np.ndarray:
         """A client's update in the space every client's shares (record_clients' distances)."""
         return update
@@ -189,7 +194,11 @@ class FedITServer(SeedServer):
             round=rnd, client_id=client_id, fingerprint=self.fingerprint,
             local_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr,
             client_seed=self.client_seed(rnd, client_id), rank=self.client_rank(client_id),
-            adapter=self.adapter_for(client_id)), self.down_magic)
+            adapter=self.adapter_for(client_id)), self.down_magic, self.down_tail())
+
+    def down_tail(self) -> bytes:
+        """The method's own bytes after the adapter in a down message (FedIT: none)."""
+        return b""
 
     def aggregate(self, rnd: int, uploads: Mapping[int, bytes],
                   weights: Optional[Mapping[int, float]] = None) -> dict:
@@ -203,9 +212,10 @@ class FedITServer(SeedServer):
             m = L.decode_up(data, self.up_magic, size=L.adapter_size(self.layout, r), rank=r,
                             expected_round=rnd, expected_client=cid, max_steps=c.local_steps)
             base = self.adapter_for(cid)
+            u = m.adapter.astype(np.float64) - base.astype(np.float64)
+            f = self.norm_factor(r)
             return _Upload(client_id=cid, num_examples=m.num_examples, train_loss=m.train_loss,
-                           tau=m.steps, adapter=m.adapter, rank=r,
-                           grads=m.adapter.astype(np.float64) - base.astype(np.float64))
+                           tau=m.steps, adapter=m.adapter, rank=r, grads=u if f == 1 else u * f)
 
         accepted, rejected, bytes_up = self.collect(rnd, uploads, decode)
         b = bound_uploads(c, accepted, weights)
@@ -213,7 +223,9 @@ class FedITServer(SeedServer):
         adapters = []
         for m, u in zip(accepted, b.grads):
             if m.client_id in b.clipped and "norm" in b.clipped[m.client_id]:
-                adapters.append(self.adapter_for(m.client_id).astype(np.float64) + u)
+                f = self.norm_factor(m.rank)
+                adapters.append(self.adapter_for(m.client_id).astype(np.float64)
+                                + (u if f == 1 else u / f))
             else:  # unbounded: the upload itself, bitwise
                 adapters.append(m.adapter)
         new = self.combine(accepted, adapters, w)
@@ -300,25 +312,48 @@ class FedITClient(SeedClient):
                  client_id: Optional[int] = None, shared=None, cache_dir: Optional[str] = None):
         super().__init__(config, model_loader, partition, client_id=client_id)
         self.spec = spec_of(config)
-        self._layout: Optional[List[L.Target]] = None
+        self._candidates: Optional[List[L.Target]] = None
+        self.layout: Optional[List[L.Target]] = None  # the last down message's
 
     @property
-    def layout(self) -> List[L.Target]:
-        if self._layout is None:
-            self._layout = L.find_targets(self.workspace.model, self.spec.patterns())
-        return self._layout
+    def candidates(self) -> List[L.Target]:
+        """The model's modules that --lora-targets names."""
+        if self._candidates is None:
+            self._candidates = L.find_targets(self.workspace.model, self.spec.patterns())
+        return self._candidates
+
+    def tail_size(self) -> int:
+        """Bytes of the method's own after the adapter in a down message (FedIT: none)."""
+        return 0
+
+    def layout_of(self, tail: bytes) -> List[L.Target]:
+        """The adapter layout a down message names (FedIT: every candidate)."""
+        return self.candidates
 
     def expected_rank(self, client_id: int) -> int:
         """The rank this client's config gives it (FedIT: --lora-rank)."""
         return self.config.lora_rank
 
+    def spec_for(self, rank: int) -> L.LoraSpec:
+        """The LoRA settings of this client's peft adapter at ``rank`` (FedIT: the run's)."""
+        return self.spec
+
+    def train_model(self):
+        """The model the adapter is trained on (FedIT: the workspace's)."""
+        return self.workspace.model
+
     def _decode(self, down_bytes) -> L.AdapterDown:
-        m = L.decode_down(down_bytes, self.down_magic,
-                          size_of=lambda r: L.adapter_size(self.layout, r))
+        data, t = P._check_bytes(down_bytes), self.tail_size()
+        if len(data) < L.DOWN_HEADER_SIZE + t:
+            raise P.ProtocolError(f"adapter down message truncated: {len(data)} bytes")
+        layout = self.layout_of(data[len(data) - t:] if t else b"")
+        m = L.decode_down(data, self.down_magic, tail=t,
+                          size_of=lambda r: L.adapter_size(layout, r))
         self._check_for_me(m.client_id)
-        if m.fingerprint != L.layout_fingerprint(self.layout, self.spec):
+        if m.fingerprint != L.layout_fingerprint(layout, self.spec):
             raise P.ProtocolError("the down message's adapter layout is not this client's (another "
                                   "base model or LoRA settings)")
+        self.layout = layout
 
         def also(bad):
             if m.rank != self.expected_rank(m.client_id):
@@ -337,11 +372,13 @@ class FedITClient(SeedClient):
     def train_adapter(self, m: L.AdapterDown) -> tuple:
         """(the adapter after the local steps, their mean loss, steps skipped)."""
         ws, cfg = self.workspace, self.config
-        set_base(ws)
+        model = self.train_model()
+        if model is ws.model:
+            set_base(ws)
         rng = np.random.Generator(np.random.PCG64(m.client_seed))
         dev = [ws.device] if ws.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=dev), L.LoraModel(ws.model, self.layout, self.spec,
-                                                            m.rank) as lm:
+        with torch.random.fork_rng(devices=dev), L.LoraModel(model, self.layout,
+                                                            self.spec_for(m.rank), m.rank) as lm:
             torch.manual_seed(P.derive_seed(m.client_seed, DROPOUT_TAG) >> 1)
             lm.load(m.adapter)
             lm.train()
