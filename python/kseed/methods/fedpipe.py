@@ -1,43 +1,36 @@
 """FedPipe (Fang et al. 2024, "Automated Federated Pipeline for Parameter-Efficient Fine-Tuning of
-Large Language Models", arXiv 2404.06448) on FedIT's plumbing (kseed.methods.fedit, kseed.lora):
+Large Language Models", arXiv 2404.06448): FedIT's plumbing (kseed.methods.fedit, kseed.lora) wired to
+FedPipe's parts (kseed.fedpipe_parts):
 
-1. **Weight selection.**  The candidates are the linear modules --lora-targets names.  The server scores
-   each on a calibration set (--calib-size training examples drawn by the run seed from the union of
-   the partitions, which kseed's server builds anyway) by the mean first-order contribution
-   |dL/dW x W| over its elements (a documented stand-in for the paper's importance score), and adapts
-   the top --select-fraction of them (at least one, in module order): ``select_targets``.  The
-   selection rides in every down message as a bitmask over the candidates (ceil(C / 8) bytes), so a
-   client never recomputes it; the layout fingerprint covers it.
+1. **Weight selection.**  The candidates are the linear modules --lora-targets names.  The server
+   scores each on a calibration set (--calib-size training examples drawn by the run seed from the
+   union of the partitions, which kseed's server builds anyway; batches of --batch-size) by
+   fedpipe_parts.score_weights (sum |dL/dW x W|, the stand-in for the paper's score) and adapts the
+   top --select-fraction (select_top), in module order.  The selection rides in every down message as
+   a bitmask over the candidates (ceil(C / 8) bytes), so a client never recomputes it; the layout
+   fingerprint covers it.
 2. **Per-client ranks and quantized frozen bases from budgets.**  --client-budgets gives each client a
    memory budget in MiB (comma-separated, cycled over the client ids; empty: every client at
-   --lora-rank on the run-dtype base).  ``client_plan`` turns it into (bits of the frozen base, rank):
-   the frozen base is the model's linear weights at 32 (the run dtype), 8 or 4 bits (the first that
-   leaves room for a rank-1 adapter) plus the rest in the run dtype; the adapter's training state is 16
-   bytes a float (weights, gradients, AdamW's two moments); the rank is the largest power of two
-   <= --lora-rank that fits.  Every client's peft adapter has alpha_c = alpha x r_c / R (R =
-   --lora-rank), so every rank has the same scale alpha / R and a rank-r_c adapter is the first r_c
-   components of a rank-R one.
-3. **Aggregation of heterogeneous ranks: stacking + SVD re-projection** (``aggregate_products``).  The
-   server forms, per target, the examples-weighted mean of the clients' products, D = sum_c w_c B_c A_c
-   (exact FedAvg of the clients' models in weight space: no cross-term bias from averaging A and B
-   apart, which zero-padding has), through thin QRs of the stacked factors (never the dense out x in
-   matrix), and keeps its best rank-R approximation (Eckart-Young): B = U S, A = V^T over the top R
-   singular triplets (A's rows stay orthonormal, so a zero singular value leaves a trainable
-   component; components beyond the stack's rank take the first global adapter's rows of A and
-   B = 0).  A client of rank r_c receives the top r_c components: its best rank-r_c approximation of
-   the global adapter.  Bias: the truncation drops the mean's components beyond R (the global model
-   is the best rank-R approximation of the FedAvg model, not the FedAvg model), and a low-rank client
-   trains from its truncation, not from the global model itself.
-4. **Quantized frozen base** (``quantized_model``): optimum-quanto (qint8 / qint4 weights, pure PyTorch
-   on CPU, kept by Hugging Face) quantizes a client's frozen linear weights (lm_head excepted); peft's
-   LoRA sits on quanto's QLinear (an nn.Linear) as on any linear layer.  The server's model, the
+   --lora-rank on the run-dtype base).  ``client_plan``: the frozen base's precision is
+   fedpipe_parts.budget_to_bits (run dtype, int8 or NF4: the largest whose frozen weights fit), the
+   rank fedpipe_parts.rank_for_budget between 1 and R = --lora-rank, a budget of the full-precision
+   model plus a rank-R adapter's training state (16 bytes a float) getting R.  The server learns every
+   client's plan from the base identity (``model_facts`` computes them on the full-precision model,
+   as the client does), so it checks each upload's rank.
+3. **Aggregation of heterogeneous ranks: SVD re-projection** (fedpipe_parts.aggregate_heterogeneous,
+   per target): the examples-weighted mean of the clients' products s_c B_c A_c at their peft scales
+   s_c = alpha / r_c, truncated to its best rank-R approximation, stored at scale alpha / R; a client
+   of rank r gets the top r components at its scale (client_adapter: ``view``).
+4. **Quantized frozen base** (``quantized_model``): fedpipe_parts.quantize_frozen (bitsandbytes int8
+   weight-only or NF4, CPU backend) on a second load of the base model, shared by the in-process
+   clients of a precision; peft's LoRA sits on the quantized layers.  The server's model, the
    evaluation and the export stay full precision: export merges the global adapter into the
    full-precision base (an ordinary Hugging Face directory, as FedIT's).
 
 Wire format: FedIT's (kseed.lora) with magics b"KPD1" / b"KPU1", the down message followed by the
 selection mask: 56 + 4 N_c + ceil(C / 8) bytes down, 36 + 4 N_c up, N_c = r_c x sum(in + out) over
-the selected targets.  The threat model: FedIT's norm bound on each client's update in its own rank's
-factor space.  The checkpoint: FedIT's (the rank-R global adapter).
+the selected targets.  The threat model: FedIT's norm bound, on each client's update in its own rank's
+factor space times sqrt(R / r_c) (``norm_factor``).  The checkpoint: FedIT's (the rank-R adapter).
 """
 from __future__ import annotations
 
@@ -51,32 +44,16 @@ from .. import lora as L
 from .. import protocol as P
 from ..config import FedConfig
 from .base import Method
+from .. import fedpipe_parts as FP
 from .fedit import LORA_OPTIONS, FedITClient, FedITServer, model_facts as fedit_facts
 
 DOWN_MAGIC = b"KPD1"
 UP_MAGIC = b"KPU1"
 CALIB_TAG = 7  # derive_seed(run seed, CALIB_TAG): the calibration examples
-BITS = (32, 8, 4)  # frozen-base precisions a budget chooses from (32: the run dtype)
 TRAIN_BYTES_PER_FLOAT = 16  # adapter weight + gradient + AdamW's two moments, float32
 
 
-# ------------------------------------------------------------------------------ pure parts
-def select_targets(scores: Sequence[float], fraction: float) -> np.ndarray:
-    """bool mask: the top max(1, ceil(fraction x C)) of C candidates by score (ties: the earlier);
-    a non-finite score counts as the lowest."""
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or s.size == 0:
-        raise ValueError("select_targets needs at least one score")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"--select-fraction must be in (0, 1], got {fraction}")
-    k = max(1, math.ceil(fraction * s.size - 1e-9))
-    s = np.where(np.isfinite(s), s, -np.inf)
-    order = sorted(range(s.size), key=lambda i: (-s[i], i))
-    mask = np.zeros(s.size, dtype=bool)
-    mask[order[:k]] = True
-    return mask
-
-
+# --------------------------------------------------------------------- wiring of the parts
 def parse_budgets(text: str) -> List[float]:
     """--client-budgets: comma-separated MiB (> 0); empty: none."""
     if not text.strip():
@@ -90,32 +67,38 @@ def parse_budgets(text: str) -> List[float]:
     return out
 
 
-def client_plan(budget_mib: Optional[float], *, linear: int, other: int, elem: int,
-                floats_per_rank: int, max_rank: int) -> Tuple[int, int]:
-    """(bits of the frozen base, adapter rank) for a client's memory budget (None: (32, max_rank)).
-    ``linear``: the quantizable parameters (the linear weights but lm_head), ``other``: the rest,
-    ``elem``: the run dtype's bytes, ``floats_per_rank``: the adapter floats per unit of rank."""
-    if budget_mib is None:
-        return 32, max_rank
-    budget = budget_mib * (1 << 20)
-    for bits in BITS:
-        base = other * elem + (linear * elem if bits == 32 else linear * bits / 8)
-        room = budget - base
-        if room >= TRAIN_BYTES_PER_FLOAT * floats_per_rank:
-            r = 1
-            while 2 * r <= max_rank and room >= TRAIN_BYTES_PER_FLOAT * floats_per_rank * 2 * r:
-                r *= 2
-            return bits, r
-    need = (other * elem + linear / 2 + TRAIN_BYTES_PER_FLOAT * floats_per_rank) / (1 << 20)
-    raise ValueError(f"a client budget of {budget_mib:g} MiB cannot hold the 4-bit frozen model and "
-                     f"a rank-1 adapter ({need:.1f} MiB)")
+def budget_of(config: FedConfig, client_id: int) -> Optional[float]:
+    """Client ``client_id``'s budget in bytes (--client-budgets cycled; None: no budget)."""
+    budgets = parse_budgets(config.client_budgets)
+    return budgets[client_id % len(budgets)] * (1 << 20) if budgets else None
 
 
-def truncate(layout: Sequence[L.Target], vec: np.ndarray, rank: int, to: int) -> np.ndarray:
-    """The first ``to`` components of a rank-``rank`` adapter (A's first rows, B's first columns)."""
-    parts = L.split(layout, rank, vec)
-    out = [x for a, b in parts.values() for x in (a[:to].ravel(), b[:, :to].ravel())]
-    return np.concatenate(out).astype(vec.dtype)
+def client_plan(config: FedConfig, model, layout: Sequence[L.Target], client_id: int
+                ) -> Tuple[int, int]:
+    """(bits of the client's frozen base, 32 for the run dtype; its rank) from its budget: the
+    precision is fedpipe_parts.budget_to_bits (the largest whose frozen weights fit); the rank is
+    fedpipe_parts.rank_for_budget between 1 and --lora-rank, ``full`` being the budget of a client that
+    holds the full-precision model and a rank---lora-rank adapter's training state (16 bytes a float:
+    weight, gradient, AdamW's two moments)."""
+    budget = budget_of(config, client_id)
+    if budget is None:
+        return 32, config.lora_rank
+    bits = FP.budget_to_bits(budget, model)
+    full = (FP.frozen_bytes(model, None)
+            + TRAIN_BYTES_PER_FLOAT * L.adapter_size(layout, config.lora_rank))
+    return (32 if bits is None else bits), FP.rank_for_budget(budget, 1, config.lora_rank, full)
+
+
+def view(layout: Sequence[L.Target], vec: np.ndarray, rank: int, scale: float, to: int,
+         to_scale: float) -> np.ndarray:
+    """The top ``to`` components of a rank-``rank`` adapter of LoRA scale ``scale``, as factors of
+    scale ``to_scale`` (fedpipe_parts.client_adapter on each target)."""
+    out = []
+    for a, b in L.split(layout, rank, torch.from_numpy(np.ascontiguousarray(vec))).values():
+        agg = FP.Aggregate(a, b, None, None, 0.0)
+        a2, b2 = FP.client_adapter(agg, to, to_scale / scale)
+        out += [a2.reshape(-1), b2.reshape(-1)]
+    return torch.cat(out).numpy().astype(np.float32)
 
 
 def pad(layout: Sequence[L.Target], vec: np.ndarray, rank: int, to: int) -> np.ndarray:
@@ -130,54 +113,22 @@ def pad(layout: Sequence[L.Target], vec: np.ndarray, rank: int, to: int) -> np.n
     return np.concatenate(out)
 
 
-def aggregate_products(layout: Sequence[L.Target], adapters: Sequence[np.ndarray],
-                       ranks: Sequence[int], weights: Sequence[float], rank: int,
-                       fill: np.ndarray) -> np.ndarray:
-    """The rank-``rank`` adapter whose product B A is, per target, the best rank-``rank``
-    approximation of sum_c w_c B_c A_c (float64; B = U S, A = V^T); components beyond the stack's
-    rank take ``fill``'s rows of A (a rank-``rank`` adapter) and B = 0.  float32."""
-    fills = L.split(layout, rank, fill)
-    parts = [L.split(layout, r, np.asarray(a, np.float64)) for a, r in zip(adapters, ranks)]
-    out = []
-    for t in layout:
-        bs = np.concatenate([w * p[t.name][1] for p, w in zip(parts, weights)], axis=1)  # out x k
-        As = np.concatenate([p[t.name][0] for p in parts], axis=0)  # k x in
-        qb, rb = np.linalg.qr(bs)
-        qa, ra = np.linalg.qr(As.T)
-        u, sv, vt = np.linalg.svd(rb @ ra.T)
-        k = min(rank, sv.size)
-        a_new = np.array(fills[t.name][0], dtype=np.float64)
-        b_new = np.zeros((t.out_features, rank))
-        a_new[:k] = (qa @ vt[:k].T).T
-        b_new[:, :k] = (qb @ u[:, :k]) * sv[:k]
-        out += [a_new.ravel(), b_new.ravel()]
-    return np.concatenate(out).astype(np.float32)
-
-
 _QUANTIZED: Dict[tuple, torch.nn.Module] = {}
 
 
 def quantized_model(path: str, dtype: str, device, bits: int):
-    """The base model in ``path`` with its linear weights (lm_head excepted) quantized to ``bits``
-    by optimum-quanto, frozen; one per (path, dtype, device, bits) in a process (the in-process
-    clients of a precision share it: peft's LoRA is injected and removed around each fit)."""
+    """The base model in ``path`` with its untied linear weights quantized to ``bits`` by
+    fedpipe_parts.quantize_frozen (bitsandbytes: int8 weight-only or NF4), frozen; one per (path,
+    dtype, device, bits) in a process (the in-process clients of a precision share it: peft's LoRA
+    is injected and removed around each fit)."""
     key = (path, dtype, str(device), bits)
     if key not in _QUANTIZED:
-        try:
-            with L.quiet_imports():
-                from optimum import quanto
-        except ImportError as exc:
-            raise L.LoraUnavailable(f"a quantized frozen model needs optimum-quanto: pip install "
-                                    f"'{L.EXTRA}' ({exc})") from None
         from ..modeling import load_model
         model, _ = load_model(path, dtype, device)
         for p in model.parameters():
             p.requires_grad_(False)
-        quanto.quantize(model, weights=quanto.qint8 if bits == 8 else quanto.qint4,
-                        exclude=["lm_head"])
-        quanto.freeze(model)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        with L.quiet_imports():
+            FP.quantize_frozen(model, bits)
         model.eval()
         _QUANTIZED[key] = model
     return _QUANTIZED[key]
@@ -194,67 +145,35 @@ def calibration(config: FedConfig) -> List[dict]:
     return [pool[i] for i in sorted(rng.choice(len(pool), size=n, replace=False))]
 
 
-def contribution_scores(ws, candidates: Sequence[L.Target], examples: Sequence[dict],
-                        config: FedConfig) -> List[float]:
-    """Per candidate, the mean over its elements of |dL/dW x W| summed over the calibration batches
-    (batches of --batch-size in order; L the mean response loss of a batch)."""
-    from ..modeling import collate, loss_sum, tokenize_examples
-    items = tokenize_examples(ws.tok, examples, config.max_length, config.prompt_template())
-    weights = L.target_weights(ws.model, candidates)
-    params = list(ws.model.parameters())
-    flags = [p.requires_grad for p in params]
-    acc = {t.name: torch.zeros((), dtype=torch.float64) for t in candidates}
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        for w in weights.values():
-            w.requires_grad_(True)
-        for i in range(0, len(items), config.batch_size):
-            total, n = loss_sum(ws.model, collate(items[i:i + config.batch_size], ws.pad_id,
-                                                  ws.device))
-            if n == 0 or not torch.isfinite(total):
-                continue
-            (total / n).backward()
-            for name, w in weights.items():
-                acc[name] += (w.grad.double() * w.detach().double()).abs().sum().cpu()
-                w.grad = None
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-            p.grad = None
-    return [float(acc[t.name]) / (t.in_features * t.out_features) for t in candidates]
-
-
 def model_facts(config: FedConfig, ws) -> dict:
-    """FedIT's facts with the selected layout, the candidates' mask and the parameter counts the
-    budgets are planned on (Method.model_facts)."""
+    """FedIT's facts with the selected layout (fedpipe_parts.score_weights on the calibration set,
+    batches of --batch-size; select_top), the candidates' mask, and every client's (bits, rank)
+    (Method.model_facts: the server has no model)."""
+    from ..modeling import collate, tokenize_examples
     facts = fedit_facts(config, ws)
     cands = L.layout_from(facts["lora_layout"])
-    scores = contribution_scores(ws, cands, calibration(config), config)
-    mask = select_targets(scores, config.select_fraction)
-    lin = sum(m.weight.numel() for n, m in ws.model.named_modules()
-              if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
-    total = sum(p.numel() for p in ws.model.parameters())
-    return {"lora_layout": [list(t) for t, k in zip(cands, mask) if k],
-            "lora_candidates": len(cands), "lora_mask": [int(k) for k in mask],
-            "lora_scores": scores, "linear_params": int(lin), "other_params": int(total - lin),
-            "elem_bytes": int(next(ws.model.parameters()).element_size())}
+    items = tokenize_examples(ws.tok, calibration(config), config.max_length,
+                              config.prompt_template())
+    batches = [collate(items[i:i + config.batch_size], ws.pad_id, ws.device)
+               for i in range(0, len(items), config.batch_size)]
+    scores = FP.score_weights(ws.model, batches, [t.name for t in cands])
+    chosen = set(FP.select_top(scores, config.select_fraction))
+    layout = [t for t in cands if t.name in chosen]
+    return {"lora_layout": [list(t) for t in layout],
+            "lora_mask": [int(t.name in chosen) for t in cands],
+            "lora_scores": [scores[t.name] for t in cands],
+            "client_plans": [list(client_plan(config, ws.model, layout, c))
+                             for c in range(config.num_clients)]}
 
 
 def mask_bytes(mask: Sequence[int]) -> bytes:
     return np.packbits(np.asarray(mask, dtype=np.uint8), bitorder="little").tobytes()
 
 
-def plan_of(config: FedConfig, client_id: int, *, linear: int, other: int, elem: int,
-            floats_per_rank: int) -> Tuple[int, int]:
-    budgets = parse_budgets(config.client_budgets)
-    b = budgets[client_id % len(budgets)] if budgets else None
-    return client_plan(b, linear=linear, other=other, elem=elem, floats_per_rank=floats_per_rank,
-                       max_rank=config.lora_rank)
-
-
 # ---------------------------------------------------------------------------------- server
 class FedPipeServer(FedITServer):
+    """FedIT's server over the selected layout; the global adapter has rank R = --lora-rank and LoRA
+    scale alpha / R; a client of rank r gets its top r components at its own scale alpha / r."""
     method = "fedpipe"
     down_magic, up_magic = DOWN_MAGIC, UP_MAGIC
 
@@ -264,24 +183,27 @@ class FedPipeServer(FedITServer):
         ident = self.base_identity
         try:
             self.mask = [int(k) for k in ident["lora_mask"]]
-            self.facts = {k: int(ident[n]) for k, n in (("linear", "linear_params"),
-                                                        ("other", "other_params"),
-                                                        ("elem", "elem_bytes"))}
+            self.plans = [(int(b), int(r)) for b, r in ident["client_plans"]]
         except (KeyError, TypeError, ValueError):
-            raise ValueError("the fedpipe server needs the selection and the parameter counts "
+            raise ValueError("the fedpipe server needs the selection and the clients' plans "
                              "(base_identity, set by kseed.task.load_workspace)") from None
-        self.fill = self.adapter.copy()  # the first global adapter: rows of A for empty components
+        if len(self.plans) != config.num_clients or sum(self.mask) != len(self.layout):
+            raise ValueError("the fedpipe base identity does not match the run (clients or "
+                             "selection)")
 
     def plan(self, client_id: int) -> Tuple[int, int]:
-        return plan_of(self.config, client_id, floats_per_rank=L.adapter_size(self.layout, 1),
-                       **self.facts)
+        """(bits of the client's frozen base, its rank)."""
+        return self.plans[client_id]
 
     def client_rank(self, client_id: int) -> int:
         return self.plan(client_id)[1]
 
     def adapter_for(self, client_id: int) -> np.ndarray:
         r = self.client_rank(client_id)
-        return self.adapter if r == self.rank else truncate(self.layout, self.adapter, self.rank, r)
+        if r == self.rank:
+            return self.adapter
+        return view(self.layout, self.adapter, self.rank, self.spec.scale(self.rank), r,
+                    self.spec.scale(r))
 
     def down_tail(self) -> bytes:
         return mask_bytes(self.mask)
@@ -293,8 +215,18 @@ class FedPipeServer(FedITServer):
         return math.sqrt(self.rank / rank)
 
     def combine(self, ups, adapters, w) -> np.ndarray:
-        return aggregate_products(self.layout, adapters, [m.rank for m in ups], w, self.rank,
-                                  self.fill)
+        """Per target, fedpipe_parts.aggregate_heterogeneous of the clients' (A, B) at their scales
+        alpha / r_c, re-projected to rank R, stored at scale alpha / R (client_adapter)."""
+        parts = [L.split(self.layout, m.rank, torch.from_numpy(np.asarray(a, np.float64)))
+                 for m, a in zip(ups, adapters)]
+        scales = [self.spec.scale(m.rank) for m in ups]
+        out = []
+        for t in self.layout:
+            agg = FP.aggregate_heterogeneous([p[t.name] for p in parts], list(w), self.rank,
+                                             scales)
+            a, b = FP.client_adapter(agg, self.rank, self.spec.scale(self.rank))
+            out += [a.reshape(-1), b.reshape(-1)]
+        return torch.cat(out).numpy().astype(np.float32)
 
     def common(self, up, update: np.ndarray) -> np.ndarray:
         return pad(self.layout, update, up.rank, self.rank)
@@ -306,16 +238,13 @@ class FedPipeServer(FedITServer):
 
 # ---------------------------------------------------------------------------------- client
 class FedPipeClient(FedITClient):
+    """FedIT's client on the layout the down message's mask selects, at the rank and on the frozen
+    base (quantized_model) its budget gives it."""
     down_magic, up_magic = DOWN_MAGIC, UP_MAGIC
 
-    def _plan(self, client_id: int) -> Tuple[int, int]:
-        model = self.workspace.model
-        lin = sum(m.weight.numel() for n, m in model.named_modules()
-                  if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
-        total = sum(p.numel() for p in model.parameters())
-        return plan_of(self.config, client_id, linear=lin, other=total - lin,
-                       elem=next(model.parameters()).element_size(),
-                       floats_per_rank=L.adapter_size(self.layout, 1))
+    def _plan(self) -> Tuple[int, int]:
+        cid = self.client_id if self.client_id is not None else 0
+        return client_plan(self.config, self.workspace.model, self.layout, cid)
 
     def tail_size(self) -> int:
         return (len(self.candidates) + 7) // 8
@@ -329,14 +258,10 @@ class FedPipeClient(FedITClient):
         return [t for t, k in zip(self.candidates, bits[:c]) if k]
 
     def expected_rank(self, client_id: int) -> int:
-        return self._plan(client_id)[1]
-
-    def spec_for(self, rank: int) -> L.LoraSpec:
-        return L.LoraSpec(targets=self.spec.targets, alpha=self.spec.alpha * rank /
-                          self.config.lora_rank, dropout=self.spec.dropout)
+        return self._plan()[1]
 
     def train_model(self):
-        bits = self._plan(self.client_id if self.client_id is not None else 0)[0]
+        bits = self._plan()[0]
         if bits == 32:
             return self.workspace.model
         from ..task import model_dir, resolve_dtype
@@ -345,7 +270,7 @@ class FedPipeClient(FedITClient):
 
     def fit(self, down_bytes: bytes) -> bytes:
         up = super().fit(down_bytes)
-        self.last_stats["base_bits"] = self._plan(self.client_id or 0)[0]
+        self.last_stats["base_bits"] = self._plan()[0]
         return up
 
 
