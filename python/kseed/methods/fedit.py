@@ -68,7 +68,7 @@ import base64
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import List, Mapping, Optional
 
 import numpy as np
 import torch
