@@ -221,6 +221,59 @@ def test_norm_bound_against_the_lower_median(ws, gen):
     assert moved < 0.01 * np.linalg.norm(steps[3] * 1000.0)  # the attack is cut by > 100x
 
 
+class _Liar:
+    """A FedIT client that trains honestly, then multiplies its update (or sets its adapter) in the
+    upload's bytes."""
+
+    def __init__(self, inner, attack):
+        self.inner, self.attack = inner, attack
+
+    def fit(self, down):
+        m = L.decode_down(down, FI.DOWN_MAGIC, size_of=lambda r: L.adapter_size(
+            self.inner.candidates, r))
+        up = L.decode_up(self.inner.fit(down), FI.UP_MAGIC, size=m.adapter.size, rank=m.rank)
+        if self.attack == "x1000":
+            up.adapter = (m.adapter + 1000 * (up.adapter - m.adapter)).astype(np.float32)
+        else:  # "huge"
+            up.adapter = np.full_like(up.adapter, 3e38)
+        return L.encode_up(up, FI.UP_MAGIC)
+
+
+def _federate(cfg, ws, parts, items, attack=None, rounds=2):
+    from kseed import modeling as M
+    srv = FI.FedITServer(cfg, base_identity=ws.identity)
+    clients = {c: FI.FedITClient(cfg, lambda: ws, parts[c], client_id=c)
+               for c in range(cfg.num_clients)}
+    stats = []
+    for rnd in range(1, rounds + 1):
+        ids = srv.sample_clients(rnd)
+        ups = {c: (_Liar(clients[c], attack) if attack and c == ids[0] else clients[c]).fit(
+            srv.make_down(rnd, c)) for c in ids}
+        stats.append(srv.aggregate(rnd, ups, weights={c: len(parts[c]) for c in ids}))
+    srv.load_global(ws)
+    return M.eval_loss(ws.model, items, ws.pad_id, ws.device), stats
+
+
+@pytest.mark.parametrize("attack", ["x1000", "huge"])
+def test_one_lying_client_of_four_cannot_wreck_fedit(attack, ws, one_thread):
+    """1 of the 4 clients a round blows its adapter update up: with the norm bound the run ends within
+    5 % of the clean run's held-out loss, the liar bounded every round; without it the lie wrecks the
+    run (so the test can fail)."""
+    from kseed import modeling as M
+    cfg = _cfg(num_clients=6, clients_per_round=4, lr=5e-3, eval_size=12)
+    parts, eval_ex, _ = build_data(cfg)
+    items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length, cfg.prompt_template())
+    clean, _ = _federate(cfg, ws, parts, items)
+    loss, stats = _federate(cfg, ws, parts, items, attack)
+    assert math.isfinite(loss) and abs(loss - clean) <= 0.05 * clean, (loss, clean)
+    for st in stats:
+        liar = st["accepted"][0]
+        assert "update norm" in st["clipped"][liar] and len(st["clipped"]) == 1
+    bad, _ = _federate(FedConfig(**{**cfg.to_dict(), "norm_bound": 0.0}), ws, parts, items, attack,
+                       rounds=1)
+    assert not math.isfinite(bad) or bad > 1.05 * clean, (bad, clean)
+
+
 # ------------------------------------------------------------------------------- federation
 def test_run_trains_resumes_bitwise_counts_bytes_and_exports(tmp_path, one_thread):
     cfg = _cfg(rounds=3, eval_size=6, lr=5e-3)
