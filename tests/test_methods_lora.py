@@ -81,6 +81,7 @@ def test_init_is_peft_default_and_seeded():
 def test_peft_inject_load_unload_and_merge(ws, gen, one_thread):
     """Inside LoraModel the adapter is the vector loaded; on exit the model is the base model again
     (same tensors, same keys, same logits); merge_into gives peft's forward (to float rounding)."""
+    FI.set_base(ws)
     model = ws.model
     lay = L.find_targets(model, L.parse_targets(L.DEFAULT_TARGETS))
     spec = L.LoraSpec(dropout=0.0)
@@ -256,22 +257,25 @@ def _federate(cfg, ws, parts, items, attack=None, rounds=2):
 
 @pytest.mark.parametrize("attack", ["x1000", "huge"])
 def test_one_lying_client_of_four_cannot_wreck_fedit(attack, ws, one_thread):
-    """1 of the 4 clients a round blows its adapter update up: with the norm bound the run ends within
-    5 % of the clean run's held-out loss, the liar bounded every round; without it the lie wrecks the
-    run (so the test can fail)."""
+    """1 of the 4 clients a round blows its adapter update up: with the norm bound the run ends near
+    the clean run's held-out loss (within 5 % for its own update x 1000; within 15 % for an adapter of
+    3e38 everywhere, whose bounded update still points along a direction no honest client takes: the
+    bound caps a liar's size, not its direction), the liar bounded every round; without the bound the
+    lie wrecks the run (so the test can fail)."""
     from kseed import modeling as M
     cfg = _cfg(num_clients=6, clients_per_round=4, lr=5e-3, eval_size=12)
     parts, eval_ex, _ = build_data(cfg)
     items = M.tokenize_examples(ws.tok, eval_ex, cfg.max_length, cfg.prompt_template())
     clean, _ = _federate(cfg, ws, parts, items)
     loss, stats = _federate(cfg, ws, parts, items, attack)
-    assert math.isfinite(loss) and abs(loss - clean) <= 0.05 * clean, (loss, clean)
+    tol = {"x1000": 0.05, "huge": 0.15}[attack]
+    assert math.isfinite(loss) and abs(loss - clean) <= tol * clean, (loss, clean)
     for st in stats:
         liar = st["accepted"][0]
         assert "update norm" in st["clipped"][liar] and len(st["clipped"]) == 1
     bad, _ = _federate(FedConfig(**{**cfg.to_dict(), "norm_bound": 0.0}), ws, parts, items, attack,
                        rounds=1)
-    assert not math.isfinite(bad) or bad > 1.05 * clean, (bad, clean)
+    assert not math.isfinite(bad) or bad > (1 + 2 * tol) * clean, (bad, clean)
 
 
 # ------------------------------------------------------------------------------- federation
@@ -442,6 +446,7 @@ def test_fedpipe_heterogeneous_rank_aggregation(ws, gen):
 def test_fedpipe_quantized_frozen_model(bits, ws, one_thread):
     pytest.importorskip("bitsandbytes")
     from kseed.modeling import EMBEDDED_DIR
+    FI.set_base(ws)  # the fixture's workspace may hold a merged model from an earlier test
     q = FP.quantized_model(EMBEDDED_DIR, "fp32", ws.device, bits)
     assert q is FP.quantized_model(EMBEDDED_DIR, "fp32", ws.device, bits)  # shared in a process
     lin = q.model.layers[0].self_attn.q_proj
