@@ -352,9 +352,11 @@ def test_plain_kseed_never_imports_peft():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_flower_grid_matches_simulation(tmp_path, one_thread):
+@pytest.mark.parametrize("method", ["fedit", "fedpipe"])
+def test_flower_grid_matches_simulation(tmp_path, one_thread, method):
     """The ServerApp over an in-process grid (the ClientApp's own functions answer, each message a
-    fresh client loading its own base model) ends with the in-process run's adapter, bitwise."""
+    fresh client loading its own base model) ends with the in-process run's adapter, bitwise (FedPipe:
+    client 1 on an int8 frozen model at a lower rank)."""
     pytest.importorskip("flwr")
     from test_flower import SMALL as FSMALL, _task_identity
     from test_flower_methods import CachingGrid
@@ -363,15 +365,20 @@ def test_flower_grid_matches_simulation(tmp_path, one_thread):
 
     out = tmp_path / "flower"
     rc = {k: v for k, v in FSMALL.items() if k != "num-seeds"}
-    rc.update(method="fedit", rounds=2, out=str(out), lr=5e-3,
-              **{"local-steps": 2, "eval-size": 6, "batch-size": 2, "lora-rank": 2,
-                 "node-wait-timeout": 5.0})
+    if method == "fedpipe":
+        rc["client-budgets"] = "3,0.6"
+        rc["lora-rank"] = 4
+    rc.update(method=method, rounds=2, out=str(out), lr=5e-3,
+              **{"local-steps": 2, "eval-size": 6, "batch-size": 2, "node-wait-timeout": 5.0})
+    rc.setdefault("lora-rank", 2)
     with _task_identity():
         run_federation(CachingGrid(rc, 2, {}), rc)
     S.run(fed_config(rc), str(tmp_path / "sim"), progress=False)
     fl = S.read_checkpoint(str(out))["server"]
     si = S.read_checkpoint(str(tmp_path / "sim"))["server"]
     assert fl["round"] == si["round"] == 2 and fl["adapter"] == si["adapter"]
+    if method == "fedpipe":
+        assert fl["base_identity"]["client_plans"] == [[32, 4], [8, 2]]
     for r, s in zip(S.read_metrics(str(out)), S.read_metrics(str(tmp_path / "sim"))):
         for key in ("train_loss", "eval_loss", "clients", "steps", "bytes_up_per_client",
                     "bytes_down_per_client", "rejected"):
