@@ -74,6 +74,7 @@ setup(
         "hf": ["datasets"],
         # --tensorboard DIR (torch.utils.tensorboard's SummaryWriter)
         "tensorboard": ["tensorboard"],
+        "lora": ["peft", "bitsandbytes"],  # LoRA methods; FedPipe's int8 / NF4 frozen base (CPU)
         "test": ["pytest", "scipy", "triton==3.9.0"],
     },
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

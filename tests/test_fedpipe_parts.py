@@ -87,9 +87,11 @@ def test_quantized_logits_memory_and_lora_gradients(embedded, bits, gen, one_thr
         m.train()
         got_train = m(input_ids=ids).logits
         m.eval()
+        got_again = m(input_ids=ids).logits
     err = float((got - ref).norm() / ref.norm())
     assert 0 < err < TOL[bits], err
-    assert torch.equal(got, got_train)  # one weight-only path in both modes
+    # one weight-only path in both modes (bitsandbytes' own int8 layer quantizes the activations in eval)
+    assert torch.equal(got, got_train) and torch.equal(got, got_again)
 
     # memory: the estimate is what the quantized model holds; the linear weights shrink ~4x / ~8x
     assert FP.stored_bytes(m) == want
