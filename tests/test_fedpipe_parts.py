@@ -117,6 +117,22 @@ def test_quantized_logits_memory_and_lora_gradients(embedded, bits, gen, one_thr
     assert len(names) == 21
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_pickles_and_runs_in_bfloat16(bits, gen):
+    pytest.importorskip("bitsandbytes")
+    import pickle
+    x = torch.randn(3, 64, generator=gen)
+    m = FP.quantize_frozen(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 16)), bits)
+    y = m(x)
+    m2 = pickle.loads(pickle.dumps(m))
+    assert torch.equal(m2(x), y)
+    mb = nn.Sequential(nn.Linear(64, 16)).to(torch.bfloat16)
+    ref = mb(x.bfloat16()).float()
+    got = FP.quantize_frozen(mb, bits)(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - ref).norm() / ref.norm()) < TOL[bits]
+
+
 def test_budget_to_bits(embedded):
     full, i8, i4 = (FP.frozen_bytes(embedded, b) for b in (None, 8, 4))
     assert full > i8 > i4
