@@ -91,8 +91,18 @@ def _int8_class():
                     self.weight.data = self.state.CB
                 return out
 
+        Int8WeightOnlyLinear.__module__ = __name__
+        Int8WeightOnlyLinear.__qualname__ = "Int8WeightOnlyLinear"  # pickled by this module's name
         _INT8_CLASS = Int8WeightOnlyLinear
     return _INT8_CLASS
+
+
+def __getattr__(name: str):
+    """``Int8WeightOnlyLinear``, defined on first use (bitsandbytes is an extra), so that a model
+    holding it pickles and loads (torch.save / torch.load, multiprocessing)."""
+    if name == "Int8WeightOnlyLinear":
+        return _int8_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _quantized_linear(lin: nn.Linear, bits: int) -> nn.Module:
