@@ -74,6 +74,9 @@ setup(
         "hf": ["datasets"],
         # --tensorboard DIR (torch.utils.tensorboard's SummaryWriter)
         "tensorboard": ["tensorboard"],
+        # --method fedit / fedpipe: LoRA adapters through peft (kseed.lora); FedPipe's quantized
+        # frozen models through bitsandbytes (int8 weight-only and NF4, CPU backend included)
+        "lora": ["peft", "bitsandbytes"],
         "test": ["pytest", "scipy", "triton==3.9.0"],
     },
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

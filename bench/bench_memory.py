@@ -24,6 +24,12 @@ Cases (--only, comma-separated; default all, one at a time, each in its own proc
                         training-level memory (weights + gradients + the delta copy), not under the
                         issue #11 bound
   ferret-adamw          the same with --optimizer adamw (+ its two moment buffers)
+  fedit-fp32            one FedIT client fit (kseed.methods.fedit, issue #20): load the fp32 base, peft
+                        LoRA rank 8 on q/k/v/o, tau = 2 AdamW steps (batch 1, --max-length 64); the
+                        frozen base plus the adapter, its gradients and AdamW state
+  fedit-int8, fedit-int4
+                        the same fit on the frozen base quantized as a FedPipe client's
+                        (kseed.methods.fedpipe.quantized_model: bitsandbytes int8 / NF4)
   timings               in one process, 2 threads, a 1 x 96-token batch: one forward pass, one kseed ZO
                         step (ModelSeeds.zo_step), the reference code's step (4 passes of
                         torch.manual_seed + torch.normal per tensor), the rebuild rate
@@ -57,7 +63,7 @@ SIM_ARGS = ["--num-clients", "20", "--clients-per-round", "2", "--local-steps", 
             "--rounds", "1", "--batch-size", "1", "--eval-size", "4", "--rouge-size", "0",
             "--threads", "2", "--quiet"]
 ALL_CASES = ["load-fp32", "load-bf16", "sim-fp32", "sim-bf16", "sim-fp16", "client-fp32", "timings",
-             "ferret-fp32", "ferret-adamw", "sim-bf16ckpt"]
+             "ferret-fp32", "ferret-adamw", "sim-bf16ckpt", "fedit-fp32", "fedit-int8", "fedit-int4"]
 
 
 # ------------------------------------------------------------------------------ the model
@@ -258,6 +264,39 @@ def worker_ferret(cache: str, dtype: str) -> None:
                       "coefficients": st["coefficients"]}))
 
 
+def worker_fedit(cache: str, dtype: str) -> None:
+    """One FedIT client fit (rank 8), from the server's round-1 down message."""
+    import torch
+
+    from kseed import methods
+    from kseed.config import FedConfig
+    from kseed.methods import fedit as FI
+    from kseed.task import build_data, load_workspace
+
+    torch.set_num_threads(2)
+    bits = {"int8": 8, "int4": 4}.get(dtype)
+    cfg = FedConfig(**methods.get("fedit").configure(dict(
+        model=model_dir(cache), data=os.path.join(cache, "dolly.jsonl"), dataset="dolly",
+        num_clients=20, clients_per_round=2, local_steps=2, batch_size=1, max_length=64,
+        eval_size=4, rouge_size=0, dtype="fp32", lora_rank=8))).validate()
+    parts, _, _ = build_data(cfg)
+    ws = load_workspace(cfg, cache=False)
+    server = FI.FedITServer(cfg, base_identity=ws.identity)
+    cid = server.sample_clients(1)[0]
+    client = FI.FedITClient(cfg, lambda: ws, parts[cid], client_id=cid)
+    if bits is not None:  # a FedPipe client's frozen base at rank 8
+        from kseed.methods import fedpipe as FPM
+        q = FPM.quantized_model(cfg.model, "fp32", ws.device, bits)
+        client.train_model = lambda: q
+    down = server.make_down(1, cid)
+    t = time.perf_counter()
+    up = client.fit(down)
+    print(json.dumps({"down_bytes": len(down), "up_bytes": len(up),
+                      "adapter_floats": int(server.adapter.size),
+                      "fit_s": round(time.perf_counter() - t, 3),
+                      "train_loss": client.last_stats["train_loss"]}))
+
+
 def worker_timings(cache: str, reps: int) -> None:
     import numpy as np
     import torch
@@ -347,6 +386,8 @@ def main(argv=None) -> int:
             worker_timings(cache, a.reps)
         elif kind == "ferret":
             worker_ferret(cache, a.worker[1])
+        elif kind == "fedit":
+            worker_fedit(cache, a.worker[1])
         return 0
     cases = [c for c in a.only.split(",") if c]
     bad = [c for c in cases if c not in ALL_CASES]

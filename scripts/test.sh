@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 t0=$(date +%s)
 KSEED_CONSTRAINTS=${KSEED_CONSTRAINTS-constraints/test.txt} \
-  KSEED_EXTRAS=${KSEED_EXTRAS:-test,flower,flower-simulation,hf,tensorboard} bash scripts/install.sh
+  KSEED_EXTRAS=${KSEED_EXTRAS:-test,flower,flower-simulation,hf,tensorboard,lora} bash scripts/install.sh
 echo "== environment ready in $(( $(date +%s) - t0 )) s ($("$PY" -c 'import sys; print(sys.prefix)'))"
 
 echo "== pytest"

@@ -72,6 +72,20 @@ _OPTIONS = [
     (("--server-lr",), "server_lr", float, "server step size: w <- w - this x the rebuilt update"),
     (("--seed-clip",), "seed_clip", float,
      "norm clip of each seed's rebuilt update (Ferret's 10; 0: off)"),
+    (("--lora-rank",), "lora_rank", int, "rank r of the LoRA adapters"),
+    (("--lora-alpha",), "lora_alpha", float, "LoRA alpha: the adapter's scale is alpha / r"),
+    (("--lora-dropout",), "lora_dropout", float, "dropout on the LoRA branch in local training"),
+    (("--lora-targets",), "lora_targets", str,
+     "the modules adapted: comma-separated names or name suffixes of the model's linear layers "
+     "(LLaMA-like attention)"),
+    (("--select-fraction",), "select_fraction", float,
+     "FedPipe: the top fraction of the --lora-targets weights adapted, by their contribution "
+     "|dL/dW x W| on the calibration set"),
+    (("--calib-size",), "calib_size", int, "FedPipe: training examples the selection is scored on"),
+    (("--client-budgets",), "client_budgets", str,
+     "FedPipe: memory budget of each client in MiB, comma-separated, cycled over the client ids; it "
+     "sets the client's frozen-model precision (run dtype, int8, int4) and rank (default: none: "
+     "every client at --lora-rank on the run-dtype model)"),
     (("--embedded-examples",), "embedded_examples", int, "size of the embedded synthetic data set"),
     (("--rounding",), "rounding", str,
      "rounding of bf16/fp16 weight updates: auto (stochastic for 16-bit weights) | nearest | "
@@ -141,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the federated method: fedkseed (K candidate seeds; fedkseed-pro = --sampling pro), "
              "fedmezo (FedAvg of MeZO clients: a fresh seed every step, the global model a seed "
              "history), mezo (one client holding all the training data), ferret (first-order local "
-             "steps projected onto the seed pool) (default: fedkseed; an "
+             "steps projected onto the seed pool), fedit (LoRA FedAvg, kseed[lora]), fedpipe (FedPipe: "
+             "LoRA on selected weights, per-client ranks and quantized models, kseed[lora]) (default: "
+             "fedkseed; an "
              "option the method does not use is refused)")
     for flags, name, typ, help_ in _OPTIONS:
         default = getattr(_D, name)

@@ -67,6 +67,15 @@ class FedConfig:
     grad_checkpointing: bool = False  # activation checkpointing in the local steps (memory)
     server_lr: float = 1.0  # Ferret's server step size slr
     seed_clip: float = 10.0  # Ferret's norm clip of each seed's rebuilt update (0: off)
+    # LoRA (kseed.methods.fedit, fedpipe; kseed.lora): the adapters' settings
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the adapter's scale is alpha / rank (peft's)
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # module names (or name suffixes) adapted
+    # FedPipe (kseed.methods.fedpipe): weight selection and the clients' memory budgets
+    select_fraction: float = 0.5  # the top fraction of the candidate weights adapted
+    calib_size: int = 16  # calibration examples of the selection scores
+    client_budgets: str = ""  # MiB per client, comma-separated, cycled over the ids ("": none)
     # aggregation bounds (one client's influence per round; 0 = off; see README "Threat model")
     g_clip: float = 20.0  # |g| <= g_clip x the round's lower median of the clients' median |g|
     g_clip_abs: float = 0.0  # a fixed bound on |g| as well
@@ -151,6 +160,19 @@ class FedConfig:
         for n in ("grad_clip", "seed_clip"):
             num(n, 0, strict=False)
         num("lr_delta", 0, strict=False, hi=0.99)
+        num("lora_rank", 0, hi=4096, kind=int)
+        num("lora_alpha", 0)
+        num("lora_dropout", 0, strict=False, hi=0.9)
+        if not isinstance(self.lora_targets, str):
+            raise ValueError(f"--lora-targets must be a string, got {self.lora_targets!r}")
+        from .lora import parse_targets  # no peft here: the names only
+        parse_targets(self.lora_targets)
+        num("select_fraction", 0, hi=1.0)
+        num("calib_size", 0, kind=int)
+        if not isinstance(self.client_budgets, str):
+            raise ValueError(f"--client-budgets must be a string, got {self.client_budgets!r}")
+        from .methods.fedpipe import parse_budgets
+        parse_budgets(self.client_budgets)
         for n in ("g_clip", "g_clip_abs", "norm_bound", "weight_cap", "loss_cap"):
             num(n, 0, strict=False)
             if n != "g_clip_abs" and 0 < getattr(self, n) < 1:

@@ -295,7 +295,8 @@ class Federation:
             "rebuilds_this_process": int(self.ws.rebuilds),
             "rebuild_seconds_this_process": round(self.ws.rebuild_seconds, 3),
             **peak_memory(self.ws.device),
-            "base_model": self.ws.identity, "parameters_trained": self.ws.ms.numel,
+            "base_model": self.ws.identity,
+            "parameters_trained": self.server.parameters_trained(self.ws),
             "data": self.data, "backend": self.backend or "default", "device": str(self.ws.device),
         }
         if error is not None:

@@ -142,8 +142,10 @@ def load_workspace(cfg: FedConfig, device: str = "cpu", backend: Optional[str] =
              "parameters": int(sum(p.numel() for p in model.parameters()))}
     ws = M.Workspace(model, tok, backend=backend, rounding=cfg.rounding, noise=cfg.noise,
                      identity=ident, cache=cache)
-    if cfg.method == "ferret":  # its server groups the trained tensors by their sizes
-        ident["numels"] = [int(p.numel()) for p in ws.ms.params]
+    from .methods import get
+    facts = get(cfg.method).model_facts  # what the method's server must know of the model
+    if facts is not None:
+        ident.update(facts(cfg, ws))
     return ws
 
 

@@ -15,6 +15,8 @@ REGISTRY = {
     "fedmezo": "kseed.methods.fedmezo",
     "mezo": "kseed.methods.mezo",
     "ferret": "kseed.methods.ferret",
+    "fedit": "kseed.methods.fedit",
+    "fedpipe": "kseed.methods.fedpipe",
 }
 NAMES = tuple(REGISTRY)
 # other names kseed-fed's --method accepts: name -> (method, the FedConfig fields it sets)

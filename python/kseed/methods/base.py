@@ -34,7 +34,8 @@ import numpy as np
 
 from .. import protocol as P
 from ..config import RATIO_CLIP, FedConfig
-from ..modeling import Workspace, batch_loss, collate, eval_loss, tokenize_examples
+from ..modeling import (Workspace, batch_loss, collate, eval_loss, loss_sum,
+                        tokenize_examples)
 
 log = logging.getLogger("kseed.server")
 
@@ -207,7 +208,8 @@ class Method:
 
     ``options``: the FedConfig fields of the method groups (``METHOD_FIELDS``) this method uses;
     the others are refused when given.  ``ignores``: fields of the shared groups it has no use for
-    (refused too).  ``fixed``: fields the method sets itself (e.g. MeZO's one client)."""
+    (refused too).  ``fixed``: fields the method sets itself (e.g. MeZO's one client).
+    ``model_facts``: see the field."""
     name: str
     summary: str
     server: type
@@ -216,6 +218,9 @@ class Method:
     ignores: FrozenSet[str] = frozenset()
     fixed: Mapping[str, object] = field(default_factory=dict)
     defaults: Mapping[str, object] = field(default_factory=dict)  # its own defaults of shared fields
+    # model_facts(config, workspace) -> dict: what the method's server needs to know of the model
+    # (it has no model of its own), added to the base identity by kseed.task.load_workspace
+    model_facts: Optional[Callable] = None
 
     def configure(self, values: dict) -> dict:
         """``values`` (the FedConfig fields given) over the method's defaults, with its fixed fields
@@ -233,6 +238,12 @@ METHOD_GROUPS = {
     "ferret: first-order local steps projected onto the K-seed pool (with --local-steps, --lr, "
     "--batch-size, --noise, -K)": (
         "optimizer", "n_accum", "grad_clip", "grad_checkpointing", "server_lr", "seed_clip"),
+    "fedit, fedpipe: LoRA adapters (peft, kseed[lora]) trained by local AdamW steps (with "
+    "--local-steps, --lr, --batch-size, --n-accum, --grad-clip)": (
+        "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"),
+    "fedpipe: weight selection on a calibration set, per-client ranks and quantized frozen models "
+    "from memory budgets (with the LoRA options; --lora-rank is the largest rank)": (
+        "select_fraction", "calib_size", "client_budgets"),
 }
 METHOD_FIELDS = frozenset(f for fs in METHOD_GROUPS.values() for f in fs)
 
@@ -473,9 +484,67 @@ class SeedServer:
                              f"{str(ident.get('hash'))[:12]}..., this model "
                              f"{str(self.base_identity.get('hash'))[:12]}...)")
 
+    def parameters_trained(self, ws: Workspace) -> int:
+        """The number of trained parameters (the summary's): every trainable tensor of ``ws``."""
+        return int(ws.ms.numel)
+
     def load_global(self, ws: Workspace) -> None:  # pragma: no cover - every method defines it
         """Set ``ws``'s weights to the current global model."""
         raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------ first order
+def first_order_steps(model, params: Sequence, items: Sequence[tuple], rng: np.random.Generator, *,
+                      pad_id: int, device, lr: float, steps: int, batch_size: int,
+                      optimizer: str = "sgd", n_accum: int = 1, grad_clip: float = 0.0,
+                      checkpointing: bool = False) -> Tuple[float, int]:
+    """``steps`` first-order steps on ``params`` (tensors of ``model``) with a fresh optimizer (SGD
+    with momentum 0, or AdamW with weight decay 0), each on ``n_accum`` batches of ``batch_size``
+    examples drawn by ``rng`` without replacement, its gradient norm clipped to ``grad_clip`` (0:
+    off); optional activation checkpointing.  A step where a micro-batch has no response token or a
+    non-finite loss is skipped (no update).  Returns (the mean loss of the micro-batches, NaN when
+    none had a finite one; the steps skipped).  The parameters' requires_grad flags are restored."""
+    import torch
+    params = list(params)
+    bs = min(batch_size, len(items))
+    opt = (torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
+           if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
+    was = [p.requires_grad for p in params]
+    training = model.training
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()
+    losses, skipped = [], 0
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for _ in range(steps):
+            ok = True
+            for _ in range(n_accum):
+                batch = collate([items[i] for i in rng.choice(len(items), size=bs, replace=False)],
+                                pad_id, device)
+                total, n = loss_sum(model, batch)
+                loss = total / max(n, 1)
+                if n == 0 or not torch.isfinite(loss):
+                    ok = False
+                    continue
+                (loss / n_accum).backward()
+                losses.append(loss.item())
+            if ok and grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            if ok:
+                opt.step()
+            else:
+                skipped += 1
+            opt.zero_grad(set_to_none=True)
+    finally:
+        for p, r in zip(params, was):
+            p.requires_grad_(r)
+            p.grad = None
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+            model.train(training)
+    return (float(np.mean(losses)) if losses else float("nan")), skipped
 
 
 # ------------------------------------------------------------------------------------- client

@@ -54,8 +54,7 @@ import torch
 import kseed_kernels as K
 from .. import protocol as P
 from ..history import HistoryError, checked_rounds
-from ..modeling import collate, loss_sum
-from .base import Method, bound_uploads
+from .base import Method, bound_uploads, first_order_steps
 from .fedmezo import (VERSION, FedMeZOClient, FedMeZOServer, MeZODown, check_up_header,
                       up_header_fields)
 
@@ -324,53 +323,15 @@ class FerretClient(_Grouped, FedMeZOClient):
 
     def local_train(self, rng: np.random.Generator, *, lr: float, steps: int, batch_size: int
                     ) -> float:
-        """``steps`` first-order steps on the workspace's weights (batches drawn by ``rng``); the mean
-        training loss of the micro-batches (NaN: none had a finite loss).  A step whose loss is not
-        finite is skipped (no update)."""
+        """``steps`` first-order steps on the workspace's weights (base.first_order_steps, with
+        --optimizer, --n-accum, --grad-clip and --grad-checkpointing); the mean training loss."""
         cfg, ws = self.config, self.workspace
-        items = self._tokenized()
-        bs = min(batch_size, len(items))
-        params = list(ws.ms.params)
-        opt = (torch.optim.SGD(params, lr=lr, momentum=0.0, weight_decay=0.0)
-               if cfg.optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
-        model = ws.model
-        was = [p.requires_grad for p in params]
-        if cfg.grad_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.train()
-        losses, skipped = [], 0
-        try:
-            for p in params:
-                p.requires_grad_(True)
-            for _ in range(steps):
-                ok = True
-                for _ in range(cfg.n_accum):
-                    batch = collate([items[i] for i in rng.choice(len(items), size=bs,
-                                                                  replace=False)],
-                                    ws.pad_id, ws.device)
-                    total, n = loss_sum(model, batch)
-                    loss = total / max(n, 1)
-                    if n == 0 or not torch.isfinite(loss):
-                        ok = False
-                        continue
-                    (loss / cfg.n_accum).backward()
-                    losses.append(loss.item())
-                if ok and cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if ok:
-                    opt.step()
-                else:
-                    skipped += 1
-                opt.zero_grad(set_to_none=True)
-        finally:
-            for p, r in zip(params, was):
-                p.requires_grad_(r)
-                p.grad = None
-            if cfg.grad_checkpointing:
-                model.gradient_checkpointing_disable()
-                model.eval()
+        loss, skipped = first_order_steps(
+            ws.model, list(ws.ms.params), self._tokenized(), rng, pad_id=ws.pad_id, device=ws.device,
+            lr=lr, steps=steps, batch_size=batch_size, optimizer=cfg.optimizer,
+            n_accum=cfg.n_accum, grad_clip=cfg.grad_clip, checkpointing=cfg.grad_checkpointing)
         self.last_stats["skipped"] = skipped
-        return float(np.mean(losses)) if losses else float("nan")
+        return loss
 
     def project(self, delta: Sequence[torch.Tensor], rnd: int, client_id: int
                 ) -> Tuple[np.ndarray, np.ndarray]:
@@ -417,6 +378,11 @@ class FerretClient(_Grouped, FedMeZOClient):
                                   train_loss=loss, cached=self.cached))
 
 
+def model_facts(config, ws) -> dict:
+    """The server groups the trained tensors by their sizes (Method.model_facts)."""
+    return {"numels": [int(p.numel()) for p in ws.ms.params]}
+
+
 METHOD = Method(
     name="ferret",
     summary="Ferret: first-order local steps, the update projected onto the K-seed pool per "
@@ -424,4 +390,4 @@ METHOD = Method(
     server=FerretServer, client=FerretClient,
     options=frozenset({"local_steps", "lr", "batch_size", "noise", "num_seeds", "optimizer",
                        "n_accum", "grad_clip", "grad_checkpointing", "server_lr", "seed_clip"}),
-    defaults={"lr": 0.03, "local_steps": 10})
+    defaults={"lr": 0.03, "local_steps": 10}, model_facts=model_facts)
