@@ -11,7 +11,7 @@ pytest.importorskip("flwr")
 from kseed import simulation as S  # noqa: E402
 from kseed.flower import app_dir  # noqa: E402
 from kseed.flower.deploy import Deployment  # noqa: E402
-from kseed.flower.runconfig import fed_config  # noqa: E402
+from kseed.flower.runconfig import default_run_config, fed_config  # noqa: E402
 from test_flower import SMALL, InProcessGrid, _task_identity  # noqa: E402
 
 MEZO = dict(SMALL, **{"local-steps": 2, "eval-size": 8})
@@ -127,7 +127,6 @@ def test_flower_simulation_engine_mezo_matches_simulation(tmp_path):
 def test_flower_run_config_method():
     """The app's run config holds every key at its default: method=mezo takes MeZO's fixed fields
     there, and refuses one set to another value by name."""
-    from kseed.flower.runconfig import default_run_config
 
     cfg = fed_config(dict(default_run_config(), method="mezo"))
     assert (cfg.method, cfg.num_clients, cfg.clients_per_round, cfg.g_clip) == ("mezo", 1, 1, 0.0)
@@ -136,3 +135,20 @@ def test_flower_run_config_method():
         fed_config(dict(default_run_config(), method="mezo", **{"num-clients": 3}))
     with pytest.raises(ValueError, match="--method must be fedkseed | fedmezo | mezo"):
         fed_config({"method": "fedprox"})
+
+
+@pytest.mark.parametrize("method", ["fedkseed", "fedmezo", "mezo", "ferret"])
+def test_flower_run_config_takes_method_defaults_as_kseed_fed(method):
+    """A method's own defaults (Ferret's lr 0.03 and 10 local steps) apply on Flower as with
+    kseed-fed (issue 19): the app's full default run config with method=M is `kseed-fed --method M`'s
+    FedConfig, field for field; a key the run config sets still wins."""
+    from kseed import cli, methods
+
+    assert method in methods.NAMES
+    want = cli.resolve_config(cli._parser().parse_args(["--method", method]))
+    assert fed_config(dict(default_run_config(), method=method)) == want
+    assert fed_config({"method": method}) == want
+    if method == "ferret":
+        assert (want.lr, want.local_steps) == (0.03, 10)
+        cfg = fed_config(dict(default_run_config(), method=method, lr=0.01, **{"local-steps": 3}))
+        assert (cfg.lr, cfg.local_steps) == (0.01, 3)
