@@ -2,14 +2,17 @@
 its messages; no processes), and Flower's deployment engine with real SuperLink / SuperNode processes
 on 127.0.0.1.
 
-One module-scoped deployment (SuperLink + 2 SuperNodes) serves the deployment test and, last, the fault
-test (which kills one of its SuperNodes); the TLS + authentication test brings up its own.  Every
+One module-scoped deployment (SuperLink + 3 SuperNodes: partitions 0 and 1 of a 2-client run, the
+one partition of a 1-client run) serves the FedKSeed deployment test, the FedMeZO / Ferret / MeZO runs
+(submitted together, overlapping the FedKSeed runs) and, last, the fault test (which kills one of its
+SuperNodes); the TLS + authentication test brings up its own.  Every
 process runs in its own session and is stopped by process group; the fixtures assert nothing is left.
 Select with `pytest -k flower`.
 """
 import contextlib
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +29,8 @@ from kseed.flower.runconfig import default_run_config, fed_config  # noqa: E402
 # Small settings on the embedded default model: a few seconds of client work per round.
 SMALL = {"num-clients": 2, "clients-per-round": 2, "local-steps": 4, "num-seeds": 64, "eval-size": 16,
          "embedded-examples": 200, "rouge-size": 0, "seed": 7}
+# The seed-history methods (FedMeZO, MeZO, Ferret): fewer steps and a smaller evaluation.
+MEZO = dict(SMALL, **{"local-steps": 2, "eval-size": 8})
 
 
 def _metrics(out):
@@ -111,18 +116,62 @@ class InProcessGrid:
         return [self._answer(_sent(m)) for m in msgs]
 
 
+def _same_run(out, sim_out, *, rounds):
+    """A seed-history method's Flower run in `out` ended where the in-process run in `sim_out` did:
+    the same history, client losses and model differences, bitwise, and the same metrics rows."""
+    fl = _checkpoint_server(out)
+    si = _checkpoint_server(sim_out)
+    assert fl["round"] == si["round"] == rounds
+    assert fl["history"]["rounds"] == rounds and fl["history"]["pairs"] > 0
+    for key in ("history", "client_loss", "client_diff"):
+        assert fl[key] == si[key], key
+    rows, sim_rows = _metrics(out), _metrics(sim_out)
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    for r, s in zip(rows, sim_rows):
+        for key in ("train_loss", "eval_loss", "eval_loss_example_mean", "clients", "steps",
+                    "bytes_up_per_client", "rejected"):
+            if key in s:
+                assert r[key] == s[key], (r["round"], key)
+    return rows, sim_rows
+
+
 @pytest.fixture(scope="module")
 def flower_deployment(tmp_path_factory):
-    d = Deployment(tmp_path_factory.mktemp("flower-plain"))
+    """SuperLink + SuperNodes for partitions 0 and 1 of 2 (node 0 keeps its model in a node-config
+    cache-dir, which FedKSeed does not use) and one SuperNode holding the one partition of a
+    1-client run (MeZO's; also with a cache-dir).  A run uses the nodes whose num-partitions is its
+    num-clients (the ServerApp ignores the others)."""
+    work = tmp_path_factory.mktemp("flower-plain")
+    d = Deployment(work)
     try:
         d.start_superlink()
-        for pid in range(2):
-            d.start_supernode(pid, 2, max_wait_time=120)
-        d.wait_nodes(2)
+        d.start_supernode(0, 2, max_wait_time=120, node_config=f'cache-dir="{work / "cache0"}"')
+        d.start_supernode(1, 2, max_wait_time=120)
+        d.start_supernode(0, 1, name="supernode-single", max_wait_time=120,
+                          node_config=f'cache-dir="{work / "cache-single"}"')
+        d.wait_nodes(3)
         yield d
     finally:
         d.close()
         assert d.leftover() == [], "processes left behind after teardown"
+
+
+@pytest.fixture(scope="module")
+def method_runs(flower_deployment, tmp_path_factory):
+    """FedMeZO (3 rounds), Ferret and MeZO (2 rounds each), submitted together to the shared
+    deployment: {method: (run config, run id)}.  test_flower_deployment_matches_simulation asks for
+    them first, so that they overlap its FedKSeed runs (a SuperNode works through its messages one at
+    a time, whichever run they belong to: overlapping runs fill each other's idle polls);
+    test_flower_deployment_methods_match_simulation checks them."""
+    work = tmp_path_factory.mktemp("flower-methods")
+    runs = {}
+    for method, rounds in (("fedmezo", 3), ("ferret", 2), ("mezo", 2)):
+        rc = dict(MEZO, method=method, rounds=rounds, out=str(work / method),
+                  **{"round-timeout": 300.0})
+        if method == "mezo":
+            del rc["num-clients"], rc["clients-per-round"]
+        runs[method] = rc, flower_deployment.start_run(app_dir(), rc)
+    return runs
 
 
 # ------------------------------------------------------------------------------------------ no processes
@@ -265,10 +314,11 @@ def test_flower_serverapp_stopped_and_resumed_matches_simulation(tmp_path, one_t
 
 # ------------------------------------------------------------------------------------------ deployment
 
-def test_flower_deployment_matches_simulation(flower_deployment, tmp_path):
+def test_flower_deployment_matches_simulation(flower_deployment, method_runs, tmp_path):
     """2 rounds on SuperLink + 2 SuperNodes, then a second run with resume=true to round 3, end with the
     uninterrupted in-process simulation's accumulators, bitwise; the payloads are the driver's messages;
-    wire bytes and rebuild times are in metrics.jsonl."""
+    wire bytes and rebuild times are in metrics.jsonl.  (The other methods' runs, method_runs, work on
+    the same nodes meanwhile.)"""
     d = flower_deployment
     rc = dict(SMALL, rounds=2, out=str(tmp_path / "flower"), **{"round-timeout": 300.0})
     run_id = d.start_run(app_dir(), rc)
@@ -310,6 +360,28 @@ def test_flower_deployment_matches_simulation(flower_deployment, tmp_path):
     assert info["network-traffic"]["total-bytes"] > 0
 
 
+def test_flower_deployment_methods_match_simulation(flower_deployment, method_runs):
+    """FedMeZO, Ferret and MeZO on the shared deployment (method_runs) end with the in-process runs'
+    histories, losses and uploads, bitwise.  The nodes with a cache-dir keep their model: from round 2
+    on they report it (the checkpoint's client_cached), and in FedMeZO's round 3 node 0 is sent only
+    round 2 and rebuilds from its cache (hash checked) while node 1, without one, is sent the whole
+    history."""
+    d, runs = flower_deployment, method_runs
+    out = {m: Path(rc["out"]) for m, (rc, _) in runs.items()}
+    for method, (rc, _) in runs.items():  # the in-process runs, while the deployment works
+        S.run(fed_config(rc), str(out[method]) + "-sim", progress=False)
+    for method, (rc, run_id) in runs.items():
+        info = d.wait_run(run_id, timeout=600)
+        assert info["status"] == "finished:completed", (method, d.run_log(run_id)[-4000:])
+    for method, (rc, _) in runs.items():
+        rows, _ = _same_run(out[method], str(out[method]) + "-sim", rounds=rc["rounds"])
+        assert all(r["rebuild_seconds"] is not None for r in rows[1:]), method
+        assert _checkpoint_server(out[method])["client_cached"] == {"0": rc["rounds"] - 1}, method
+    last = _metrics(out["fedmezo"])[3]
+    assert last["bytes_down_per_client"]["0"] < last["bytes_down_per_client"]["1"]  # round 2 / 1 and 2
+    assert last["payload_bytes_down"] < last["bytes_down"]
+
+
 def test_flower_tls_and_node_auth(tmp_path):
     """TLS with a CA made here; SuperNode authentication: the registered node takes part, the
     unregistered one is refused."""
@@ -324,15 +396,14 @@ def test_flower_tls_and_node_auth(tmp_path):
         bad = d.start_supernode(0, 1, name="unregistered", private_key=bad_key, max_wait_time=10,
                                 may_exit=True)
         assert len(d.wait_nodes(1)) == 1
-        # the unregistered node gives up: the SuperLink refused to activate it
+        rc = dict(SMALL, rounds=1, **{"num-clients": 1, "clients-per-round": 1, "local-steps": 2,
+                                      "out": str(tmp_path / "out"), "round-timeout": 300.0})
+        run_id = d.start_run(app_dir(), rc)
+        # meanwhile the unregistered node gives up: the SuperLink refused to activate it
         bad.popen.wait(timeout=120)
         assert bad.popen.returncode != 0
         assert "No SuperNode found with the given public key" in (d.logs / "superlink.log").read_text()
         assert len(d.online_nodes()) == 1
-
-        rc = dict(SMALL, rounds=1, **{"num-clients": 1, "clients-per-round": 1, "local-steps": 2,
-                                      "out": str(tmp_path / "out"), "round-timeout": 300.0})
-        run_id = d.start_run(app_dir(), rc)
         info = d.wait_run(run_id, timeout=600)
         assert info["status"] == "finished:completed", d.run_log(run_id)[-4000:]
         rows = _metrics(tmp_path / "out")

@@ -1,5 +1,8 @@
-"""kseed's ServerApp and ClientApp, unchanged, on Flower's simulation engine (Ray): 2 virtual clients on
-CPU end with the in-process simulation's accumulators, bitwise.  Select with `pytest -k flower`."""
+"""kseed's ServerApp and ClientApp, unchanged, on Flower's simulation engine (Ray): FedKSeed with 2
+virtual clients on CPU (through `python -m kseed.flower simulation`) ends with the in-process
+simulation's accumulators, bitwise; FedMeZO, Ferret and MeZO, submitted together to one SuperLink
+running the simulation engine, end with the in-process runs' histories.  Select with
+`pytest -k flower`."""
 import json
 
 import pytest
@@ -9,8 +12,10 @@ pytest.importorskip("ray")  # the kseed[flower-simulation] extra
 
 from flower_cli import run_kseed_flower  # noqa: E402
 from kseed import simulation as S  # noqa: E402
+from kseed.flower import app_dir  # noqa: E402
+from kseed.flower.deploy import Deployment  # noqa: E402
 from kseed.flower.runconfig import fed_config  # noqa: E402
-from test_flower import SMALL, _same_server_state  # noqa: E402
+from test_flower import MEZO, SMALL, _same_run, _same_server_state  # noqa: E402
 
 
 def test_flower_simulation_engine_matches_simulation(tmp_path):
@@ -34,3 +39,32 @@ def test_flower_simulation_engine_matches_simulation(tmp_path):
         assert r["clients"] == s["clients"] == [0, 1] and r["accepted"] == [0, 1] and r["rejected"] == {}
         assert r["train_loss"] == s["train_loss"] and r["eval_loss"] == s["eval_loss"]
         assert r["payload_bytes_down"] == s["bytes_down"] and r["payload_bytes_up"] == s["bytes_up"]
+
+
+@pytest.mark.slow
+def test_flower_simulation_engine_methods_match_simulation(tmp_path):
+    """FedMeZO and Ferret on 2 virtual SuperNodes and MeZO on 1, 2 rounds each, submitted together
+    to one SuperLink that runs the simulation engine: the in-process runs' histories, losses and
+    uploads, bitwise."""
+    d = Deployment(tmp_path / "w", simulation=True)
+    runs = {}
+    try:
+        d.start_superlink()
+        for method in ("fedmezo", "ferret", "mezo"):
+            rc = dict(MEZO, method=method, rounds=2, out=str(tmp_path / method),
+                      **{"round-timeout": 300.0})
+            if method == "mezo":
+                del rc["num-clients"], rc["clients-per-round"]
+            fed = {"num-supernodes": 1 if method == "mezo" else 2, "client-resources-num-cpus": 1,
+                   "client-resources-num-gpus": 0.0}
+            runs[method] = rc, d.start_run(app_dir(), rc, fed)
+        for method, (rc, _) in runs.items():  # the in-process runs, while Flower's run
+            S.run(fed_config(rc), str(tmp_path / f"{method}-sim"), progress=False)
+        for method, (rc, run_id) in runs.items():
+            info = d.wait_run(run_id, timeout=600)
+            assert info["status"] == "finished:completed", (method, d.run_log(run_id)[-4000:])
+    finally:
+        d.close()
+    assert d.leftover() == [], "processes left behind"
+    for method, (rc, _) in runs.items():
+        _same_run(tmp_path / method, tmp_path / f"{method}-sim", rounds=2)

@@ -1,8 +1,9 @@
 """Flower run config <-> the driver's FedConfig.
 
 Every FedConfig field is a run-config key with '_' written '-' (the kseed-fed flag names): method
-(fedkseed | fedmezo | mezo: kseed.methods; a field the method fixes, e.g. MeZO's one client, takes
-the method's value where the run config leaves it at its default), rounds,
+(fedkseed | fedmezo | mezo | ferret: kseed.methods; where the run config leaves a key at FedConfig's
+default, the method's own default, e.g. Ferret's lr, and a field the method fixes, e.g. MeZO's one
+client, take its place, as with kseed-fed), rounds,
 num-clients, clients-per-round, local-steps, num-seeds, lr, eps, sampling, ... .  TOML has no null, so an
 optional field (model, data, eval-category) is "" for None.  Besides those: device, out (where the
 ServerApp writes metrics.jsonl and its checkpoint; "" = no files), resume (true: continue the
@@ -90,11 +91,15 @@ def fed_config(run_config: Mapping[str, Any]) -> FedConfig:
         values["data"] = resolve(values["data"], "main", kind="dataset")
     from kseed import methods
     if values["method"] in methods.NAMES:  # else validate() names it
-        # the fields the method fixes (e.g. MeZO's one client) take its values where the run config
-        # leaves them at FedConfig's defaults (the app's [tool.flwr.app.config] always holds them)
-        for name, v in methods.get(values["method"]).fixed.items():
-            if values[name] == getattr(base, name):
-                values[name] = v
+        # The app's [tool.flwr.app.config] always holds every key, so a key the run config leaves at
+        # FedConfig's default counts as not given: the method's own defaults (e.g. Ferret's lr) and
+        # the fields it fixes (e.g. MeZO's one client) take their place, through the one
+        # Method.configure kseed-fed uses.  A fixed field set to another value stays, for validate()
+        # to refuse by name.
+        method = methods.get(values["method"])
+        given = {n: v for n, v in values.items() if v != getattr(base, n)}
+        values.update(method.configure(given))
+        values.update({n: v for n, v in given.items() if n in method.fixed})
     from kseed.task import resolve_dtype  # dtype / rounding auto: the base model's own
     return resolve_dtype(FedConfig(**values).validate())
 
