@@ -77,7 +77,7 @@ def test_flower_run_config_method():
         fed_config({"method": "fedprox"})
 
 
-@pytest.mark.parametrize("method", ["fedkseed", "fedmezo", "mezo", "ferret"])
+@pytest.mark.parametrize("method", __import__("kseed.methods", fromlist=["NAMES"]).NAMES)
 def test_flower_run_config_takes_method_defaults_as_kseed_fed(method):
     """A method's own defaults (Ferret's lr 0.03 and 10 local steps) apply on Flower as with
     kseed-fed (issue 19): the app's full default run config with method=M is `kseed-fed --method M`'s
