@@ -18,8 +18,8 @@ the zeroth-order methods (fedkseed, fedkseed-pro, fedmezo, mezo) tau = 100 steps
 eps 1e-3, K = 256 (FedKSeed); Ferret tau = 10 SGD steps of batch 8, lr 0.03, K = 256, server lr 1, seed
 clip 10; a method's own defaults (kseed.methods.<name>.METHOD) otherwise.  compare.md lists every
 method's settings as its runs' checkpoints record them, and how each default was tuned (TUNING below:
-FedKSeed's lr over 3 values x 20 seeds, Ferret's over 3 values x 2 seeds of 4 rounds, the other
-methods' not on their own; not the same budget, and compare.md says so).
+FedKSeed's lr over 3 values x 20 seeds, Ferret's over 3 values x 2 seeds of 4 rounds, FedIT's over 3
+values x 1 seed, the other methods' not on their own; not the same budget, and compare.md says so).
 
 Each (method, seed) is one `kseed-fed --method M --seed S --out OUT/M/seed-S --threads 1 --quiet`
 process plus the kseed-fed options after `--` (the same data split, held-out category, evaluation set
@@ -101,9 +101,14 @@ TUNING = {
               "each, 4 rounds (6 runs; bench/RESULTS.md \"Issue #19: Ferret\"); 0.03 is the largest "
               "lr tried, so a larger one may be better; tau = 10, K, the batch, server lr and seed "
               "clip not swept",
+    "fedit": "lr 3e-3 is the lowest final held-out loss of lr 3e-4, 1e-3 and 3e-3 on one seed "
+             "(42), 10 rounds (3 runs; docs/DRIVER.md \"FedIT\"); 3e-3 is the largest lr tried; "
+             "rank, alpha, tau = 10 and the batch not swept",
+    "fedpipe": "not tuned on its own: FedIT's lr, tau and LoRA settings; --select-fraction 0.5 and "
+               "--calib-size 16 not swept",
 }
-TUNING_NOTE = ("The tuning budgets were not the same: FedKSeed's lr had 60 runs, Ferret's 6, and the "
-               "other methods none of their own; a method whose lr was not swept may be "
+TUNING_NOTE = ("The tuning budgets were not the same: FedKSeed's lr had 60 runs, Ferret's 6, FedIT's "
+               "3, and the other methods none of their own; a method whose lr was not swept may be "
                "handicapped by it.")
 
 
