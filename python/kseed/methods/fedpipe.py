@@ -122,8 +122,9 @@ def _unmap_large_frees() -> None:
     back to the system when freed.  glibc's default raises that threshold up to 32 MiB as large blocks
     are freed, after which the quantizing temporaries and the quantized layers' per-step dequantized
     weights (one linear's fp32 weight each, up to 25 MiB on the 0.60B bench model) land in the heap and
-    its freed holes stay resident: measured +1.2 GiB after quantizing and +1 GiB more after one step
-    (bench/RESULTS.md, issue #20).  Process-wide, set once a process builds a quantized base."""
+    its freed holes stay resident: measured +1.2 GiB after quantizing the 0.60B model to int8 and
+    +0.5 GiB more after two training steps (bench/RESULTS.md, issue #20).  Process-wide, set once a
+    process builds a quantized base; it changes where memory comes from, not any result."""
     try:
         import ctypes
         libc = ctypes.CDLL(None)
