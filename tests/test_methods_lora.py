@@ -472,6 +472,44 @@ def test_fedpipe_quantized_frozen_model(bits, ws, one_thread):
     assert type(q.model.layers[0].self_attn.q_proj) is type(lin)  # peft's layers removed
 
 
+def _file_maps(path: str):
+    """[(start, end)] of this process's mappings of the file ``path`` (Linux)."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith(" " + path):
+                lo, hi = line.split()[0].split("-")
+                out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fedpipe_quantized_model_holds_no_full_precision_copy(bits, one_thread):
+    """The quantized base keeps in full precision only what quantize_frozen leaves so (embeddings,
+    norms), none of it in the weight file's map: the map is released, so a quantized client's memory
+    is its quantized weights, not the full-precision file's pages besides (issue #20's measurement)."""
+    pytest.importorskip("bitsandbytes")
+    import os
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs Linux /proc/self/maps")
+    from kseed import fedpipe_parts as FPP
+    from kseed.modeling import EMBEDDED_DIR, load_model
+    q = FP.quantized_model(EMBEDDED_DIR, "fp32", "cpu", bits)
+    full, _ = load_model(EMBEDDED_DIR, "fp32")
+    st = os.path.realpath(os.path.join(EMBEDDED_DIR, "model.safetensors"))
+    assert _file_maps(st)  # the full model's own map: the check below can see one
+    tensors = list(q.parameters()) + list(q.buffers())
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        assert not any(lo <= ptr < hi for lo, hi in _file_maps(st)), t.shape
+    quantized = set(FPP.linear_modules(full))
+    want = sum(t.numel() * t.element_size() for n, t in
+               list(full.named_parameters()) + list(full.named_buffers())
+               if t.is_floating_point() and n.rpartition(".")[0] not in quantized)
+    assert sum(t.numel() * t.element_size() for t in tensors if t.is_floating_point()) == want
+    assert FPP.stored_bytes(q) == FPP.frozen_bytes(full, bits)
+
+
 def test_fedpipe_run_heterogeneous_ranks_resume_export(tmp_path, one_thread):
     """Budgets give client 0 an fp32 base at rank 4, clients 1 and 2 int8 / int4 bases at rank 2;
     bytes per client follow the ranks exactly; resume is bitwise; export loads without peft."""

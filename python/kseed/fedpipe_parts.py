@@ -112,15 +112,17 @@ def _quantized_linear(lin: nn.Linear, bits: int) -> nn.Module:
     if bits == 8:
         q = _int8_class()(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
                           threshold=0.0, device="meta")
-        q.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     else:
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=w.dtype,
                               compress_statistics=False, quant_type="nf4", device="meta")
-        q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=False,
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=False,
                                      quant_type="nf4", blocksize=NF4_BLOCK)
     if has_bias:
         q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-    return q.to(w.device)  # bitsandbytes quantizes the weight when it moves to its device
+    # bitsandbytes quantizes the weight when it moves to its device, into new tensors: ``w`` (no copy
+    # of it is made, so a weight mapped from a file never becomes private memory) is only read
+    return q.to(w.device)
 
 
 def quantize_frozen(model: nn.Module, bits: Optional[int], modules: Optional[Iterable[str]] = None

@@ -114,21 +114,51 @@ def pad(layout: Sequence[L.Target], vec: np.ndarray, rank: int, to: int) -> np.n
 
 
 _QUANTIZED: Dict[tuple, torch.nn.Module] = {}
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _unmap_large_frees() -> None:
+    """glibc only (elsewhere nothing): every allocation of 1 MiB or more gets its own mapping, given
+    back to the system when freed.  glibc's default raises that threshold up to 32 MiB as large blocks
+    are freed, after which the quantizing temporaries and the quantized layers' per-step dequantized
+    weights (one linear's fp32 weight each, up to 25 MiB on the 0.60B bench model) land in the heap and
+    its freed holes stay resident: measured +1.2 GiB after quantizing the 0.60B model to int8 and
+    +0.5 GiB more after two training steps (bench/RESULTS.md, issue #20).  Process-wide, set once a
+    process builds a quantized base; it changes where memory comes from, not any result."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def quantized_model(path: str, dtype: str, device, bits: int):
     """The base model in ``path`` with its untied linear weights quantized to ``bits`` by
     fedpipe_parts.quantize_frozen (bitsandbytes: int8 weight-only or NF4), frozen; one per (path,
     dtype, device, bits) in a process (the in-process clients of a precision share it: peft's LoRA
-    is injected and removed around each fit)."""
+    is injected and removed around each fit).
+
+    Memory: the load maps the weight file (kseed.modeling.load_model, copy-on-write); each linear is
+    quantized from its mapped weight, never copied; the tensors left in full precision (embeddings,
+    norms) are then copied out of the map, so the map is released and the model holds no file pages:
+    its memory is the quantized weights and those few full-precision tensors (``_unmap_large_frees``
+    keeps the freed temporaries from staying resident)."""
     key = (path, dtype, str(device), bits)
     if key not in _QUANTIZED:
         from ..modeling import load_model
+        _unmap_large_frees()
         model, _ = load_model(path, dtype, device)
         for p in model.parameters():
             p.requires_grad_(False)
         with L.quiet_imports():
             FP.quantize_frozen(model, bits)
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.is_floating_point():
+                    t.data = t.data.clone()  # out of the file map
+        _unmap_large_frees()
         model.eval()
         _QUANTIZED[key] = model
     return _QUANTIZED[key]
