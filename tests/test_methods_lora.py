@@ -140,7 +140,7 @@ def test_wire_sizes_and_hostile_uploads(ws):
         "oversized upload": good + b"\0" * 4,
         "wrong length": good[:-4],
         "not a KLU1 upload": b"XXXX" + good[4:],
-        "unsupported adapter upload version": good[:4] + (9).to_bytes(2, "little") + good[6:],
+        "unsupported KLU1 upload version": good[:4] + (9).to_bytes(2, "little") + good[6:],
         "unknown flags": good[:6] + (1).to_bytes(2, "little") + good[8:],
         "NaN/inf in the upload: adapter\\[7\\]": bytes(nan),
         "rank-2 adapter, this client's rank is 4": up(rank=2, adapter=np.zeros(

@@ -61,6 +61,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import protocol as P
 from .protocol import ProtocolError
 from .rundir import atomic_file, atomic_write
 from .weights import ModelError, map_safetensors, write_safetensors
@@ -441,12 +442,8 @@ def decode_rounds(data, *, max_pairs: int = MAX_PAIRS, expected_start: Optional[
         raise HistoryWireError(f"history span truncated: {len(data)} bytes, the header alone is "
                                f"{WIRE_HEADER_SIZE}")
     magic, ver, flags, first, count = _WIRE_HDR.unpack_from(data)
-    if magic != WIRE_MAGIC:
-        raise HistoryWireError(f"not a kseed history span (magic {magic!r})")
-    if ver != VERSION:
-        raise HistoryWireError(f"unsupported history span version {ver} (this build reads {VERSION})")
-    if flags:
-        raise HistoryWireError(f"unknown flags 0x{flags:x} in history span")
+    P.check_preamble("kseed history span", magic, WIRE_MAGIC, ver, VERSION, flags,
+                     error=HistoryWireError)
     if first < 1:
         raise HistoryWireError("history span starts at round 0 (rounds are 1-based)")
     if first + count - 1 >= _U32:

@@ -351,13 +351,7 @@ def decode_down(data, magic: bytes, *, size_of, tail: int = 0) -> AdapterDown:
         raise P.ProtocolError(f"adapter down message truncated: {len(data)} bytes, the header "
                               f"alone is {DOWN_HEADER_SIZE}")
     got, ver, flags, rnd, cid, fp, tau, bs, lr, cseed, rank, n = _DOWN.unpack_from(data)
-    if got != magic:
-        raise P.ProtocolError(f"not a {magic.decode()} down message (magic {got!r})")
-    if ver != VERSION:
-        raise P.ProtocolError(f"unsupported adapter down message version {ver} (this build reads "
-                              f"{VERSION})")
-    if flags:
-        raise P.ProtocolError(f"unknown flags 0x{flags:x} in the adapter down message")
+    P.check_preamble(f"{magic.decode()} down message", got, magic, ver, VERSION, flags)
     if rnd < 1:
         raise P.ProtocolError("adapter down message for round 0")
     if not (math.isfinite(lr) and lr > 0) or bs < 1:
@@ -396,13 +390,7 @@ def decode_up(data, magic: bytes, *, size: int, rank: int, expected_round: Optio
         raise P.ProtocolError(f"upload truncated: {len(data)} bytes, the header alone is "
                               f"{UP_HEADER_SIZE}")
     got, ver, flags, rnd, cid, n_ex, steps, loss, r, n = _UP.unpack_from(data)
-    if got != magic:
-        raise P.ProtocolError(f"not a {magic.decode()} upload (magic {got!r})")
-    if ver != VERSION:
-        raise P.ProtocolError(f"unsupported adapter upload version {ver} (this build reads "
-                              f"{VERSION})")
-    if flags:
-        raise P.ProtocolError(f"unknown flags 0x{flags:x} in the upload")
+    P.check_preamble(f"{magic.decode()} upload", got, magic, ver, VERSION, flags)
     if expected_round is not None and rnd != expected_round:
         raise P.ProtocolError(f"wrong round: upload is for round {rnd}, expected {expected_round}")
     if expected_client is not None and cid != expected_client:

@@ -209,6 +209,18 @@ def _check_bytes(data) -> bytes:
     return data
 
 
+def check_preamble(what: str, magic: bytes, want: bytes, ver: int, version: int, flags: int,
+                   allowed: int = 0, error=ProtocolError) -> None:
+    """The checks every kseed message and file header opens with: its magic, its format version and
+    no flag outside ``allowed``; ``what`` names the message in the error (``error``: the class)."""
+    if magic != want:
+        raise error(f"not a {what} (magic {magic!r})")
+    if ver != version:
+        raise error(f"unsupported {what} version {ver} (this build reads {version})")
+    if flags & ~allowed:
+        raise error(f"unknown flags 0x{flags:x} in the {what}")
+
+
 def decode_down(data, *, expected_round: Optional[int] = None, expected_k: Optional[int] = None,
                 expected_fingerprint: Optional[bytes] = None) -> DownMessage:
     data = _check_bytes(data)
@@ -217,12 +229,7 @@ def decode_down(data, *, expected_round: Optional[int] = None, expected_k: Optio
                             f"{DOWN_HEADER_SIZE}")
     (magic, ver, flags, rnd, cid, fp, k, steps, bs, _res, lr, eps,
      cseed) = _DOWN_HDR.unpack_from(data)
-    if magic != DOWN_MAGIC:
-        raise ProtocolError(f"not a kseed down message (magic {magic!r})")
-    if ver != VERSION:
-        raise ProtocolError(f"unsupported down message version {ver} (this build reads {VERSION})")
-    if flags & ~_DOWN_FLAGS:
-        raise ProtocolError(f"unknown flags 0x{flags:x} in down message")
+    check_preamble("kseed down message", magic, DOWN_MAGIC, ver, VERSION, flags, _DOWN_FLAGS)
     if not 1 <= k <= MAX_K:
         raise ProtocolError(f"K = {k} out of range [1, {MAX_K}]")
     want = DOWN_HEADER_SIZE + 4 * k * (2 if flags & FLAG_PROBS else 1)
@@ -289,12 +296,7 @@ def decode_up(data, *, k: int, expected_round: Optional[int] = None,
         raise ProtocolError(f"upload truncated: {len(data)} bytes, the header alone is "
                             f"{UP_HEADER_SIZE}")
     magic, ver, flags, rnd, cid, n_ex, tau, loss, _res = _UP_HDR.unpack_from(data)
-    if magic != UP_MAGIC:
-        raise ProtocolError(f"not a kseed upload (magic {magic!r})")
-    if ver != VERSION:
-        raise ProtocolError(f"unsupported upload version {ver} (this build reads {VERSION})")
-    if flags & ~FLAG_U16:
-        raise ProtocolError(f"unknown flags 0x{flags:x} in upload")
+    check_preamble("kseed upload", magic, UP_MAGIC, ver, VERSION, flags, FLAG_U16)
     if bool(flags & FLAG_U16) != (k <= 1 << 16):
         raise ProtocolError(f"upload index width does not match K = {k}")
     if max_steps is not None and tau > max_steps:

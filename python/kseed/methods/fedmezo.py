@@ -198,13 +198,8 @@ def decode_down(data, *, expected_fingerprint: Optional[bytes] = None,
                               f"an empty span are {DOWN_HEADER_SIZE + 16}")
     (got, ver, flags, rnd, cid, fp, tau, bs, lr, eps, cseed, start, res, d0,
      d1) = _DOWN_HDR.unpack_from(data)
-    if got != magic:
-        raise P.ProtocolError(f"not a {magic.decode()} down message (magic {got!r})")
-    if ver != VERSION:
-        raise P.ProtocolError(f"unsupported FedMeZO down message version {ver} (this build reads "
-                              f"{VERSION})")
-    if flags & ~FLAG_RADEMACHER:
-        raise P.ProtocolError(f"unknown flags 0x{flags:x} in FedMeZO down message")
+    P.check_preamble(f"{magic.decode()} down message", got, magic, ver, VERSION, flags,
+                     FLAG_RADEMACHER)
     if res:
         raise P.ProtocolError(f"reserved field of the FedMeZO down message is {res}, not 0")
     if expected_fingerprint is not None and fp != expected_fingerprint:
@@ -268,13 +263,7 @@ def decode_up(data, *, expected_round: Optional[int] = None, expected_client: Op
         raise P.ProtocolError(f"upload truncated: {len(data)} bytes, the header alone is "
                               f"{UP_HEADER_SIZE}")
     magic, ver, flags, rnd, cid, n_ex, tau, loss, cached = _UP_HDR.unpack_from(data)
-    if magic != UP_MAGIC:
-        raise P.ProtocolError(f"not a FedMeZO upload (magic {magic!r})")
-    if ver != VERSION:
-        raise P.ProtocolError(f"unsupported FedMeZO upload version {ver} (this build reads "
-                              f"{VERSION})")
-    if flags:
-        raise P.ProtocolError(f"unknown flags 0x{flags:x} in upload")
+    P.check_preamble("FedMeZO upload", magic, UP_MAGIC, ver, VERSION, flags)
     if max_steps is not None and tau > max_steps:
         raise P.ProtocolError(f"oversized upload: {tau} g > {max_steps} local steps")
     if len(data) != up_size(tau):

@@ -157,12 +157,7 @@ def decode_up(data, *, groups: int, k: int, expected_round: Optional[int] = None
         raise P.ProtocolError(f"upload truncated: {len(data)} bytes, the header alone is "
                               f"{UP_HEADER_SIZE}")
     magic, ver, flags, rnd, cid, n_ex, g, n, loss, cached = _UP_HDR.unpack_from(data)
-    if magic != UP_MAGIC:
-        raise P.ProtocolError(f"not a Ferret upload (magic {magic!r})")
-    if ver != VERSION:
-        raise P.ProtocolError(f"unsupported Ferret upload version {ver} (this build reads {VERSION})")
-    if flags:
-        raise P.ProtocolError(f"unknown flags 0x{flags:x} in upload")
+    P.check_preamble("Ferret upload", magic, UP_MAGIC, ver, VERSION, flags)
     if g != groups:
         raise P.ProtocolError(f"upload has {g} groups, the model has {groups}")
     if n > groups * k:
