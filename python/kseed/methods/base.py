@@ -475,6 +475,27 @@ class SeedServer:
             raise ValueError("client_loss and client_loss_hist differ")
         return hist, diff
 
+    def read_checkpoint(self, state: dict, fmt: str, own: Callable[[dict], object]):
+        """The opening every server checkpoint is read with: its format ``fmt``, this method, the
+        run fingerprint, the round and the client state, then ``own(state)``, the method's own
+        fields; a missing or mistyped field is a ValueError naming it.  Returns (fingerprint bytes,
+        round, client_loss_hist, client_diff, own(state))."""
+        if not isinstance(state, dict) or state.get("format") != fmt:
+            raise ValueError(f"not a {self.method} server checkpoint (format field missing or "
+                             "unknown)")
+        try:
+            if _typed(state, "method", str) != self.method:
+                raise ValueError(f"it is a {state['method']} checkpoint, this run is {self.method}")
+            fp = bytes.fromhex(_typed(state, "fingerprint", str))
+            rnd = _typed(state, "round", int)
+            mine = own(state)
+            hist, diff = self.read_client_state(state)
+        except KeyError as exc:
+            raise ValueError(f"corrupt server checkpoint: field {exc} missing") from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"corrupt server checkpoint: {exc}") from None
+        return fp, rnd, hist, diff, mine
+
     def check_base_identity(self, state: dict) -> None:
         ident = state.get("base_identity") or {}
         if not isinstance(ident, dict):

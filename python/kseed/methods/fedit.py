@@ -255,23 +255,13 @@ class FedITServer(SeedServer):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from state_dict(); ValueError naming what does not match this run."""
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"not a {self.method} server checkpoint (format field missing or "
-                             "unknown)")
-        try:
-            if _typed(state, "method", str) != self.method:
-                raise ValueError(f"it is a {state['method']} checkpoint, this run is {self.method}")
-            fp = bytes.fromhex(_typed(state, "fingerprint", str))
-            rnd = _typed(state, "round", int)
+        def adapter(state):
             ad = _typed(state, "adapter", dict)
-            rank, n = _typed(ad, "rank", int), _typed(ad, "floats", int)
-            raw = base64.b64decode(_typed(ad, "float32_le_base64", str), validate=True)
-            digest = _typed(ad, "sha256", str)
-            hist, diff = self.read_client_state(state)
-        except KeyError as exc:
-            raise ValueError(f"corrupt server checkpoint: field {exc} missing") from None
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"corrupt server checkpoint: {exc}") from None
+            return (_typed(ad, "rank", int), _typed(ad, "floats", int),
+                    base64.b64decode(_typed(ad, "float32_le_base64", str), validate=True),
+                    _typed(ad, "sha256", str))
+
+        fp, rnd, hist, diff, (rank, n, raw, digest) = self.read_checkpoint(state, FORMAT, adapter)
         if fp != self.fingerprint:
             raise ValueError("checkpoint adapter layout differs from this run's (another model, "
                              "--lora-targets, --lora-alpha or --lora-dropout)")

@@ -416,22 +416,13 @@ class FedMeZOServer(SeedServer):
         """Restore from state_dict(): the history is cut back to the checkpoint's rounds (records
         appended after it, by a run that stopped before its checkpoint, are dropped) after checking
         its digest; ValueError naming the mismatch if it is not this run's."""
-        if not isinstance(state, dict) or state.get("format") != "kseed-fedmezo/1":
-            raise ValueError(f"not a {self.method} server checkpoint (format field missing or "
-                             "unknown)")
-        try:
-            if _typed(state, "method", str) != self.method:
-                raise ValueError(f"it is a {state['method']} checkpoint, this run is {self.method}")
-            fp = bytes.fromhex(_typed(state, "fingerprint", str))
-            rnd = _typed(state, "round", int)
+        def history(state):
             h = _typed(state, "history", dict)
-            rounds, digest = _typed(h, "rounds", int), _typed(h, "digest", str)
-            hist, diff = self.read_client_state(state)
-            cached = _client_map(state, "client_cached", lambda v: _typed({"v": v}, "v", int))
-        except KeyError as exc:
-            raise ValueError(f"corrupt server checkpoint: field {exc} missing") from None
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"corrupt server checkpoint: {exc}") from None
+            return (_typed(h, "rounds", int), _typed(h, "digest", str),
+                    _client_map(state, "client_cached", lambda v: _typed({"v": v}, "v", int)))
+
+        fp, rnd, hist, diff, (rounds, digest, cached) = self.read_checkpoint(
+            state, "kseed-fedmezo/1", history)
         if fp != self.fingerprint:
             raise ValueError("checkpoint run fingerprint differs from this run's (different --seed)")
         if rnd < 0 or rounds != rnd or any(not 0 < v < rnd for v in cached.values()):
