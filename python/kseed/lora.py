@@ -391,12 +391,7 @@ def decode_up(data, magic: bytes, *, size: int, rank: int, expected_round: Optio
                               f"{UP_HEADER_SIZE}")
     got, ver, flags, rnd, cid, n_ex, steps, loss, r, n = _UP.unpack_from(data)
     P.check_preamble(f"{magic.decode()} upload", got, magic, ver, VERSION, flags)
-    if expected_round is not None and rnd != expected_round:
-        raise P.ProtocolError(f"wrong round: upload is for round {rnd}, expected {expected_round}")
-    if expected_client is not None and cid != expected_client:
-        raise P.ProtocolError(f"upload names client {cid}, expected {expected_client}")
-    if n_ex < 1:
-        raise P.ProtocolError("upload reports 0 examples")
+    P.check_up_header(rnd, cid, n_ex, 0, expected_round, expected_client)
     if max_steps is not None and steps > max_steps:
         raise P.ProtocolError(f"upload reports {steps} local steps, the run has {max_steps}")
     if r != rank:

@@ -221,6 +221,22 @@ def check_preamble(what: str, magic: bytes, want: bytes, ver: int, version: int,
         raise error(f"unknown flags 0x{flags:x} in the {what}")
 
 
+def check_up_header(rnd: int, cid: int, n_ex: int, cached: int, expected_round: Optional[int],
+                    expected_client: Optional[int]) -> None:
+    """The checks of an upload header's round, client, example count and cached round (0: none)
+    that the uploads of FedMeZO, Ferret and the adapter methods make (ProtocolError naming the
+    field)."""
+    if expected_round is not None and rnd != expected_round:
+        raise ProtocolError(f"wrong round: upload is for round {rnd}, expected {expected_round}")
+    if expected_client is not None and cid != expected_client:
+        raise ProtocolError(f"upload names client {cid}, expected {expected_client}")
+    if n_ex < 1:
+        raise ProtocolError("upload reports 0 examples")
+    if cached and cached != rnd - 1:
+        raise ProtocolError(f"upload says the client keeps round {cached}, but it trained from "
+                            f"round {rnd - 1}")
+
+
 def decode_down(data, *, expected_round: Optional[int] = None, expected_k: Optional[int] = None,
                 expected_fingerprint: Optional[bytes] = None) -> DownMessage:
     data = _check_bytes(data)

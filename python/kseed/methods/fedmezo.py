@@ -239,21 +239,6 @@ def encode_up(m: MeZOUp) -> bytes:
     return hdr + g.astype("<f4").tobytes()
 
 
-def check_up_header(rnd: int, cid: int, n_ex: int, cached: int, expected_round: Optional[int],
-                    expected_client: Optional[int]) -> None:
-    """The checks of an upload header's round, client, example count and cached round that every
-    seed-history method's upload makes (ProtocolError naming the field)."""
-    if expected_round is not None and rnd != expected_round:
-        raise P.ProtocolError(f"wrong round: upload is for round {rnd}, expected {expected_round}")
-    if expected_client is not None and cid != expected_client:
-        raise P.ProtocolError(f"upload names client {cid}, expected {expected_client}")
-    if n_ex < 1:
-        raise P.ProtocolError("upload reports 0 examples")
-    if cached and cached != rnd - 1:
-        raise P.ProtocolError(f"upload says the client keeps round {cached}, but it trained from "
-                              f"round {rnd - 1}")
-
-
 def decode_up(data, *, expected_round: Optional[int] = None, expected_client: Optional[int] = None,
               max_steps: Optional[int] = None) -> MeZOUp:
     data = P._check_bytes(data)
@@ -269,7 +254,7 @@ def decode_up(data, *, expected_round: Optional[int] = None, expected_client: Op
     if len(data) != up_size(tau):
         raise P.ProtocolError(f"wrong length: upload has {len(data)} bytes, {tau} g need "
                               f"{up_size(tau)}")
-    check_up_header(rnd, cid, n_ex, cached, expected_round, expected_client)
+    P.check_up_header(rnd, cid, n_ex, cached, expected_round, expected_client)
     g = np.frombuffer(data, dtype="<f4", count=tau, offset=UP_HEADER_SIZE).astype(np.float32)
     if not np.isfinite(g).all():
         bad = int(np.flatnonzero(~np.isfinite(g))[0])

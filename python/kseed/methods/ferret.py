@@ -55,8 +55,7 @@ import kseed_kernels as K
 from .. import protocol as P
 from ..history import HistoryError, checked_rounds
 from .base import Method, bound_uploads, first_order_steps
-from .fedmezo import (VERSION, FedMeZOClient, FedMeZOServer, MeZODown, check_up_header,
-                      up_header_fields)
+from .fedmezo import VERSION, FedMeZOClient, FedMeZOServer, MeZODown, up_header_fields
 
 DOWN_MAGIC = b"KFD1"
 UP_MAGIC = b"KFU1"
@@ -165,7 +164,7 @@ def decode_up(data, *, groups: int, k: int, expected_round: Optional[int] = None
     if len(data) != UP_HEADER_SIZE + 4 * g + 4 * n:
         raise P.ProtocolError(f"wrong length: upload has {len(data)} bytes, {g} groups and {n} "
                               f"coefficients need {UP_HEADER_SIZE + 4 * g + 4 * n}")
-    check_up_header(rnd, cid, n_ex, cached, expected_round, expected_client)
+    P.check_up_header(rnd, cid, n_ex, cached, expected_round, expected_client)
     counts = np.frombuffer(data, dtype="<u4", count=g, offset=UP_HEADER_SIZE).astype(np.uint32)
     lo = min(2, k)
     bad = np.flatnonzero((counts < lo) | (counts > k))
