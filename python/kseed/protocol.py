@@ -224,7 +224,7 @@ def check_preamble(what: str, magic: bytes, want: bytes, ver: int, version: int,
 def check_up_header(rnd: int, cid: int, n_ex: int, cached: int, expected_round: Optional[int],
                     expected_client: Optional[int]) -> None:
     """The checks of an upload header's round, client, example count and cached round (0: none)
-    that the uploads of FedMeZO, Ferret and the adapter methods make (ProtocolError naming the
+    that every upload makes (ProtocolError naming the
     field)."""
     if expected_round is not None and rnd != expected_round:
         raise ProtocolError(f"wrong round: upload is for round {rnd}, expected {expected_round}")
@@ -320,12 +320,7 @@ def decode_up(data, *, k: int, expected_round: Optional[int] = None,
     want = up_size(tau, k)
     if len(data) != want:
         raise ProtocolError(f"wrong length: upload has {len(data)} bytes, {tau} pairs need {want}")
-    if expected_round is not None and rnd != expected_round:
-        raise ProtocolError(f"wrong round: upload is for round {rnd}, expected {expected_round}")
-    if expected_client is not None and cid != expected_client:
-        raise ProtocolError(f"upload names client {cid}, expected {expected_client}")
-    if n_ex < 1:
-        raise ProtocolError("upload reports 0 examples")
+    check_up_header(rnd, cid, n_ex, 0, expected_round, expected_client)
     w = 2 if flags & FLAG_U16 else 4
     idx = np.frombuffer(data, dtype="<u2" if w == 2 else "<u4", count=tau,
                         offset=UP_HEADER_SIZE).astype(np.uint32)
