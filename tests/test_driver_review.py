@@ -232,6 +232,7 @@ def test_resume_accepts_a_moved_model_with_the_same_hash(tmp_path, capsys):
 # ------------------------------------------------------------------------------ item 13: Ctrl-C
 _SIGINT_AT_TORCH = r"""
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with it ignored
 class SigintAtTorch:  # Ctrl-C exactly when torch starts to import
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
@@ -257,7 +258,17 @@ def test_ctrl_c_while_importing_gives_one_line(tmp_path, entry):
     assert not out.exists()
 
 
-def test_ctrl_c_turned_into_an_import_error_while_loading_is_still_an_interrupt(monkeypatch):
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt in this process, as in a terminal, also where the test run was
+    started as a shell's background job (which inherits SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_turned_into_an_import_error_while_loading_is_still_an_interrupt(monkeypatch,
+                                                                                 sigint_raises):
     import transformers
 
     def interrupted_then_wrapped(*a, **k):
