@@ -35,3 +35,16 @@ def cpu_backends():
     import kseed_kernels
 
     return [b for b in kseed_kernels.backends() if b not in ("reference", "triton", "cuda")]
+
+
+def run_whole_and_resumed(cfg, tmp_path, stop_after):
+    """The bitwise-resume setting of the method tests: ``cfg`` run whole into tmp_path/a, and into
+    tmp_path/b stopped after ``stop_after`` rounds, then resumed to the end; returns (a, b)."""
+    from kseed import simulation as S
+    from kseed.config import FedConfig
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    S.run(cfg, str(a), progress=False)
+    S.run(FedConfig(**{**cfg.to_dict(), "rounds": stop_after}), str(b), progress=False)
+    S.run(cfg, str(b), resume=True, progress=False)
+    return a, b

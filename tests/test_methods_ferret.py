@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bitwise import bits
+from conftest import run_whole_and_resumed
 from kseed import methods
 from kseed import protocol as P
 from kseed import simulation as S
@@ -221,10 +222,7 @@ def test_seed_clip_binds():
 
 def test_run_resume_bitwise_and_export(tmp_path, one_thread):
     cfg = _cfg(rounds=3, eval_size=4)
-    a, b = tmp_path / "a", tmp_path / "b"
-    S.run(cfg, str(a), progress=False)
-    S.run(FedConfig(**{**cfg.to_dict(), "rounds": 2}), str(b), progress=False)
-    S.run(cfg, str(b), resume=True, progress=False)
+    a, b = run_whole_and_resumed(cfg, tmp_path, 2)
     assert (a / "history.bin").read_bytes() == (b / "history.bin").read_bytes()
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in S.read_metrics(str(a))]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in S.read_metrics(str(b))]

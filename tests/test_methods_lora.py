@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("peft")
 
+from conftest import run_whole_and_resumed  # noqa: E402
 from kseed import lora as L  # noqa: E402
 from kseed import methods  # noqa: E402
 from kseed import protocol as P  # noqa: E402
@@ -281,10 +282,7 @@ def test_one_lying_client_of_four_cannot_wreck_fedit(attack, ws, one_thread):
 # ------------------------------------------------------------------------------- federation
 def test_run_trains_resumes_bitwise_counts_bytes_and_exports(tmp_path, one_thread):
     cfg = _cfg(rounds=3, eval_size=6, lr=5e-3, rouge_size=2, max_new_tokens=6)
-    a, b = tmp_path / "a", tmp_path / "b"
-    S.run(cfg, str(a), progress=False)
-    S.run(FedConfig(**{**cfg.to_dict(), "rounds": 2}), str(b), progress=False)
-    S.run(cfg, str(b), resume=True, progress=False)
+    a, b = run_whole_and_resumed(cfg, tmp_path, 2)
     ca = json.loads((a / "checkpoint.json").read_text())["server"]
     cb = json.loads((b / "checkpoint.json").read_text())["server"]
     assert ca["method"] == "fedit" and ca["round"] == 3
@@ -516,10 +514,7 @@ def test_fedpipe_run_heterogeneous_ranks_resume_export(tmp_path, one_thread):
     pytest.importorskip("bitsandbytes")
     cfg = _cfg("fedpipe", rounds=2, eval_size=6, num_clients=3, clients_per_round=3, lr=5e-3,
                client_budgets="3,0.6,0.45")
-    a, b = tmp_path / "a", tmp_path / "b"
-    S.run(cfg, str(a), progress=False)
-    S.run(FedConfig(**{**cfg.to_dict(), "rounds": 1}), str(b), progress=False)
-    S.run(cfg, str(b), resume=True, progress=False)
+    a, b = run_whole_and_resumed(cfg, tmp_path, 1)
     ca = json.loads((a / "checkpoint.json").read_text())["server"]
     cb = json.loads((b / "checkpoint.json").read_text())["server"]
     assert ca["method"] == "fedpipe" and ca["adapter"] == cb["adapter"]
