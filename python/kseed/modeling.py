@@ -90,6 +90,40 @@ def _names(keys, at_most: int = 5) -> str:
     return ", ".join(keys[:at_most]) + more
 
 
+def _loading(path: str, what: str, fn):
+    """``fn()`` with transformers quiet; any error it raises becomes a ModelError naming ``path``
+    (a Ctrl-C that a library turned into another error stays a KeyboardInterrupt)."""
+    interrupts: list = []
+    try:
+        with quiet_transformers(), _noting_interrupts(interrupts):
+            return fn()
+    except Exception as exc:  # transformers raises many kinds
+        if interrupts:  # a Ctrl-C that transformers turned into another error (e.g. an ImportError)
+            raise KeyboardInterrupt from None
+        raise ModelError(f"cannot load {what} in {path}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a local model directory; its pad token set to EOS (else unk) when it has
+    none.  Nothing is fetched from a hub."""
+    from transformers import AutoTokenizer
+    check_model_dir(path)
+    tok = _loading(path, "the tokenizer", lambda: AutoTokenizer.from_pretrained(
+        path, local_files_only=True))
+    if tok.pad_token_id is None and (tok.eos_token is not None or tok.unk_token is not None):
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def _dtype_kw(dtype: str) -> dict:
+    import transformers
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if major_minor >= (4, 56) else "torch_dtype": DTYPES[dtype]}
+
+
 def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
     """(model, tokenizer) from a local directory; nothing is fetched from a hub.
 
@@ -103,24 +137,12 @@ def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
     copy of the weights at most (measured in bench/bench_memory.py).  The model remembers its directory
     for ``Workspace``, which maps w0 from the same files (kseed.weights).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     check_model_dir(path)
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    interrupts: list = []
-    try:
-        with quiet_transformers(), _noting_interrupts(interrupts):
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            import transformers
-            major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
-            kw = {"dtype" if major_minor >= (4, 56) else "torch_dtype": DTYPES[dtype]}
-            model, info = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, output_loading_info=True, **kw)
-    except Exception as exc:  # transformers raises many kinds
-        if interrupts:  # a Ctrl-C that transformers turned into another error (e.g. an ImportError)
-            raise KeyboardInterrupt from None
-        raise ModelError(f"cannot load the model in {path}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    kw = _dtype_kw(dtype)
+    tok = load_tokenizer(path)
+    model, info = _loading(path, "the model", lambda: AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, output_loading_info=True, **kw))
     for what, key in (("lack tensors the model needs", "missing_keys"),
                       ("hold tensors the model does not use", "unexpected_keys"),
                       ("hold tensors of the wrong shape", "mismatched_keys")):
@@ -132,14 +154,110 @@ def load_model(path: str, dtype: str = "fp32", device: str = "cpu"):
     bad = W.first_nonfinite(list(model.state_dict().items()))
     if bad is not None:
         raise ModelError(f"the weights in {path} hold NaN or infinite values (tensor {bad})")
-    if tok.pad_token_id is None and (tok.eos_token is not None or tok.unk_token is not None):
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)  # marks the trainable set for ModelSeeds; autograd is never used
     _SOURCES[model] = os.path.abspath(path)
     return model, tok
+
+
+def load_skeleton(path: str, dtype: str = "fp32") -> torch.nn.Module:
+    """The model of a local directory with its parameters on the meta device: its modules, names,
+    shapes, dtypes and tied weights, and no weight read or allocated (its buffers, which the
+    architecture computes, are real).  Needs accelerate (a dependency of peft: ``kseed[lora]``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    check_model_dir(path)
+    kw = _dtype_kw(dtype)
+    try:
+        from accelerate import init_empty_weights
+    except ImportError as e:
+        raise ImportError("a model skeleton needs accelerate: pip install 'kseed[lora]'") from e
+
+    def build():
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, **kw)
+    model = _loading(path, "the model's architecture", build)
+    model.tie_weights()  # from_pretrained ties them; from_config under init_empty_weights may not
+    model.eval()
+    return model
+
+
+class NotStreamable(ModelError):
+    """stream_weights cannot read these weights into this skeleton (not safetensors, or other
+    names)."""
+
+
+def stream_weights(path: str, model: torch.nn.Module, dtype: str, digest=None):
+    """Yields (name, tensor) for every entry of ``model.state_dict()`` (a skeleton's: load_skeleton),
+    in sorted name order, read from the directory's safetensors files one tensor at a time (plain
+    reads into fresh memory: the files are never mapped, so no page of them counts in this process's
+    memory) and converted to ``dtype``; a tied weight stored under one of its names is read once and
+    yielded for each.  ``digest`` (a ``hashlib.sha256()``): updated as ``model_hash`` is, so that
+    once the stream is exhausted its hexdigest is ``model_hash`` of the model these tensors fill.
+
+    NotStreamable (before anything is yielded) when the files are not safetensors or their names are
+    not exactly the model's (a checkpoint that transformers renames on loading): the caller may then
+    load it through transformers.  ModelError for a tensor of the wrong shape, an unknown dtype or a
+    NaN or infinity, as load_model refuses them."""
+    files = W.weight_files(path)
+    if not files:
+        raise NotStreamable(f"{path} has no safetensors weights to stream")
+    where = {}
+    for f in files:
+        header, start = W.read_header(f)
+        for n, e in header.items():
+            if n != "__metadata__":
+                where[n] = (f, e, start)
+    groups: dict = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    alias = {n: g for g in groups.values() for n in g}
+    sd = model.state_dict(keep_vars=True)
+    source = {}
+    for n in sd:
+        src = [a for a in alias.get(n, [n]) if a in where]
+        if not src:
+            raise NotStreamable(f"the weights in {path} lack tensors the model needs: {n}")
+        source[n] = src[0]
+    unused = set(where) - set(source.values()) - {a for n in source for a in alias.get(n, [])}
+    if unused:
+        raise NotStreamable(f"the weights in {path} hold tensors the model does not use: "
+                            f"{_names(unused)}")
+    want = DTYPES[dtype]
+    read: dict = {}
+    for n in sorted(sd):
+        key = source[n]
+        if key not in read:
+            f, e, start = where[key]
+            st = W.ST_DTYPES.get(e.get("dtype"))
+            shape = tuple(int(x) for x in e["shape"])
+            if st is None:
+                raise ModelError(f"{f}: tensor {key!r} has dtype {e.get('dtype')!r}, not one of "
+                                 f"{sorted(W.ST_DTYPES)}")
+            if shape != tuple(sd[n].shape):
+                raise ModelError(f"the weights in {path} hold tensors of the wrong shape: {key} is "
+                                 f"{shape}, the model's {tuple(sd[n].shape)}")
+            a, b = (int(x) for x in e["data_offsets"])
+            buf = bytearray(b - a)
+            with open(f, "rb") as fh:
+                fh.seek(start + a)
+                if fh.readinto(buf) != b - a:
+                    raise ModelError(f"{f}: tensor {key!r} is truncated")
+            t = (torch.frombuffer(buf, dtype=st) if buf else torch.empty(0, dtype=st)).reshape(shape)
+            t = t.to(want) if t.is_floating_point() else t
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ModelError(f"the weights in {path} hold NaN or infinite values (tensor {key})")
+            left = sum(1 for m in sd if source[m] == key)
+            read[key] = [t, left]
+        t = read[key][0]
+        if digest is not None:
+            _hash_entry(digest, n, t)
+        read[key][1] -= 1
+        if read[key][1] == 0:
+            read[key][0] = None  # the last name of it: the caller holds the only reference
+        yield n, t
 
 
 def model_source(model: torch.nn.Module) -> Optional[str]:
@@ -155,11 +273,14 @@ def model_hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     sd = model.state_dict()
     for name in sorted(sd):
-        t = sd[name].detach().cpu().contiguous()
-        h.update(name.encode() + b"\0" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        _hash_entry(h, name, sd[name].detach().cpu().contiguous())
     return h.hexdigest()
+
+
+def _hash_entry(h, name: str, t: torch.Tensor) -> None:
+    h.update(name.encode() + b"\0" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 # -------------------------------------------------------------------------------- tokenising
