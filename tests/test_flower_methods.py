@@ -13,11 +13,13 @@ from test_flower import MEZO, InProcessGrid, _same_run, _task_identity  # noqa: 
 
 
 class CachingGrid(InProcessGrid):
-    """The in-process grid, with node-config cache-dir on the nodes of ``caches`` {partition: dir}."""
+    """The in-process grid, with node-config cache-dir on the nodes of ``caches`` {partition: dir}
+    and the entries of ``node_config`` {partition: {key: value}} in theirs."""
 
-    def __init__(self, run_config, num_partitions, caches):
+    def __init__(self, run_config, num_partitions, caches, node_config=None):
         super().__init__(run_config, num_partitions)
         self.caches = caches
+        self.node_config = node_config or {}
 
     def _answer(self, m):
         from flwr.app import Context, RecordDict
@@ -28,6 +30,7 @@ class CachingGrid(InProcessGrid):
         conf = {"partition-id": node - 100, "num-partitions": self.num_partitions}
         if node - 100 in self.caches:
             conf["cache-dir"] = self.caches[node - 100]
+        conf.update(self.node_config.get(node - 100, {}))
         ctx = Context(run_id=1, node_id=node, node_config=conf, state=RecordDict(),
                       run_config=self.run_config)
         fn = client_app.query if m.metadata.message_type == "query" else client_app.train

@@ -2,6 +2,7 @@
 (inject, load, read back, unload leaves the base model as it was, merge equals peft's forward), the
 wire format (exact sizes, hostile bytes), the threat model's norm bound, a federation that trains,
 resumes bitwise, counts its bytes exactly and exports a plain model, and the CLI's options."""
+import dataclasses
 import json
 import math
 import subprocess
@@ -154,8 +155,8 @@ def test_wire_sizes_and_hostile_uploads(ws):
     }
     for why, data in hostile.items():
         with pytest.raises(P.ProtocolError, match=why):
-            L.decode_up(data, FI.UP_MAGIC, size=n, rank=4, expected_round=1, expected_client=0,
-                        max_steps=2)
+            L.decode_up(data, FI.UP_MAGIC, size_of=lambda r: L.adapter_size(s.layout, r),
+                        ranks=[4], expected_round=1, expected_client=0, max_steps=2)
     # the server rejects each of them and applies the honest ones
     st = s.aggregate(1, {0: good, 1: up(cid=1), 2: hostile["oversized upload"],
                          3: up(cid=3)[:40] + np.float32(np.inf).tobytes() + good[44:]})
@@ -231,9 +232,9 @@ class _Liar:
         self.inner, self.attack = inner, attack
 
     def fit(self, down):
-        m = L.decode_down(down, FI.DOWN_MAGIC, size_of=lambda r: L.adapter_size(
-            self.inner.candidates, r))
-        up = L.decode_up(self.inner.fit(down), FI.UP_MAGIC, size=m.adapter.size, rank=m.rank)
+        sizes = lambda r: L.adapter_size(self.inner.candidates, r)  # noqa: E731
+        m = L.decode_down(down, FI.DOWN_MAGIC, size_of=sizes)
+        up = L.decode_up(self.inner.fit(down), FI.UP_MAGIC, size_of=sizes, ranks=[m.rank])
         if self.attack == "x1000":
             up.adapter = (m.adapter + 1000 * (up.adapter - m.adapter)).astype(np.float32)
         else:  # "huge"
@@ -355,8 +356,11 @@ def test_plain_kseed_never_imports_peft():
 @pytest.mark.parametrize("method", ["fedit", "fedpipe"])
 def test_flower_grid_matches_simulation(tmp_path, one_thread, method):
     """The ServerApp over an in-process grid (the ClientApp's own functions answer, each message a
-    fresh client loading its own base model) ends with the in-process run's adapter, bitwise (FedPipe:
-    client 1 on an int8 frozen model at a lower rank)."""
+    fresh client loading its own base model) ends with the in-process run's adapter, bitwise.
+    FedPipe: the budgets come from the SuperNodes' node config (memory-budget-mib 3 and 0.6) on
+    Flower and from --client-budgets in process; client 1 trains at a lower rank on an int8 frozen
+    model that it streams in without ever loading the full-precision model (its loader is never
+    called), and its node still checks its base model's hash."""
     pytest.importorskip("flwr")
     from test_flower import SMALL as FSMALL, _task_identity
     from test_flower_methods import CachingGrid
@@ -364,26 +368,54 @@ def test_flower_grid_matches_simulation(tmp_path, one_thread, method):
     from kseed.flower.server_app import run_federation
 
     out = tmp_path / "flower"
+    from kseed.flower import driver
+    from kseed.methods import fedpipe as FPM
+
+    out = tmp_path / "flower"
     rc = {k: v for k, v in FSMALL.items() if k != "num-seeds"}
+    nodes, loads = {}, []
     if method == "fedpipe":
-        rc["client-budgets"] = "3,0.6"
+        nodes = {0: {"memory-budget-mib": 3}, 1: {"memory-budget-mib": "0.6"}}
         rc["lora-rank"] = 4
     rc.update(method=method, rounds=2, out=str(out), lr=5e-3,
               **{"local-steps": 2, "eval-size": 6, "batch-size": 2, "node-wait-timeout": 5.0})
     rc.setdefault("lora-rank", 2)
-    with _task_identity():
-        run_federation(CachingGrid(rc, 2, {}), rc)
-    S.run(fed_config(rc), str(tmp_path / "sim"), progress=False)
+    real = driver.load_workspace
+
+    def counted(cfg, *a, **kw):
+        loads.append(kw.get("facts"))
+        return real(cfg, *a, **kw)
+    with _task_identity(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(driver, "load_workspace", counted)
+        run_federation(CachingGrid(rc, 2, {}, nodes), rc)
+    sim_cfg = fed_config({**rc, "client-budgets": "3,0.6"} if nodes else rc)
+    S.run(sim_cfg, str(tmp_path / "sim"), progress=False)
     fl = S.read_checkpoint(str(out))["server"]
     si = S.read_checkpoint(str(tmp_path / "sim"))["server"]
     assert fl["round"] == si["round"] == 2 and fl["adapter"] == si["adapter"]
-    if method == "fedpipe":
-        assert fl["base_identity"]["client_plans"] == [[32, 4], [8, 2]]
-    for r, s in zip(S.read_metrics(str(out)), S.read_metrics(str(tmp_path / "sim"))):
+    rows = S.read_metrics(str(out))
+    for r, s in zip(rows, S.read_metrics(str(tmp_path / "sim"))):
         for key in ("train_loss", "eval_loss", "clients", "steps", "bytes_up_per_client",
                     "bytes_down_per_client", "rejected"):
             if key in s:
                 assert r[key] == s[key], (r["round"], key)
+    # every client loads its workspace without the method's server facts (FedPipe's: a calibration
+    # pass); 2 clients a round, 2 rounds; FedPipe's int8 client (node 1) loads none
+    assert loads == [False] * (2 if method == "fedpipe" else 4)
+    if method == "fedpipe":
+        ups = rows[-1]["bytes_up_per_client"]
+        assert ups["0"] - 36 == 2 * (ups["1"] - 36)  # ranks 4 and 2
+        from kseed.task import model_dir
+        q = FPM.quantized_model(model_dir(sim_cfg), "fp32", "cpu", 8)
+        down = FPM.FedPipeServer(sim_cfg, base_identity=real(sim_cfg, cache=False).identity
+                                 ).make_down(1, 1)
+        with pytest.MonkeyPatch.context() as mp:  # a node whose base is another model: refused
+            mp.setattr(q, "kseed_base_hash", "0" * 64)
+            with pytest.raises(driver.BaseModelMismatch, match="install the same model"):
+                driver.run_client(rc, 1, 2, down, base_hash=fl["base_identity"]["hash"][:16],
+                                  memory_budget_mib=0.6)
+        with pytest.raises(ValueError, match="memory-budget-mib must be finite and > 0"):
+            driver.run_client(rc, 1, 2, down, memory_budget_mib="-1")
 
 
 # ----------------------------------------------------------------------------------- FedPipe
@@ -398,14 +430,22 @@ def test_fedpipe_budgets_plan_precision_and_rank(ws):
         with pytest.raises(ValueError, match="--client-budgets"):
             _cfg("fedpipe", client_budgets=bad)
     lay = L.find_targets(ws.model, ["q_proj", "v_proj"])
-    assert FP.client_plan(_cfg("fedpipe"), ws.model, lay, 5) == (32, 4)  # no budget: --lora-rank
+    assert FP.budget_of(_cfg("fedpipe"), 5) is None
+    assert FP.client_plan(_cfg("fedpipe"), ws.model, lay, None) == (32, 4)  # --lora-rank
     cfg = _cfg("fedpipe", client_budgets="3,0.6,0.45,0.2", lora_rank=8)
     assert FP.budget_of(cfg, 5) == 0.6 * (1 << 20)
-    plans = [FP.client_plan(cfg, ws.model, lay, c) for c in range(3)]
+    assert FP.budget_of(cfg, 5, node_mib=3.0) == 3 * (1 << 20)  # a node's budget wins
+    plans = [FP.client_plan(cfg, ws.model, lay, FP.budget_of(cfg, c)) for c in range(3)]
     assert [b for b, _ in plans] == [32, 8, 4]
     assert plans[0][1] == 8 and 8 >= plans[1][1] >= plans[2][1] >= 1
     with pytest.raises(ValueError, match="4-bit"):
-        FP.client_plan(cfg, ws.model, lay, 3)
+        FP.client_plan(cfg, ws.model, lay, FP.budget_of(cfg, 3))
+    # the skeleton (no weights) plans as the loaded model does
+    from kseed.task import model_dir
+    sk = FP.skeleton(model_dir(cfg), "fp32")
+    assert all(p.is_meta for p in sk.parameters())
+    assert L.find_targets(sk, ["q_proj", "v_proj"]) == lay
+    assert [FP.client_plan(cfg, sk, lay, FP.budget_of(cfg, c)) for c in range(3)] == plans
 
 
 def _dense(layout, vec, rank, scale=1.0):
@@ -421,7 +461,7 @@ def test_fedpipe_heterogeneous_rank_aggregation(ws, gen):
                client_budgets="3,0.6,0.45")
     srv = FP.FedPipeServer(cfg, base_identity=load_workspace(cfg, cache=False).identity)
     lay, sc = srv.layout, srv.spec.scale
-    ranks = [srv.client_rank(c) for c in range(3)]
+    ranks = [FP.client_plan(cfg, ws.model, lay, FP.budget_of(cfg, c))[1] for c in range(3)]
     assert ranks[0] == 4 and len(set(ranks)) > 1
     w = np.array([0.5, 0.3, 0.2])
     ads = [(torch.randn(L.adapter_size(lay, r), generator=gen) * 0.1).numpy() for r in ranks]
@@ -437,8 +477,8 @@ def test_fedpipe_heterogeneous_rank_aggregation(ws, gen):
         np.testing.assert_allclose(_dense(lay, got, 4, sc(4))[t.name], best, atol=1e-5)
     # a client of rank 2 gets the top 2 components at its scale alpha / 2
     srv.adapter = got
-    v2 = srv.adapter_for(next(c for c in range(3) if ranks[c] < 4))
     r2 = next(r for r in ranks if r < 4)
+    v2 = srv.adapter_at(r2)
     for t in lay:
         u, s, vt = np.linalg.svd(_dense(lay, got, 4, sc(4))[t.name])
         np.testing.assert_allclose(_dense(lay, v2, r2, sc(r2))[t.name],
@@ -468,6 +508,56 @@ def test_fedpipe_quantized_frozen_model(bits, ws, one_thread):
         lm.peft(input_ids=_ids()).logits.float().sum().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters)
     assert type(q.model.layers[0].self_attn.q_proj) is type(lin)  # peft's layers removed
+
+
+@pytest.mark.parametrize("bits,dtype", [(8, "fp32"), (4, "fp32"), (8, "bf16")])
+def test_fedpipe_streamed_quantized_base_is_the_loaded_one(bits, dtype, one_thread):
+    """The quantized base streamed into a skeleton (what a quantized client uses: it never loads
+    the full-precision model) is bitwise the model that quantizing a transformers-loaded one gives:
+    every parameter, buffer and quantization state, tied weights tied, the logits; and its hash is
+    model_hash of the full-precision model.  A checkpoint stream_weights cannot read (other names)
+    falls back to that load."""
+    pytest.importorskip("bitsandbytes")
+    from kseed.modeling import EMBEDDED_DIR, load_model, model_hash
+    a = FP._quantized_streamed(EMBEDDED_DIR, dtype, bits)
+    b = FP._quantized_loaded(EMBEDDED_DIR, dtype, bits)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        x, y = sa[k], sb[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert torch.equal(x.view(torch.uint8) if x.is_floating_point() else x,
+                           y.view(torch.uint8) if y.is_floating_point() else y), k
+    assert dict(a.named_buffers()).keys() == dict(b.named_buffers()).keys()
+    assert all(torch.equal(t, dict(b.named_buffers())[n]) for n, t in a.named_buffers())
+    assert a.lm_head.weight is a.model.embed_tokens.weight
+    assert type(a.model.layers[1].mlp.up_proj) is type(b.model.layers[1].mlp.up_proj)
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=_ids()).logits, b(input_ids=_ids()).logits)
+    full, _ = load_model(EMBEDDED_DIR, dtype)
+    assert a.kseed_base_hash == b.kseed_base_hash == model_hash(full)
+
+
+def test_fedpipe_quantized_base_of_a_checkpoint_it_cannot_stream(tmp_path, one_thread):
+    """A model stored as pytorch_model.bin (not safetensors): stream_weights says so before reading
+    anything, and quantized_model falls back to quantizing a transformers load: the same model."""
+    pytest.importorskip("bitsandbytes")
+    import shutil
+    from kseed.modeling import EMBEDDED_DIR, NotStreamable, load_skeleton, stream_weights
+    d = tmp_path / "bin-model"
+    shutil.copytree(EMBEDDED_DIR, d)
+    full = FP._quantized_streamed(EMBEDDED_DIR, "fp32", 8)
+    from safetensors.torch import load_file
+    torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(NotStreamable, match="no safetensors"):
+        next(stream_weights(str(d), load_skeleton(str(d)), "fp32"))
+    q = FP.quantized_model(str(d), "fp32", "cpu", 8)
+    with torch.no_grad():
+        assert torch.equal(q(input_ids=_ids()).logits, full(input_ids=_ids()).logits)
+    assert q.kseed_base_hash == full.kseed_base_hash
+    with pytest.raises(ValueError, match="runs on CPU"):
+        FP.quantized_model(str(d), "fp32", "meta", 8)
 
 
 def _file_maps(path: str):
@@ -510,7 +600,8 @@ def test_fedpipe_quantized_model_holds_no_full_precision_copy(bits, one_thread):
 
 def test_fedpipe_run_heterogeneous_ranks_resume_export(tmp_path, one_thread):
     """Budgets give client 0 an fp32 base at rank 4, clients 1 and 2 int8 / int4 bases at rank 2;
-    bytes per client follow the ranks exactly; resume is bitwise; export loads without peft."""
+    every client gets the rank-4 global adapter, uploads follow the ranks exactly; resume is bitwise;
+    export loads without peft."""
     pytest.importorskip("bitsandbytes")
     cfg = _cfg("fedpipe", rounds=2, eval_size=6, num_clients=3, clients_per_round=3, lr=5e-3,
                client_budgets="3,0.6,0.45")
@@ -520,17 +611,16 @@ def test_fedpipe_run_heterogeneous_ranks_resume_export(tmp_path, one_thread):
     assert ca["method"] == "fedpipe" and ca["adapter"] == cb["adapter"]
     ident = ca["base_identity"]
     assert sum(ident["lora_mask"]) == 6 and len(ident["lora_mask"]) == 12
-    assert ident["client_plans"] == [[32, 4], [8, 2], [4, 2]]
     lay = L.layout_from(ident["lora_layout"])
     ws = load_workspace(cfg, cache=False)
     srv = FP.FedPipeServer(cfg, base_identity=ws.identity)
-    assert [srv.plan(c) for c in range(3)] == [(32, 4), (8, 2), (4, 2)]
+    assert [FP.client_plan(cfg, ws.model, lay, FP.budget_of(cfg, c)) for c in range(3)] == [
+        (32, 4), (8, 2), (4, 2)]
     rows = S.read_metrics(str(a))
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows] == [
         {k: v for k, v in r.items() if k != "seconds"} for r in S.read_metrics(str(b))]
     for r in rows[1:]:
-        assert r["bytes_down_per_client"] == {"0": 56 + 16 * 6 * 192 + 2, "1": 56 + 8 * 6 * 192 + 2,
-                                              "2": 56 + 8 * 6 * 192 + 2}
+        assert r["bytes_down_per_client"] == {str(c): 56 + 16 * 6 * 192 + 2 for c in range(3)}
         assert r["bytes_up_per_client"] == {"0": 36 + 16 * 6 * 192, "1": 36 + 8 * 6 * 192,
                                             "2": 36 + 8 * 6 * 192}
         assert r["accepted"] == [0, 1, 2] and r["clipped"] == {}  # norms compared per rank
@@ -543,16 +633,58 @@ def test_fedpipe_run_heterogeneous_ranks_resume_export(tmp_path, one_thread):
     srv.load_global(ws)
     with torch.no_grad():
         assert torch.equal(plain(input_ids=_ids()).logits, ws.model(input_ids=_ids()).logits)
-    # a client refuses a mask that names no candidate or too many, and a rank not its own
+    # a client refuses a mask that names no candidate or too many, and a global adapter of another
+    # rank than the run's
     parts, _, _ = build_data(cfg)
     cl = FP.FedPipeClient(cfg, lambda: ws, parts[1], client_id=1)
     good = srv.make_down(3, 1)
     for tail, why in ((b"\0\0", "selects none"), (b"\xff\xff", "names more")):
         with pytest.raises(P.ProtocolError, match=why):
             cl.fit(good[:-2] + tail)
-    d0 = srv.make_down(3, 0)  # client 0's rank-4 message, readdressed to client 1 (rank 2)
-    d0 = (d0[:12] + (1).to_bytes(4, "little") + d0[16:40]
-          + P.client_rng_seed(cfg.seed, 3, 1).to_bytes(8, "little") + d0[48:])
-    with pytest.raises(P.ProtocolError, match="field rank = 4 does not match"):
-        cl.fit(d0)
+    m = L.decode_down(good, FP.DOWN_MAGIC, size_of=lambda r: L.adapter_size(lay, r), tail=2)
+    low = L.encode_down(dataclasses.replace(m, rank=2, adapter=srv.adapter_at(2)), FP.DOWN_MAGIC, good[-2:])
+    with pytest.raises(P.ProtocolError, match="field rank = 2 does not match"):
+        cl.fit(low)
+    # the server reads each upload's rank: 1..4 are allowed, 5 is refused unread as oversized
+    up = L.decode_up(cl.fit(good), FP.UP_MAGIC, size_of=lambda r: L.adapter_size(lay, r),
+                     ranks=range(1, 5))
+    assert up.rank == 2 and cl.last_stats["rank"] == 2 and cl.last_stats["base_bits"] == 8
+    big = L.encode_up(dataclasses.replace(up, rank=5, adapter=np.zeros(L.adapter_size(lay, 5), np.float32)),
+                      FP.UP_MAGIC)
+    with pytest.raises(P.ProtocolError, match="oversized upload"):
+        L.decode_up(big, FP.UP_MAGIC, size_of=lambda r: L.adapter_size(lay, r), ranks=range(1, 5))
+    three = L.encode_up(dataclasses.replace(up, rank=3, adapter=np.zeros(L.adapter_size(lay, 3), np.float32)),
+                        FP.UP_MAGIC)
+    with pytest.raises(P.ProtocolError, match="rank-3 adapter, this client's rank is 4"):
+        L.decode_up(three, FP.UP_MAGIC, size_of=lambda r: L.adapter_size(lay, r), ranks=[4])
     assert len(lay) == 6
+
+
+def test_fedpipe_quantized_client_never_loads_the_full_model(one_thread):
+    """A client whose budget gives it a quantized base trains without calling its model loader
+    (the full-precision workspace): its layout from the skeleton, its tokenizer alone, its base hash
+    from the streamed weights; and its upload is bitwise the one a client holding the workspace
+    sends."""
+    pytest.importorskip("bitsandbytes")
+    cfg = _cfg("fedpipe", num_clients=2, clients_per_round=2, client_budgets="3,0.6")
+    ws = load_workspace(cfg, cache=False)
+    srv = FP.FedPipeServer(cfg, base_identity=ws.identity)
+    parts, _, _ = build_data(cfg)
+    down = srv.make_down(1, 1)
+
+    def no_loader():
+        raise AssertionError("the quantized client loaded the full-precision model")
+    lean = FP.FedPipeClient(cfg, no_loader, parts[1], client_id=1)
+    up = lean.fit(down)
+    assert lean.plan() == (8, 2) and lean._ws is None and lean.rebuild_seconds == 0.0
+    assert lean.base_model_hash() == ws.identity["hash"]
+    held = FP.FedPipeClient(cfg, lambda: ws, parts[1], client_id=1)
+    held.workspace  # noqa: B018 - a client that holds the workspace anyway
+    assert held.fit(down) == up
+    # a node's budget overrides --client-budgets: 3 MiB on client 1's node gives it rank 4 on fp32
+    node = FP.FedPipeClient(cfg, lambda: ws, parts[1], client_id=1, memory_budget_mib=3)
+    assert L.decode_up(node.fit(down), FP.UP_MAGIC, size_of=lambda r: L.adapter_size(srv.layout, r),
+                       ranks=[4]).rank == 4 and node.plan() == (32, 4)
+    for bad in (0, -1, "x", float("nan"), True):
+        with pytest.raises(ValueError, match="memory-budget-mib"):
+            FP.FedPipeClient(cfg, lambda: ws, parts[1], client_id=1, memory_budget_mib=bad)

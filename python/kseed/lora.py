@@ -33,7 +33,7 @@ import math
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -271,7 +271,7 @@ VERSION = 1
 
 @dataclass
 class AdapterDown:
-    """Server -> client: the global adapter at this client's rank and the local settings."""
+    """Server -> client: the global adapter and the local settings."""
     round: int
     client_id: int
     fingerprint: bytes  # layout_fingerprint
@@ -379,13 +379,17 @@ def encode_up(m: AdapterUp, magic: bytes) -> bytes:
     return hdr + a.astype("<f4").tobytes()
 
 
-def decode_up(data, magic: bytes, *, size: int, rank: int, expected_round: Optional[int] = None,
-              expected_client: Optional[int] = None, max_steps: Optional[int] = None) -> AdapterUp:
-    """Decode and check an upload of a rank-``rank`` adapter of ``size`` floats: the length is
-    checked before anything is read (an oversized upload is refused unread)."""
+def decode_up(data, magic: bytes, *, size_of: Callable[[int], int], ranks: Sequence[int],
+              expected_round: Optional[int] = None, expected_client: Optional[int] = None,
+              max_steps: Optional[int] = None) -> AdapterUp:
+    """Decode and check an upload of an adapter of one of the ``ranks`` allowed; ``size_of(rank)``:
+    its floats at that rank (the layout's).  The length is checked before anything is read (an upload
+    over the largest allowed adapter is refused unread), and then exactly for the rank it names."""
     data = P._check_bytes(data)
-    if len(data) > up_size(size):
-        raise P.ProtocolError(f"oversized upload: {len(data)} bytes > limit {up_size(size)}")
+    ranks = sorted(set(int(r) for r in ranks))
+    limit = up_size(size_of(ranks[-1]))
+    if len(data) > limit:
+        raise P.ProtocolError(f"oversized upload: {len(data)} bytes > limit {limit}")
     if len(data) < UP_HEADER_SIZE:
         raise P.ProtocolError(f"upload truncated: {len(data)} bytes, the header alone is "
                               f"{UP_HEADER_SIZE}")
@@ -394,11 +398,14 @@ def decode_up(data, magic: bytes, *, size: int, rank: int, expected_round: Optio
     P.check_up_header(rnd, cid, n_ex, 0, expected_round, expected_client)
     if max_steps is not None and steps > max_steps:
         raise P.ProtocolError(f"upload reports {steps} local steps, the run has {max_steps}")
-    if r != rank:
-        raise P.ProtocolError(f"upload holds a rank-{r} adapter, this client's rank is {rank}")
+    if r not in ranks:
+        allowed = (f"this client's rank is {ranks[0]}" if len(ranks) == 1 else
+                   f"the ranks allowed are {ranks[0]}..{ranks[-1]}")
+        raise P.ProtocolError(f"upload holds a rank-{r} adapter, {allowed}")
+    size = size_of(r)
     if n != size or len(data) != up_size(size):
         raise P.ProtocolError(f"wrong length: upload has {len(data)} bytes and says {n} floats; a "
-                              f"rank-{rank} adapter is {size} floats, {up_size(size)} bytes")
+                              f"rank-{r} adapter is {size} floats, {up_size(size)} bytes")
     return AdapterUp(round=rnd, client_id=cid, num_examples=n_ex, steps=steps,
                      train_loss=float(loss), rank=r, adapter=_floats(data, UP_HEADER_SIZE, n,
                                                                      "upload"))

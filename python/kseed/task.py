@@ -133,7 +133,11 @@ def resolve_dtype(cfg: FedConfig) -> FedConfig:
 
 
 def load_workspace(cfg: FedConfig, device: str = "cpu", backend: Optional[str] = None,
-                   cache: bool = True, model_path: Optional[str] = None) -> M.Workspace:
+                   cache: bool = True, model_path: Optional[str] = None,
+                   facts: bool = True) -> M.Workspace:
+    """The base model's Workspace for the run; its identity holds the model's hash, dtype and size
+    and, with ``facts``, what the method's server must know of the model (Method.model_facts, e.g.
+    FedPipe's weight selection: a client, which learns them from its down messages, passes False)."""
     path = model_path or model_dir(cfg)
     cfg = resolve_dtype(cfg)
     model, tok = M.load_model(path, cfg.dtype, device)
@@ -143,9 +147,9 @@ def load_workspace(cfg: FedConfig, device: str = "cpu", backend: Optional[str] =
     ws = M.Workspace(model, tok, backend=backend, rounding=cfg.rounding, noise=cfg.noise,
                      identity=ident, cache=cache)
     from .methods import get
-    facts = get(cfg.method).model_facts  # what the method's server must know of the model
-    if facts is not None:
-        ident.update(facts(cfg, ws))
+    method_facts = get(cfg.method).model_facts  # what the method's server must know of the model
+    if facts and method_facts is not None:
+        ident.update(method_facts(cfg, ws))
     return ws
 
 

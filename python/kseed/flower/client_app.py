@@ -8,8 +8,9 @@ keeps in its node-config ``cache-dir`` when it has one), runs its local zeroth-o
 its UpMessage.  (Flower's simulation engine runs the same handlers in
 long-lived Ray actors; nothing here relies on a fresh process.)  The node's data partition comes from
 the node config (partition-id, num-partitions, and optionally device, e.g. device="cuda:0" for this
-node's clients; the simulation engine gives each virtual SuperNode its partition-id and
-num-partitions); the driver's options from the run config.
+node's clients, and memory-budget-mib, the memory this node gives its client, which FedPipe sizes
+the client's rank and frozen base to; the simulation engine gives each virtual SuperNode its
+partition-id and num-partitions); the driver's options from the run config.
 
 Threads: a ClientApp process left alone starts torch's and OpenMP's thread pools at the machine's full
 size, so N SuperNodes on one machine oversubscribe its cores N times.  Each train message first applies
@@ -33,6 +34,7 @@ app = ClientApp()
 
 THREADS_KEY = "num-threads"                           # node config: this node's ClientApp thread budget
 CACHE_KEY = "cache-dir"                               # node config: where this node keeps its model
+BUDGET_KEY = "memory-budget-mib"                      # node config: the memory this node's client has
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")   # what OpenMP / MKL read when they start
 
 
@@ -118,7 +120,8 @@ def train(msg: Message, context: Context) -> Message:
     up, timing = run_client(context.run_config, pid, nparts, down,
                             base_hash=base_hash if isinstance(base_hash, str) else None,
                             device=str(device) if device else None,
-                            cache_dir=str(cache) if cache else None)
+                            cache_dir=str(cache) if cache else None,
+                            memory_budget_mib=context.node_config.get(BUDGET_KEY))
     timing["total-s"] = time.perf_counter() - t0
     content = RecordDict({RECORD: ConfigRecord({UP_KEY: up, **{k: float(v) for k, v in timing.items()}})})
     return Message(content, reply_to=msg)

@@ -22,11 +22,15 @@ class BaseModelMismatch(ValueError):
 
 def run_client(run_config: Mapping[str, Any], partition_id: int, num_partitions: int, down: bytes,
                base_hash: Optional[str] = None, device: Optional[str] = None,
-               cache_dir: Optional[str] = None) -> Tuple[bytes, Dict[str, float]]:
+               cache_dir: Optional[str] = None, memory_budget_mib: Optional[float] = None
+               ) -> Tuple[bytes, Dict[str, float]]:
     """One stateless round of client `partition_id`: (UpMessage bytes, timings in seconds).
     `device` (from the node config) overrides the run config's device on this node; `cache_dir`
-    (node config cache-dir) keeps the global model between participations, for the methods that
-    use one."""
+    (node config cache-dir) keeps the global model between participations, and `memory_budget_mib`
+    (node config memory-budget-mib) is the memory this node gives its client, for the methods that
+    use them.  The node's base model is checked against the server's (`base_hash`) when the client
+    loads it, or, for a client that never loads the full-precision model (FedPipe on a quantized
+    base), from the hash its streamed weights gave, before the upload is returned."""
     cfg = fed_config(run_config)
     if num_partitions != cfg.num_clients:
         raise ValueError(f"this node has num-partitions={num_partitions}, the run has num-clients="
@@ -39,21 +43,25 @@ def run_client(run_config: Mapping[str, Any], partition_id: int, num_partitions:
     parts, _, _ = build_data(cfg)
     timing["data-s"] = time.perf_counter() - t0
 
-    def loader():
-        t = time.perf_counter()
-        ws = load_workspace(cfg, device, cache=False)
-        timing["load-s"] = time.perf_counter() - t
-        mine = str(ws.identity.get("hash", ""))
+    def check(mine: Optional[str]) -> None:
+        mine = str(mine or "")
         if base_hash and not mine.startswith(base_hash):
             raise BaseModelMismatch(f"this node's base model (hash {mine[:16]}) is not the server's "
                                     f"(hash {base_hash}): install the same model on every node")
+
+    def loader():
+        t = time.perf_counter()
+        ws = load_workspace(cfg, device, cache=False, facts=False)  # the method's facts: server's
+        timing["load-s"] = time.perf_counter() - t
+        check(ws.identity.get("hash"))
         return ws
 
     client = methods.get(cfg.method).client(cfg, loader, parts[partition_id], client_id=partition_id,
-                                            cache_dir=cache_dir)
+                                            cache_dir=cache_dir, memory_budget_mib=memory_budget_mib)
     t = time.perf_counter()
     up = client.fit(down)
     fit = time.perf_counter() - t
-    timing["rebuild-s"] = client.workspace.rebuild_seconds
+    check(client.base_model_hash())
+    timing["rebuild-s"] = client.rebuild_seconds
     timing["train-s"] = fit - timing.get("load-s", 0.0) - timing["rebuild-s"]
     return up, timing

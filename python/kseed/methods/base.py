@@ -14,10 +14,11 @@ Server side (a plain object over bytes; any engine drives it the same way, round
     server.state_dict() / load_state_dict(...)                # checkpoints
 
 Client side: ``METHOD.client(config, model_loader, partition, client_id=c, shared=server or None,
-cache_dir=None)`` with ``fit(down bytes) -> up bytes`` and ``evaluate(down bytes, examples)``.
-``shared``: the in-process engine's clients share the server's workspace, and through it its global
-model; ``cache_dir``: a Flower SuperNode's model cache (node config ``cache-dir``), for the methods
-that use one.
+cache_dir=None, memory_budget_mib=None)`` with ``fit(down bytes) -> up bytes`` and
+``evaluate(down bytes, examples)``.  ``shared``: the in-process engine's clients share the server's
+workspace, and through it its global model; ``cache_dir``: a Flower SuperNode's model cache (node
+config ``cache-dir``), for the methods that use one; ``memory_budget_mib``: the memory a SuperNode
+gives its client (node config ``memory-budget-mib``), for the methods that size themselves to it.
 
 The shared parts below: the threat model's bounds on one round's uploads (bound_uploads), client
 sampling and the client-wise learning rates (SeedServer), the checkpoint helpers, and the local
@@ -569,18 +570,38 @@ def first_order_steps(model, params: Sequence, items: Sequence[tuple], rng: np.r
 
 
 # ------------------------------------------------------------------------------------- client
+def positive_mib(value, what: str) -> float:
+    """A memory size in MiB from a config or a node config (a number or a numeric string): finite
+    and > 0, else ValueError naming ``what``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number of MiB, not {value!r}")
+    try:
+        v = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number of MiB, not {value!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{what} must be finite and > 0 MiB, not {value!r}")
+    return v
+
+
 class SeedClient:
     """What the clients of the zeroth-order methods share: ``config`` (the run's FedConfig),
     ``model_loader`` (a callable returning a ``kseed.modeling.Workspace``; it is called once,
     lazily), ``partition`` (this client's examples: dicts with instruction / input / output), the
-    tokenised data, the local zeroth-order loop and the evaluation."""
+    tokenised data, the local zeroth-order loop and the evaluation.  ``memory_budget_mib``: the
+    memory this client's node gives it (a Flower SuperNode's node config ``memory-budget-mib``; None:
+    not given), for the methods that size themselves to it (FedPipe)."""
 
     def __init__(self, config: FedConfig, model_loader: Callable[[], Workspace],
-                 partition: Sequence[dict], *, client_id: Optional[int] = None):
+                 partition: Sequence[dict], *, client_id: Optional[int] = None,
+                 memory_budget_mib: Optional[float] = None):
         if not partition:
             raise ValueError("a client needs at least one example")
+        if memory_budget_mib is not None:
+            memory_budget_mib = positive_mib(memory_budget_mib, "memory-budget-mib")
         self.config = config
         self.client_id = client_id
+        self.memory_budget_mib = memory_budget_mib
         self._loader = model_loader
         self.partition = list(partition)
         self._ws: Optional[Workspace] = None
@@ -593,9 +614,22 @@ class SeedClient:
             self._ws = self._loader()
         return self._ws
 
+    def tokenizer(self):
+        """The base model's tokenizer (the workspace's)."""
+        return self.workspace.tok
+
+    @property
+    def rebuild_seconds(self) -> float:
+        """Seconds this client's workspace spent rebuilding models (0 when it loaded none)."""
+        return self._ws.rebuild_seconds if self._ws is not None else 0.0
+
+    def base_model_hash(self) -> Optional[str]:
+        """model_hash of the base model this client loaded (its workspace's; None: none loaded)."""
+        return self._ws.identity.get("hash") if self._ws is not None else None
+
     def _tokenized(self):
         if self._items is None:
-            self._items = tokenize_examples(self.workspace.tok, self.partition, self.config.max_length,
+            self._items = tokenize_examples(self.tokenizer(), self.partition, self.config.max_length,
                                             self.config.prompt_template())
         return self._items
 

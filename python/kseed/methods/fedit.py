@@ -68,7 +68,7 @@ import base64
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ import torch
 from .. import lora as L
 from .. import protocol as P
 from ..config import FedConfig
+from ..modeling import pad_id
 from .base import (Method, SeedClient, SeedServer, _typed, bound_uploads, check_local,
                    first_order_steps)
 
@@ -156,13 +157,14 @@ class FedITServer(SeedServer):
         self.fingerprint = L.layout_fingerprint(self.layout, self.spec)
         self.adapter = L.init_adapter(self.layout, self.rank, config.seed)
 
-    # --------------------------------------------------------------------- per-client views
-    def client_rank(self, client_id: int) -> int:
-        """The rank of client ``client_id``'s adapter (FedIT: --lora-rank for all)."""
-        return self.rank
+    # ------------------------------------------------------------------------------- ranks
+    def upload_ranks(self) -> Sequence[int]:
+        """The ranks a client's upload may have (FedIT: --lora-rank)."""
+        return (self.rank,)
 
-    def adapter_for(self, client_id: int) -> np.ndarray:
-        """The global adapter at the client's rank (FedIT: the global adapter)."""
+    def adapter_at(self, rank: int) -> np.ndarray:
+        """The global adapter as the rank-``rank`` adapter a client of that rank started from
+        (FedIT: the global adapter itself; every client has rank R)."""
         return self.adapter
 
     def combine(self, ups: List[_Upload], adapters: List[np.ndarray], w: np.ndarray) -> np.ndarray:
@@ -193,8 +195,8 @@ class FedITServer(SeedServer):
         return L.encode_down(L.AdapterDown(
             round=rnd, client_id=client_id, fingerprint=self.fingerprint,
             local_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr,
-            client_seed=self.client_seed(rnd, client_id), rank=self.client_rank(client_id),
-            adapter=self.adapter_for(client_id)), self.down_magic, self.down_tail())
+            client_seed=self.client_seed(rnd, client_id), rank=self.rank,
+            adapter=self.adapter), self.down_magic, self.down_tail())
 
     def down_tail(self) -> bytes:
         """The method's own bytes after the adapter in a down message (FedIT: none)."""
@@ -208,11 +210,11 @@ class FedITServer(SeedServer):
         c = self.config
 
         def decode(data, cid):
-            r = self.client_rank(cid)
-            m = L.decode_up(data, self.up_magic, size=L.adapter_size(self.layout, r), rank=r,
-                            expected_round=rnd, expected_client=cid, max_steps=c.local_steps)
-            base = self.adapter_for(cid)
-            u = m.adapter.astype(np.float64) - base.astype(np.float64)
+            m = L.decode_up(data, self.up_magic, size_of=lambda r: L.adapter_size(self.layout, r),
+                            ranks=self.upload_ranks(), expected_round=rnd, expected_client=cid,
+                            max_steps=c.local_steps)
+            r = m.rank
+            u = m.adapter.astype(np.float64) - self.adapter_at(r).astype(np.float64)
             f = self.norm_factor(r)
             return _Upload(client_id=cid, num_examples=m.num_examples, train_loss=m.train_loss,
                            tau=m.steps, adapter=m.adapter, rank=r, grads=u if f == 1 else u * f)
@@ -224,7 +226,7 @@ class FedITServer(SeedServer):
         for m, u in zip(accepted, b.grads):
             if m.client_id in b.clipped and "norm" in b.clipped[m.client_id]:
                 f = self.norm_factor(m.rank)
-                adapters.append(self.adapter_for(m.client_id).astype(np.float64)
+                adapters.append(self.adapter_at(m.rank).astype(np.float64)
                                 + (u if f == 1 else u / f))
             else:  # unbounded: the upload itself, bitwise
                 adapters.append(m.adapter)
@@ -294,13 +296,15 @@ class FedITServer(SeedServer):
 # ---------------------------------------------------------------------------------- client
 class FedITClient(SeedClient):
     """A FedIT client: peft LoRA on its workspace's base model for the round's local steps.
-    ``shared`` / ``cache_dir``: accepted for the engines' uniform call, unused (the down message
-    carries the whole global adapter)."""
+    ``shared`` / ``cache_dir`` / ``memory_budget_mib``: accepted for the engines' uniform call,
+    unused (the down message carries the whole global adapter; FedPipe sizes itself to a budget)."""
     down_magic, up_magic = DOWN_MAGIC, UP_MAGIC
 
     def __init__(self, config: FedConfig, model_loader, partition, *,
-                 client_id: Optional[int] = None, shared=None, cache_dir: Optional[str] = None):
-        super().__init__(config, model_loader, partition, client_id=client_id)
+                 client_id: Optional[int] = None, shared=None, cache_dir: Optional[str] = None,
+                 memory_budget_mib: Optional[float] = None):
+        super().__init__(config, model_loader, partition, client_id=client_id,
+                         memory_budget_mib=memory_budget_mib)
         self.spec = spec_of(config)
         self._candidates: Optional[List[L.Target]] = None
         self.layout: Optional[List[L.Target]] = None  # the last down message's
@@ -309,8 +313,13 @@ class FedITClient(SeedClient):
     def candidates(self) -> List[L.Target]:
         """The model's modules that --lora-targets names."""
         if self._candidates is None:
-            self._candidates = L.find_targets(self.workspace.model, self.spec.patterns())
+            self._candidates = L.find_targets(self.structure(), self.spec.patterns())
         return self._candidates
+
+    def structure(self):
+        """The full-precision base model's modules, for their names and shapes (FedIT: the
+        workspace's model)."""
+        return self.workspace.model
 
     def tail_size(self) -> int:
         """Bytes of the method's own after the adapter in a down message (FedIT: none)."""
@@ -321,8 +330,13 @@ class FedITClient(SeedClient):
         return self.candidates
 
     def expected_rank(self, client_id: int) -> int:
-        """The rank this client's config gives it (FedIT: --lora-rank)."""
+        """The rank of the down message's adapter: the global adapter's, --lora-rank."""
         return self.config.lora_rank
+
+    def start(self, m: L.AdapterDown) -> Tuple[np.ndarray, int]:
+        """(the adapter this client trains from, its rank) given the down message (FedIT: the
+        global adapter)."""
+        return m.adapter, m.rank
 
     def spec_for(self, rank: int) -> L.LoraSpec:
         """The LoRA settings of this client's peft adapter at ``rank`` (FedIT: the run's)."""
@@ -359,22 +373,24 @@ class FedITClient(SeedClient):
         m = self._decode(down_bytes)
         set_merged(self.workspace, self.layout, m.adapter, m.rank, self.spec.scale(m.rank))
 
-    def train_adapter(self, m: L.AdapterDown) -> tuple:
-        """(the adapter after the local steps, their mean loss, steps skipped)."""
-        ws, cfg = self.workspace, self.config
+    def train_adapter(self, m: L.AdapterDown, adapter: np.ndarray, rank: int) -> tuple:
+        """(the rank-``rank`` adapter after the local steps from ``adapter``, their mean loss, steps
+        skipped)."""
+        cfg = self.config
         model = self.train_model()
-        if model is ws.model:
-            set_base(ws)
+        if self._ws is not None and model is self._ws.model:
+            set_base(self._ws)
+        device = next(model.parameters()).device
         rng = np.random.Generator(np.random.PCG64(m.client_seed))
-        dev = [ws.device] if ws.device.type == "cuda" else []
+        dev = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=dev), L.LoraModel(model, self.layout,
-                                                            self.spec_for(m.rank), m.rank) as lm:
+                                                            self.spec_for(rank), rank) as lm:
             torch.manual_seed(P.derive_seed(m.client_seed, DROPOUT_TAG) >> 1)
-            lm.load(m.adapter)
+            lm.load(adapter)
             lm.train()
             loss, skipped = first_order_steps(
-                lm.peft, lm.parameters, self._tokenized(), rng, pad_id=ws.pad_id,
-                device=ws.device, lr=m.lr, steps=m.local_steps, batch_size=m.batch_size,
+                lm.peft, lm.parameters, self._tokenized(), rng, pad_id=pad_id(self.tokenizer()),
+                device=device, lr=m.lr, steps=m.local_steps, batch_size=m.batch_size,
                 optimizer="adamw", n_accum=cfg.n_accum, grad_clip=cfg.grad_clip)
             vec = lm.vector()
         return vec, loss, skipped
@@ -382,14 +398,15 @@ class FedITClient(SeedClient):
     def fit(self, down_bytes: bytes) -> bytes:
         m = self._decode(down_bytes)
         t0 = time.perf_counter()
-        vec, loss, skipped = self.train_adapter(m)
+        start, rank = self.start(m)
+        vec, loss, skipped = self.train_adapter(m, start, rank)
         if not np.isfinite(vec).all():  # a diverged client sends the adapter it was given
-            vec, skipped = m.adapter, m.local_steps
+            vec, skipped = start, m.local_steps
         self.last_stats = {"round": m.round, "steps": m.local_steps, "skipped": skipped,
                            "train_loss": loss, "local_seconds": time.perf_counter() - t0}
         return L.encode_up(L.AdapterUp(round=m.round, client_id=m.client_id,
                                        num_examples=len(self.partition),
-                                       steps=m.local_steps - skipped, train_loss=loss, rank=m.rank,
+                                       steps=m.local_steps - skipped, train_loss=loss, rank=rank,
                                        adapter=vec), self.up_magic)
 
 

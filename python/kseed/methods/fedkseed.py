@@ -174,12 +174,14 @@ def check_down(cfg: FedConfig, m: P.DownMessage) -> None:
 
 
 class FedKSeedClient(SeedClient):
-    """A FedKSeed client; ``shared`` and ``cache_dir`` are accepted and not needed (the down message
-    carries the whole global model as K coefficients)."""
+    """A FedKSeed client; ``shared``, ``cache_dir`` and ``memory_budget_mib`` are accepted and not
+    needed (the down message carries the whole global model as K coefficients)."""
 
     def __init__(self, config: FedConfig, model_loader, partition, *,
-                 client_id: Optional[int] = None, shared=None, cache_dir: Optional[str] = None):
-        super().__init__(config, model_loader, partition, client_id=client_id)
+                 client_id: Optional[int] = None, shared=None, cache_dir: Optional[str] = None,
+                 memory_budget_mib: Optional[float] = None):
+        super().__init__(config, model_loader, partition, client_id=client_id,
+                         memory_budget_mib=memory_budget_mib)
         self.seeds = P.seed_pool(config.seed, config.num_seeds)
         self.fingerprint = P.fingerprint(self.seeds)
 

@@ -442,8 +442,10 @@ class FedMeZOClient(SeedClient):
     its hash is checked before use), so the server sends only the rounds it missed."""
 
     def __init__(self, config: FedConfig, model_loader, partition, *,
-                 client_id: Optional[int] = None, shared=None, cache_dir: Optional[str] = None):
-        super().__init__(config, model_loader, partition, client_id=client_id)
+                 client_id: Optional[int] = None, shared=None, cache_dir: Optional[str] = None,
+                 memory_budget_mib: Optional[float] = None):
+        super().__init__(config, model_loader, partition, client_id=client_id,
+                         memory_budget_mib=memory_budget_mib)
         self.fingerprint = run_fingerprint(config.seed)
         self.shared = shared
         self.cache_dir = cache_dir
