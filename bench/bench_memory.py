@@ -24,18 +24,22 @@ Cases (--only, comma-separated; default all, one at a time, each in its own proc
                         training-level memory (weights + gradients + the delta copy), not under the
                         issue #11 bound
   ferret-adamw          the same with --optimizer adamw (+ its two moment buffers)
-  fedit-fp32            one FedIT client fit (kseed.methods.fedit, issue #20): load the fp32 base, peft
-                        LoRA rank 8 on q/k/v/o, tau = 2 AdamW steps (batch 1, --max-length 64); the
-                        frozen base plus the adapter, its gradients and AdamW state
+  fedit-fp32            one LoRA client fit, client side only (issue #20; the server's down message is
+                        made first, unmeasured): peft LoRA rank 8 on every q/k/v/o (FedIT's adapter),
+                        tau = 2 AdamW steps (batch 1, --max-length 64), by FedPipe's client with its
+                        plan set to (fp32, 8): it loads the fp32 workspace as a Flower client does
   fedit-int8, fedit-int4
-                        the same fit on the frozen base quantized as a FedPipe client's
-                        (kseed.methods.fedpipe.quantized_model: bitsandbytes int8 / NF4)
+                        the same fit on a frozen base quantized as a FedPipe client's (kseed.methods.
+                        fedpipe.quantized_model: bitsandbytes int8 / NF4, streamed into a skeleton):
+                        the client never loads the full-precision model
   timings               in one process, 2 threads, a 1 x 96-token batch: one forward pass, one kseed ZO
                         step (ModelSeeds.zo_step), the reference code's step (4 passes of
                         torch.manual_seed + torch.normal per tensor), the rebuild rate
 For every process case the peak of RssAnon + RssShmem over the process and its children is sampled from
 /proc every 10 ms (page cache, i.e. RssFile, does not count) and compared with the issue's bound
-1.3 x weight bytes (in the run dtype) + 0.6 GiB.  The table is printed last.
+1.3 x weight bytes (in the run dtype) + 0.6 GiB; the peaks of RssFile alone and of the PSS (all that the
+process holds resident, its mapped files and shared libraries included, a page mapped twice counted
+once: /proc/PID/smaps_rollup) are recorded too.  The table is printed last.
 """
 from __future__ import annotations
 
@@ -133,17 +137,31 @@ def _status(pid: int) -> dict:
     return vals
 
 
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes (/proc/PID/smaps_rollup): every resident page the process maps,
+    file pages included, each divided by the number of mappings that share it, so that a page mapped
+    twice (the model's file and w0 from the same file) counts once; 0 where unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_sampled(cmd, env=None, timeout=3000):
     """Run cmd; sample the process tree's RssAnon + RssShmem every 10 ms. Returns a dict."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = {"anon_shmem": 0, "anon": 0, "shmem": 0, "file": 0}
+    peak = {"anon_shmem": 0, "anon": 0, "shmem": 0, "file": 0, "pss": 0}
     import threading
     out = []
     th = threading.Thread(target=lambda: out.append(p.stdout.read()), daemon=True)
     th.start()
     while p.poll() is None:
-        tot = {"RssAnon": 0, "RssShmem": 0, "RssFile": 0}
+        tot = {"RssAnon": 0, "RssShmem": 0, "RssFile": 0, "Pss": 0}
         todo, seen = [p.pid], set()
         while todo:
             q = todo.pop()
@@ -152,11 +170,13 @@ def run_sampled(cmd, env=None, timeout=3000):
             seen.add(q)
             for k, v in _status(q).items():
                 tot[k] += v
+            tot["Pss"] += _pss(q)
             todo += _children(q)
         a = tot["RssAnon"] + tot["RssShmem"]
         if a > peak["anon_shmem"]:
             peak.update(anon_shmem=a, anon=tot["RssAnon"], shmem=tot["RssShmem"])
         peak["file"] = max(peak["file"], tot["RssFile"])
+        peak["pss"] = max(peak["pss"], tot["Pss"])
         if time.perf_counter() - t0 > timeout:
             p.kill()
         time.sleep(0.01)
@@ -264,36 +284,69 @@ def worker_ferret(cache: str, dtype: str) -> None:
                       "coefficients": st["coefficients"]}))
 
 
-def worker_fedit(cache: str, dtype: str) -> None:
-    """One FedIT client fit (rank 8), from the server's round-1 down message."""
-    import torch
-
+def _lora_config(cache: str):
     from kseed import methods
     from kseed.config import FedConfig
-    from kseed.methods import fedit as FI
+    return FedConfig(**methods.get("fedpipe").configure(dict(
+        model=model_dir(cache), data=os.path.join(cache, "dolly.jsonl"), dataset="dolly",
+        num_clients=20, clients_per_round=2, local_steps=2, batch_size=1, max_length=64,
+        eval_size=4, rouge_size=0, dtype="fp32", lora_rank=8, select_fraction=1.0,
+        calib_size=4))).validate()
+
+
+def _lora_down(cache: str) -> str:
+    return os.path.join(cache, "lora-down.bin")
+
+
+def worker_lora_down(cache: str) -> None:
+    """The server side of the fedit-* cases, run unsampled before them: a FedPipe server on every
+    q/k/v/o target (--select-fraction 1, so its adapter is FedIT's) at rank 8, its round-1 down
+    message for the first sampled client written to DIR/lora-down.bin with that client's id."""
+    import torch
+
+    from kseed.methods import fedpipe as FPM
+    from kseed.rundir import atomic_write
+    from kseed.task import load_workspace
+
+    torch.set_num_threads(2)
+    cfg = _lora_config(cache)
+    ws = load_workspace(cfg, cache=False)
+    server = FPM.FedPipeServer(cfg, base_identity=ws.identity)
+    cid = server.sample_clients(1)[0]
+    atomic_write(_lora_down(cache), cid.to_bytes(4, "little") + server.make_down(1, cid))
+
+
+def worker_fedit(cache: str, dtype: str) -> None:
+    """One LoRA client fit at rank 8 on the fp32, int8 or NF4 frozen base, client side only (the
+    down message comes from worker_lora_down): FedPipe's client (kseed.methods.fedpipe) with its
+    plan set to (bits, 8), which on fp32 is FedIT's client (it loads the workspace as a Flower client
+    does, without the server's facts) and on int8 / NF4 streams the quantized base and never loads
+    the full-precision model (its loader would raise)."""
+    import torch
+
+    from kseed.methods import fedpipe as FPM
     from kseed.task import build_data, load_workspace
 
     torch.set_num_threads(2)
-    bits = {"int8": 8, "int4": 4}.get(dtype)
-    cfg = FedConfig(**methods.get("fedit").configure(dict(
-        model=model_dir(cache), data=os.path.join(cache, "dolly.jsonl"), dataset="dolly",
-        num_clients=20, clients_per_round=2, local_steps=2, batch_size=1, max_length=64,
-        eval_size=4, rouge_size=0, dtype="fp32", lora_rank=8))).validate()
+    bits = {"int8": 8, "int4": 4}.get(dtype, 32)
+    cfg = _lora_config(cache)
+    with open(_lora_down(cache), "rb") as f:
+        raw = f.read()
+    cid, down = int.from_bytes(raw[:4], "little"), raw[4:]
     parts, _, _ = build_data(cfg)
-    ws = load_workspace(cfg, cache=False)
-    server = FI.FedITServer(cfg, base_identity=ws.identity)
-    cid = server.sample_clients(1)[0]
-    client = FI.FedITClient(cfg, lambda: ws, parts[cid], client_id=cid)
-    if bits is not None:  # a FedPipe client's frozen base at rank 8
-        from kseed.methods import fedpipe as FPM
-        q = FPM.quantized_model(cfg.model, "fp32", ws.device, bits)
-        client.train_model = lambda: q
-    down = server.make_down(1, cid)
+    loads = []
+
+    def loader():
+        if bits != 32:
+            raise RuntimeError("a quantized client loaded the full-precision model")
+        loads.append(1)
+        return load_workspace(cfg, cache=False, facts=False)
+    client = FPM.FedPipeClient(cfg, loader, parts[cid], client_id=cid)
+    client._plan = (bits, 8)  # the three cases differ only in the frozen base
     t = time.perf_counter()
     up = client.fit(down)
-    print(json.dumps({"down_bytes": len(down), "up_bytes": len(up),
-                      "adapter_floats": int(server.adapter.size),
-                      "fit_s": round(time.perf_counter() - t, 3),
+    print(json.dumps({"down_bytes": len(down), "up_bytes": len(up), "base_bits": bits,
+                      "workspace_loads": len(loads), "fit_s": round(time.perf_counter() - t, 3),
                       "train_loss": client.last_stats["train_loss"]}))
 
 
@@ -388,6 +441,8 @@ def main(argv=None) -> int:
             worker_ferret(cache, a.worker[1])
         elif kind == "fedit":
             worker_fedit(cache, a.worker[1])
+        elif kind == "lora-down":
+            worker_lora_down(cache)
         return 0
     cases = [c for c in a.only.split(",") if c]
     bad = [c for c in cases if c not in ALL_CASES]
@@ -416,6 +471,11 @@ def main(argv=None) -> int:
                 text=True).stdout.strip()}
     print(json.dumps(head))
     results = []
+    if any(c.startswith("fedit-") for c in cases):  # the server side of those cases, not measured
+        r = subprocess.run(me + ["--worker", "lora-down"], capture_output=True, text=True, env=env)
+        if r.returncode:
+            print(r.stdout, r.stderr)
+            return 1
     for case in cases:
         kind, _, dtype = case.partition("-")
         if kind == "sim":
@@ -448,7 +508,8 @@ def main(argv=None) -> int:
         row = {"case": case, "rc": r["rc"], "wall_s": round(r["seconds"], 1),
                "weights_gib": wbytes / GIB, "peak_gib": r["peak"]["anon_shmem"] / GIB,
                "peak_anon_gib": r["peak"]["anon"] / GIB, "peak_shmem_gib": r["peak"]["shmem"] / GIB,
-               "peak_file_gib": r["peak"]["file"] / GIB, "bound_gib": bound / GIB,
+               "peak_file_gib": r["peak"]["file"] / GIB, "peak_pss_gib": r["peak"]["pss"] / GIB,
+               "bound_gib": bound / GIB,
                "x_weights": r["peak"]["anon_shmem"] / wbytes, "info": info}
         if r["rc"]:
             row["tail"] = r["output"][-2000:]
@@ -466,7 +527,8 @@ def main(argv=None) -> int:
         note = "" if row["rc"] == 0 else f"exit {row['rc']}"
         print(f"{row['case']:12} {row['peak_gib']:9.2f} {row['x_weights']:9.2f} {row['bound_gib']:9.2f} "
               f"{ok:>4} {row['wall_s']:7.1f}  anon {row['peak_anon_gib']:.2f} shmem "
-              f"{row['peak_shmem_gib']:.2f} file(max) {row['peak_file_gib']:.2f} {note}")
+              f"{row['peak_shmem_gib']:.2f} file(max) {row['peak_file_gib']:.2f} pss(max) "
+              f"{row['peak_pss_gib']:.2f} {note}")
     for row in results:
         if row["case"] == "timings" and row["info"]:
             t = row["info"]
