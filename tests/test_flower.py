@@ -135,18 +135,32 @@ def _same_run(out, sim_out, *, rounds):
     return rows, sim_rows
 
 
+def _same_lora_run(out, sim_out, *, rounds):
+    """A LoRA method's (FedIT, FedPipe) Flower run in `out` ended where the in-process run in
+    `sim_out` did: the same global adapter, bitwise, and the same metrics rows."""
+    fl, si = _checkpoint_server(out), _checkpoint_server(sim_out)
+    assert fl["round"] == si["round"] == rounds and fl["adapter"] == si["adapter"]
+    for r, s in zip(_metrics(out), _metrics(sim_out)):
+        for key in ("train_loss", "eval_loss", "clients", "steps", "bytes_up_per_client",
+                    "bytes_down_per_client", "rejected"):
+            if key in s:
+                assert r[key] == s[key], (r["round"], key)
+
+
 @pytest.fixture(scope="module")
 def flower_deployment(tmp_path_factory):
     """SuperLink + SuperNodes for partitions 0 and 1 of 2 (node 0 keeps its model in a node-config
-    cache-dir, which FedKSeed does not use) and one SuperNode holding the one partition of a
-    1-client run (MeZO's; also with a cache-dir).  A run uses the nodes whose num-partitions is its
-    num-clients (the ServerApp ignores the others)."""
+    cache-dir, which FedKSeed does not use; the two give their clients memory budgets of 3 and 0.6
+    MiB, which only FedPipe uses) and one SuperNode holding the one partition of a 1-client run
+    (MeZO's; also with a cache-dir).  A run uses the nodes whose num-partitions is its num-clients
+    (the ServerApp ignores the others)."""
     work = tmp_path_factory.mktemp("flower-plain")
     d = Deployment(work)
     try:
         d.start_superlink()
-        d.start_supernode(0, 2, max_wait_time=120, node_config=f'cache-dir="{work / "cache0"}"')
-        d.start_supernode(1, 2, max_wait_time=120)
+        d.start_supernode(0, 2, max_wait_time=120,
+                          node_config=f'cache-dir="{work / "cache0"}" memory-budget-mib=3')
+        d.start_supernode(1, 2, max_wait_time=120, node_config="memory-budget-mib=0.6")
         d.start_supernode(0, 1, name="supernode-single", max_wait_time=120,
                           node_config=f'cache-dir="{work / "cache-single"}"')
         d.wait_nodes(3)
@@ -158,20 +172,31 @@ def flower_deployment(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def method_runs(flower_deployment, tmp_path_factory):
-    """FedMeZO (3 rounds), Ferret and MeZO (2 rounds each), submitted together to the shared
-    deployment: {method: (run config, run id)}.  test_flower_deployment_matches_simulation asks for
+    """FedMeZO (3 rounds), Ferret, MeZO, FedIT and FedPipe (2 rounds each), submitted together to
+    the shared deployment: {method: (run config, run id)}.  test_flower_deployment_matches_simulation asks for
     them first, so that they overlap its FedKSeed runs (a SuperNode works through its messages one at
     a time, whichever run they belong to: overlapping runs fill each other's idle polls);
     test_flower_deployment_methods_match_simulation checks them."""
     work = tmp_path_factory.mktemp("flower-methods")
     runs = {}
-    for method, rounds in (("fedmezo", 3), ("ferret", 2), ("mezo", 2)):
+    for method, rounds in (("fedmezo", 3), ("ferret", 2), ("mezo", 2), ("fedit", 2),
+                           ("fedpipe", 2)):
         rc = dict(MEZO, method=method, rounds=rounds, out=str(work / method),
                   **{"round-timeout": 300.0})
         if method == "mezo":
             del rc["num-clients"], rc["clients-per-round"]
+        if method in LORA:
+            rc.update(LORA[method], **{"num-seeds": default_run_config()["num-seeds"]})
         runs[method] = rc, flower_deployment.start_run(app_dir(), rc)
     return runs
+
+
+# FedIT and FedPipe on the shared deployment: small adapters, a few steps.  FedPipe's budgets come
+# from the SuperNodes' node config (3 and 0.6 MiB: fp32 at rank 4, int8 at rank 2); the in-process
+# run gets the same from --client-budgets (SIM_EXTRA).
+LORA = {"fedit": {"lora-rank": 2, "lr": 5e-3, "batch-size": 2},
+        "fedpipe": {"lora-rank": 4, "lr": 5e-3, "batch-size": 2}}
+SIM_EXTRA = {"fedpipe": {"client-budgets": "3,0.6"}}
 
 
 # ------------------------------------------------------------------------------------------ no processes
@@ -362,24 +387,34 @@ def test_flower_deployment_matches_simulation(flower_deployment, method_runs, tm
 
 def test_flower_deployment_methods_match_simulation(flower_deployment, method_runs):
     """FedMeZO, Ferret and MeZO on the shared deployment (method_runs) end with the in-process runs'
-    histories, losses and uploads, bitwise.  The nodes with a cache-dir keep their model: from round 2
+    histories, losses and uploads, bitwise; FedIT and FedPipe with their adapters and metrics
+    (FedPipe's ranks and frozen bases from the SuperNodes' memory budgets).  The nodes with a cache-dir keep their model: from round 2
     on they report it (the checkpoint's client_cached), and in FedMeZO's round 3 node 0 is sent only
     round 2 and rebuilds from its cache (hash checked) while node 1, without one, is sent the whole
     history."""
     d, runs = flower_deployment, method_runs
     out = {m: Path(rc["out"]) for m, (rc, _) in runs.items()}
     for method, (rc, _) in runs.items():  # the in-process runs, while the deployment works
-        S.run(fed_config(rc), str(out[method]) + "-sim", progress=False)
+        S.run(fed_config({**rc, **SIM_EXTRA.get(method, {})}), str(out[method]) + "-sim",
+              progress=False)
     for method, (rc, run_id) in runs.items():
         info = d.wait_run(run_id, timeout=600)
         assert info["status"] == "finished:completed", (method, d.run_log(run_id)[-4000:])
     for method, (rc, _) in runs.items():
+        if method in LORA:
+            continue
         rows, _ = _same_run(out[method], str(out[method]) + "-sim", rounds=rc["rounds"])
         assert all(r["rebuild_seconds"] is not None for r in rows[1:]), method
         assert _checkpoint_server(out[method])["client_cached"] == {"0": rc["rounds"] - 1}, method
     last = _metrics(out["fedmezo"])[3]
     assert last["bytes_down_per_client"]["0"] < last["bytes_down_per_client"]["1"]  # round 2 / 1 and 2
     assert last["payload_bytes_down"] < last["bytes_down"]
+    # FedIT and FedPipe: the in-process run's adapter and metrics, bitwise; FedPipe's node budgets
+    # gave node 1 (0.6 MiB) a rank-2 adapter on an int8 base, node 0 (3 MiB) rank 4 on fp32
+    for method in LORA:
+        _same_lora_run(out[method], str(out[method]) + "-sim", rounds=2)
+    ups = _metrics(out["fedpipe"])[2]["bytes_up_per_client"]
+    assert ups["0"] - 36 == 2 * (ups["1"] - 36)
 
 
 def test_flower_tls_and_node_auth(tmp_path):
