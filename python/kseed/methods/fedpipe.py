@@ -138,6 +138,8 @@ def skeleton(path: str, dtype: str) -> torch.nn.Module:
         with L.quiet_imports():
             _SKELETONS[key] = load_skeleton(path, dtype)
     return _SKELETONS[key]
+
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
@@ -174,8 +176,7 @@ def quantized_model(path: str, dtype: str, device, bits: int):
     freed temporaries from staying resident).  A checkpoint whose tensor names transformers must
     rename, or that is not safetensors, is loaded by transformers and quantized from there
     (``_quantized_loaded``; the same model, more memory while it loads)."""
-    import torch as _t
-    if _t.device(device).type != "cpu":
+    if torch.device(device).type != "cpu":
         raise ValueError(f"a quantized frozen base runs on CPU (bitsandbytes' CPU backend), not on "
                          f"{device}")
     key = (os.path.abspath(path), dtype, bits)
