@@ -85,7 +85,8 @@ _OPTIONS = [
     (("--client-budgets",), "client_budgets", str,
      "FedPipe: memory budget of each client in MiB, comma-separated, cycled over the client ids; it "
      "sets the client's frozen-model precision (run dtype, int8, int4) and rank (default: none: "
-     "every client at --lora-rank on the run-dtype model)"),
+     "every client at --lora-rank on the run-dtype model); on Flower a SuperNode's node config "
+     "memory-budget-mib overrides it for its client"),
     (("--embedded-examples",), "embedded_examples", int, "size of the embedded synthetic data set"),
     (("--rounding",), "rounding", str,
      "rounding of bf16/fp16 weight updates: auto (stochastic for 16-bit weights) | nearest | "
