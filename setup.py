@@ -77,7 +77,8 @@ setup(
         # --method fedit / fedpipe: LoRA adapters through peft (kseed.lora); FedPipe's quantized
         # frozen models through bitsandbytes (int8 weight-only and NF4, CPU backend included)
         "lora": ["peft", "bitsandbytes"],
-        "test": ["pytest", "scipy", "triton==3.9.0"],
+        # pytest-xdist: scripts/test.sh runs the suite on two processes
+        "test": ["pytest", "pytest-xdist", "scipy", "triton==3.9.0"],
     },
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     zip_safe=False,
