@@ -388,10 +388,10 @@ def test_flower_deployment_matches_simulation(flower_deployment, method_runs, tm
 def test_flower_deployment_methods_match_simulation(flower_deployment, method_runs):
     """FedMeZO, Ferret and MeZO on the shared deployment (method_runs) end with the in-process runs'
     histories, losses and uploads, bitwise; FedIT and FedPipe with their adapters and metrics
-    (FedPipe's ranks and frozen bases from the SuperNodes' memory budgets).  The nodes with a cache-dir keep their model: from round 2
-    on they report it (the checkpoint's client_cached), and in FedMeZO's round 3 node 0 is sent only
-    round 2 and rebuilds from its cache (hash checked) while node 1, without one, is sent the whole
-    history."""
+    (FedPipe's ranks and frozen bases from the SuperNodes' memory budgets).  The nodes with a
+    cache-dir keep their model: from round 2 on they report it (the checkpoint's client_cached), and in
+    FedMeZO's round 3 node 0 is sent only round 2 and rebuilds from its cache (hash checked) while
+    node 1, without one, is sent the whole history."""
     d, runs = flower_deployment, method_runs
     out = {m: Path(rc["out"]) for m, (rc, _) in runs.items()}
     for method, (rc, _) in runs.items():  # the in-process runs, while the deployment works

@@ -1,8 +1,8 @@
 """kseed's ServerApp and ClientApp, unchanged, on Flower's simulation engine (Ray): FedKSeed with 2
 virtual clients on CPU (through `python -m kseed.flower simulation`) ends with the in-process
-simulation's accumulators, bitwise; FedMeZO, Ferret, MeZO, FedIT and FedPipe, submitted together to
-one SuperLink running the simulation engine, end with the in-process runs' histories (adapters).
-Select with `pytest -k flower`."""
+simulation's accumulators, bitwise; FedMeZO, Ferret and MeZO, submitted together to one SuperLink
+running the simulation engine, end with the in-process runs' histories.  Select with
+`pytest -k flower`."""
 import json
 
 import pytest
@@ -15,9 +15,7 @@ from kseed import simulation as S  # noqa: E402
 from kseed.flower import app_dir  # noqa: E402
 from kseed.flower.deploy import Deployment  # noqa: E402
 from kseed.flower.runconfig import fed_config  # noqa: E402
-from test_flower import (LORA, MEZO, SIM_EXTRA, SMALL, _same_lora_run, _same_run,  # noqa: E402
-                         _same_server_state)
-from kseed.flower.runconfig import default_run_config  # noqa: E402
+from test_flower import MEZO, SMALL, _same_run, _same_server_state  # noqa: E402
 
 
 def test_flower_simulation_engine_matches_simulation(tmp_path):
@@ -45,22 +43,18 @@ def test_flower_simulation_engine_matches_simulation(tmp_path):
 
 @pytest.mark.slow
 def test_flower_simulation_engine_methods_match_simulation(tmp_path):
-    """FedMeZO, Ferret, FedIT and FedPipe on 2 virtual SuperNodes and MeZO on 1, 2 rounds each,
-    submitted together to one SuperLink that runs the simulation engine: the in-process runs'
-    histories (FedIT, FedPipe: adapters), losses and uploads, bitwise.  FedPipe's budgets come from
-    the run config here (a virtual SuperNode has no node config of its own)."""
+    """FedMeZO and Ferret on 2 virtual SuperNodes and MeZO on 1, 2 rounds each, submitted together
+    to one SuperLink that runs the simulation engine: the in-process runs' histories, losses and
+    uploads, bitwise."""
     d = Deployment(tmp_path / "w", simulation=True)
     runs = {}
     try:
         d.start_superlink()
-        for method in ("fedmezo", "ferret", "mezo", "fedit", "fedpipe"):
+        for method in ("fedmezo", "ferret", "mezo"):
             rc = dict(MEZO, method=method, rounds=2, out=str(tmp_path / method),
                       **{"round-timeout": 300.0})
             if method == "mezo":
                 del rc["num-clients"], rc["clients-per-round"]
-            if method in LORA:
-                rc.update(LORA[method], **SIM_EXTRA.get(method, {}),
-                          **{"num-seeds": default_run_config()["num-seeds"]})
             fed = {"num-supernodes": 1 if method == "mezo" else 2, "client-resources-num-cpus": 1,
                    "client-resources-num-gpus": 0.0}
             runs[method] = rc, d.start_run(app_dir(), rc, fed)
@@ -73,5 +67,4 @@ def test_flower_simulation_engine_methods_match_simulation(tmp_path):
         d.close()
     assert d.leftover() == [], "processes left behind"
     for method, (rc, _) in runs.items():
-        same = _same_lora_run if method in LORA else _same_run
-        same(tmp_path / method, tmp_path / f"{method}-sim", rounds=2)
+        _same_run(tmp_path / method, tmp_path / f"{method}-sim", rounds=2)
