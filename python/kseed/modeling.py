@@ -3,6 +3,7 @@ instruction examples, losses on response tokens, greedy generation, and the Work
 global model w0 + sum_k A_k z_k from a pristine copy of w0 with one fused pass."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import hashlib
@@ -226,6 +227,7 @@ def stream_weights(path: str, model: torch.nn.Module, dtype: str, digest=None):
         raise NotStreamable(f"the weights in {path} hold tensors the model does not use: "
                             f"{_names(unused)}")
     want = DTYPES[dtype]
+    uses = collections.Counter(source.values())  # the names each stored tensor is yielded for
     read: dict = {}
     for n in sorted(sd):
         key = source[n]
@@ -249,8 +251,7 @@ def stream_weights(path: str, model: torch.nn.Module, dtype: str, digest=None):
             t = t.to(want) if t.is_floating_point() else t
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ModelError(f"the weights in {path} hold NaN or infinite values (tensor {key})")
-            left = sum(1 for m in sd if source[m] == key)
-            read[key] = [t, left]
+            read[key] = [t, uses[key]]
         t = read[key][0]
         if digest is not None:
             _hash_entry(digest, n, t)

@@ -224,8 +224,7 @@ def check_preamble(what: str, magic: bytes, want: bytes, ver: int, version: int,
 def check_up_header(rnd: int, cid: int, n_ex: int, cached: int, expected_round: Optional[int],
                     expected_client: Optional[int]) -> None:
     """The checks of an upload header's round, client, example count and cached round (0: none)
-    that every upload makes (ProtocolError naming the
-    field)."""
+    that every upload makes (ProtocolError naming the field)."""
     if expected_round is not None and rnd != expected_round:
         raise ProtocolError(f"wrong round: upload is for round {rnd}, expected {expected_round}")
     if expected_client is not None and cid != expected_client:
